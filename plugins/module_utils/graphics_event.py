@@ -1,0 +1,138 @@
+# -*- coding: utf-8 -*-
+# Copyright: virtguard.console contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The libvirt-to-payload mapping of graphics events: the one place that says what
+``event.graphics`` looks like. Pure functions over plain data, no libvirt import, so the
+event source, the event filter, the benchmark and the tests all share it.
+
+Everything that comes from the console client (remote address, certificate DN, SASL user
+name) is copied verbatim as plain ``str``: it is data, never interpreted here.
+"""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import hashlib
+import re
+
+# virDomainEventGraphicsPhase and virDomainEventGraphicsAddressType, as numbered by libvirt.
+PHASES = ("connect", "initialize", "disconnect")
+FAMILIES = ("ipv4", "ipv6", "unix")
+
+_CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+
+
+def phase_name(phase):
+    """``0`` -> ``connect``; an unknown number is kept visible rather than dropped."""
+    if 0 <= phase < len(PHASES):
+        return PHASES[phase]
+    return "unknown-%d" % phase
+
+
+def family_name(family):
+    if isinstance(family, str):
+        return family
+    if 0 <= family < len(FAMILIES):
+        return FAMILIES[family]
+    return "unknown-%d" % family
+
+
+def address(raw):
+    """libvirt's ``{family: int, node, service}`` (or QEMU's names) as the payload's address."""
+    return {
+        "family": family_name(raw.get("family", 0)),
+        "node": str(raw.get("node", "")),
+        "service": str(raw.get("service", "")),
+    }
+
+
+def identity_key(identity_type):
+    """``saslUsername`` -> ``sasl_username``, ``x509dname`` stays ``x509dname``."""
+    return _CAMEL_BOUNDARY.sub("_", identity_type).lower()
+
+
+def subject_list(subject):
+    """libvirt's subject (a list of ``(type, name)`` pairs) as a list of ``{type, name}``."""
+    return [{"type": str(kind), "name": str(name)} for kind, name in subject]
+
+
+def identity_from_subject(subject):
+    """The subject flattened for rule conditions; the first identity of a type wins."""
+    identity = {}
+    for kind, name in subject:
+        identity.setdefault(identity_key(str(kind)), str(name))
+    return identity
+
+
+def session_id_for(hypervisor_uri, domain_uuid, remote):
+    """A stable id for one client session: the same for all its events, and the same when
+    the source restarts, because it depends only on where the session is."""
+    key = "\x1f".join(
+        (hypervisor_uri, domain_uuid, remote["family"], remote["node"], remote["service"])
+    )
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
+def graphics_payload(phase, timestamp, hypervisor, domain, local, remote, auth_scheme, subject,
+                     session, snapshot=False):
+    """The event put on the rulebook queue: ``{"graphics": {...}}``.
+
+    ``phase`` is the phase name, ``local`` and ``remote`` payload addresses, ``subject`` libvirt's
+    list of ``(type, name)`` pairs and ``session`` the ``{id, authenticated, duration_s}`` mapping.
+    """
+    return {
+        "graphics": {
+            "phase": phase,
+            "snapshot": snapshot,
+            "timestamp": timestamp,
+            "hypervisor": hypervisor,
+            "domain": domain,
+            "local": local,
+            "remote": remote,
+            "auth_scheme": str(auth_scheme),
+            "subject": subject_list(subject),
+            "identity": identity_from_subject(subject),
+            "session": session,
+        }
+    }
+
+
+def _vnc_subject(client):
+    subject = []
+    if client.get("x509_dname"):
+        subject.append(("x509dname", client["x509_dname"]))
+    if client.get("sasl_username"):
+        subject.append(("saslUsername", client["sasl_username"]))
+    return subject
+
+
+def clients_from_query_vnc(result):
+    """QEMU's ``query-vnc`` answer as ``(local, remote, auth_scheme, subject)`` per client.
+
+    The local address is the VNC listener, as libvirt reports it in live events."""
+    if not result or not result.get("enabled"):
+        return []
+    local = address(result)
+    auth_scheme = result.get("auth", "none")
+    return [
+        (local, address(client), auth_scheme, _vnc_subject(client))
+        for client in result.get("clients", [])
+    ]
+
+
+def clients_from_query_spice(result):
+    """QEMU's ``query-spice`` answer as ``(local, remote, auth_scheme, subject)`` per channel
+    (every SPICE channel is its own connection, with its own graphics events)."""
+    if not result or not result.get("enabled"):
+        return []
+    auth_scheme = result.get("auth", "none")
+    clients = []
+    for channel in result.get("channels", []):
+        port = result.get("tls-port") if channel.get("tls") else result.get("port")
+        local = address({"family": channel.get("family", "ipv4"), "node": result.get("host", ""),
+                         "service": "" if port is None else port})
+        remote = address({"family": channel.get("family", "ipv4"), "node": channel.get("host", ""),
+                          "service": channel.get("port", "")})
+        clients.append((local, remote, auth_scheme, []))
+    return clients

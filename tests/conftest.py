@@ -1,0 +1,14 @@
+"""Makes the collection importable as ``ansible_collections.virtguard.console`` (through the
+link that hacking/bootstrap.sh makes) and the lab harness importable as ``lab``.
+
+All asyncio tests share one event loop (pytest.ini): libvirt's asyncio event implementation
+can be registered only once per process, like in ansible-rulebook."""
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+COLLECTIONS = ROOT / "build" / "collections"
+for path in (COLLECTIONS, ROOT / "tests"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))

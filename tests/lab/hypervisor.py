@@ -1,0 +1,172 @@
+"""Real hypervisors for the tests: per-user libvirt session daemons, each under its own unix
+user with its own runtime, config and cache directories, serving tiny paused QEMU domains whose
+VNC servers accept real clients.
+
+Every name made here carries a prefix unique to this process, so two suites on one machine do
+not collide, and ``stop()`` removes all of it (daemon, QEMU processes, directories, user).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+PREFIX = os.environ.get("VGT_LAB_PREFIX", f"vgt{os.getpid() % 100000}")
+
+
+def run(cmd: list[str], check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=check, capture_output=True, text=True, **kwargs)
+
+
+def create_user(name: str, home: str | None = None, groups: str = "kvm") -> None:
+    cmd = ["useradd", "-r", "-s", "/usr/sbin/nologin", "-G", groups]
+    cmd += ["-m", "-d", home] if home else ["-M", "-d", "/nonexistent"]
+    run(cmd + [name])
+
+
+def delete_user(name: str) -> None:
+    run(["pkill", "-KILL", "-u", name], check=False)
+    for _ in range(50):
+        if run(["pgrep", "-u", name], check=False).returncode != 0:
+            break
+        time.sleep(0.1)
+    run(["userdel", "-r", name], check=False)
+    run(["userdel", name], check=False)
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class Domain:
+    name: str
+    uuid: str
+    vnc_port: int
+
+
+DOMAIN_XML = """<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>48</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <graphics type='vnc' autoport='yes' listen='{listen}'/>
+    <video><model type='cirrus'/></video>
+  </devices>
+</domain>
+"""
+
+
+class SessionHypervisor:
+    """One libvirt session daemon (``qemu:///session``) under a unix user of its own."""
+
+    def __init__(self, tag: str, qemu_conf: str = 'vnc_listen = "127.0.0.1"\n'):
+        self.user = f"{PREFIX}{tag}"[:31]
+        self.base = Path(tempfile.mkdtemp(prefix=f"{self.user}-"))
+        self.qemu_conf = qemu_conf
+        self.env = {
+            "XDG_RUNTIME_DIR": str(self.base / "run"),
+            "XDG_CONFIG_HOME": str(self.base / "config"),
+            "XDG_CACHE_HOME": str(self.base / "cache"),
+            "HOME": str(self.base),
+        }
+        self.socket = self.base / "run" / "libvirt" / "libvirt-sock"
+        self.uri = f"qemu+unix:///session?socket={self.socket}"
+        self._user_made = False
+
+    # -- daemon ---------------------------------------------------------------------------
+    def start(self) -> "SessionHypervisor":
+        try:
+            pwd.getpwnam(self.user)
+        except KeyError:
+            create_user(self.user)
+            self._user_made = True
+        for sub in ("run", "config/libvirt", "cache"):
+            (self.base / sub).mkdir(parents=True, exist_ok=True)
+        (self.base / "config/libvirt/qemu.conf").write_text(self.qemu_conf)
+        os.chmod(self.base / "run", 0o700)
+        shutil.chown(self.base, self.user)
+        for path in self.base.rglob("*"):
+            shutil.chown(path, self.user)
+        self.start_daemon()
+        return self
+
+    def start_daemon(self) -> None:
+        env = [f"{k}={v}" for k, v in self.env.items()]
+        run(["runuser", "-u", self.user, "--", "env", *env, "libvirtd", "-d"])
+        wait_for(lambda: self.virsh("version", check=False).returncode == 0, 30,
+                 f"session libvirtd of {self.user}")
+
+    @property
+    def pidfile(self) -> Path:
+        return self.base / "run" / "libvirt" / "libvirtd.pid"
+
+    def daemon_pid(self) -> int | None:
+        try:
+            return int(self.pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def stop_daemon(self) -> None:
+        pid = self.daemon_pid()
+        if pid is None:
+            return
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        wait_for(lambda: not Path(f"/proc/{pid}").exists(), 30, "libvirtd to exit")
+
+    def restart_daemon(self) -> None:
+        """Kill and start libvirtd; the QEMU processes (and their clients) live on."""
+        self.stop_daemon()
+        self.start_daemon()
+
+    def stop(self) -> None:
+        try:
+            if self.daemon_pid() is not None:
+                for name in self.virsh("list", "--name", check=False).stdout.split():
+                    self.virsh("destroy", name, check=False)
+            self.stop_daemon()
+        finally:
+            run(["pkill", "-KILL", "-u", self.user], check=False)
+            if self._user_made:
+                delete_user(self.user)
+            shutil.rmtree(self.base, ignore_errors=True)
+
+    # -- domains --------------------------------------------------------------------------
+    def virsh(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return run(["virsh", "-q", "-c", self.uri, *args], check=check)
+
+    def create_domain(self, name: str, listen: str = "127.0.0.1") -> Domain:
+        xml = DOMAIN_XML.format(name=escape(name), listen=escape(listen))
+        xml_file = self.base / f"{name}.xml"
+        xml_file.write_text(xml)
+        self.virsh("create", "--paused", str(xml_file))
+        display = self.virsh("domdisplay", name).stdout.strip()
+        port = 5900 + int(display.rsplit(":", 1)[1])
+        uuid = self.virsh("domuuid", name).stdout.strip()
+        return Domain(name=name, uuid=uuid, vnc_port=port)
+
+    def destroy_domain(self, name: str) -> None:
+        self.virsh("destroy", name, check=False)
+
+    def query_vnc(self, name: str) -> str:
+        return self.virsh("qemu-monitor-command", name, '{"execute":"query-vnc"}').stdout
