@@ -1,0 +1,129 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: virtguard.console contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+DOCUMENTATION = r"""
+module: audit_record
+short_description: Append remediation records to the console audit log (JSON Lines)
+version_added: 0.1.0
+description:
+  - Appends one JSON object per entry of O(actions), each on one line, to O(path):
+    C({"record": "remediation", "time", "action", "ok", ...context, "result"}).
+    The file is opened with C(O_APPEND), each line is one C(write()) and the file is synced,
+    so records of concurrent writers (the C(virtguard.console.classify) event filter, other
+    playbook runs) never mix and earlier lines are never rewritten.
+  - The same file holds the C(event) records that the C(virtguard.console.classify) event
+    filter writes; C(session_id) in O(context) ties a remediation to its session's events.
+author:
+  - virtguard.console developers
+attributes:
+  check_mode:
+    support: full
+    details: Reports the records it would write and writes nothing.
+  diff_mode:
+    support: none
+options:
+  path:
+    description: The audit log; created (mode 0640) when missing.
+    type: path
+    required: true
+  actions:
+    description: The actions to record, in order.
+    type: list
+    elements: dict
+    required: true
+    suboptions:
+      action:
+        description: What was done, such as C(block) or C(cut).
+        type: str
+        required: true
+      ok:
+        description: Whether the action succeeded.
+        type: bool
+        required: true
+      result:
+        description: What the action did or why it failed (a module's registered result, a message).
+        type: raw
+  context:
+    description: Fields merged into every record, such as C(session_id), C(reasons), C(target_host).
+    type: dict
+    default: {}
+"""
+
+EXAMPLES = r"""
+- name: Record the block and the cut
+  virtguard.console.audit_record:
+    path: /var/log/virtguard/console-audit.jsonl
+    actions:
+      - action: block
+        ok: "{{ block_result is succeeded }}"
+        result: "{{ block_result }}"
+      - action: cut
+        ok: "{{ cut_result is succeeded }}"
+        result: "{{ cut_result }}"
+    context:
+      session_id: 0123456789abcdef0123456789abcdef
+"""
+
+RETURN = r"""
+records:
+  description: The records written (or, in check mode, that would be written).
+  returned: always
+  type: list
+  elements: dict
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.virtguard.console.plugins.module_utils.audit_log import (
+    AuditError,
+    AuditLog,
+    remediation_record,
+)
+
+# Ansible's bookkeeping keys in a registered result: noise in an audit record.
+_RESULT_NOISE = ("invocation", "_ansible_no_log", "_ansible_verbose_always", "ansible_facts")
+
+
+def _clean(result):
+    if isinstance(result, dict):
+        return {k: v for k, v in result.items() if k not in _RESULT_NOISE}
+    return result
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            path=dict(type="path", required=True),
+            actions=dict(type="list", elements="dict", required=True, options=dict(
+                action=dict(type="str", required=True),
+                ok=dict(type="bool", required=True),
+                result=dict(type="raw"),
+            )),
+            context=dict(type="dict", default={}),
+        ),
+        supports_check_mode=True,
+    )
+    params = module.params
+    records = [remediation_record(entry["action"], entry["ok"], _clean(entry["result"]), params["context"])
+               for entry in params["actions"]]
+    if not module.check_mode:
+        log = AuditLog(params["path"], fsync="never")
+        try:
+            for record in records:
+                log.append(record)
+            log.sync()
+        except (AuditError, OSError) as exc:
+            module.fail_json(msg=str(exc), records=records)
+        finally:
+            log.close()
+    module.exit_json(changed=not module.check_mode, records=records)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Console clients with addresses of their own: network namespaces joined to this host by a
+veth pair, each on its own little subnet (IPv4 and IPv6), so that a test can play a trusted
+and an untrusted client on one machine.
+
+Sockets are opened *inside* a namespace from a worker thread that entered it with
+``setns(2)`` (a network namespace is per thread), so tests keep the socket objects in-process;
+``run()`` runs a command in the namespace (``ip netns exec``).
+
+Every name carries the per-process prefix of ``lab.hypervisor`` and ``delete()`` removes the
+namespace and both veth ends.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import ipaddress
+import os
+import socket
+import subprocess
+
+from lab.hypervisor import PREFIX, run
+
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _enter_netns(name: str) -> None:
+    fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns into {name}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def _subnet_base(index: int) -> tuple[str, str]:
+    """A /24 and a /64 unique to this process and index (100.64.0.0/10 is shared address
+    space, never routed here)."""
+    pid = os.getpid()
+    second = 64 + pid % 64
+    third = (pid // 64) % 32 * 8 + index % 8
+    return f"100.{second}.{third}", f"fd7a:{pid % 65536:x}:{index}"
+
+
+class ClientNamespace:
+    """``ClientNamespace(index).create()``: host side ``host_ip``, client ``client_ip``."""
+
+    def __init__(self, index: int, tag: str = "n"):
+        if not 0 <= index < 8:
+            raise ValueError("index must be 0..7")
+        self.name = f"{PREFIX}{tag}{index}"
+        self.host_link = f"{PREFIX}h{tag}{index}"[:15]
+        self.ns_link = f"{PREFIX}c{tag}{index}"[:15]
+        v4, v6 = _subnet_base(index)
+        self.host_ip, self.client_ip = f"{v4}.1", f"{v4}.2"
+        self.host_ip6, self.client_ip6 = f"{v6}::1", f"{v6}::2"
+        self.network = str(ipaddress.ip_network(f"{v4}.0/24"))
+        self.network6 = str(ipaddress.ip_network(f"{v6}::/64"))
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def create(self) -> "ClientNamespace":
+        self.delete()
+        try:
+            run(["ip", "netns", "add", self.name])
+            run(["ip", "link", "add", self.host_link, "type", "veth", "peer", "name", self.ns_link])
+            run(["ip", "link", "set", self.ns_link, "netns", self.name])
+            run(["ip", "addr", "add", f"{self.host_ip}/24", "dev", self.host_link])
+            run(["ip", "-6", "addr", "add", f"{self.host_ip6}/64", "dev", self.host_link, "nodad"])
+            run(["ip", "link", "set", self.host_link, "up"])
+            for cmd in (["ip", "addr", "add", f"{self.client_ip}/24", "dev", self.ns_link],
+                        ["ip", "-6", "addr", "add", f"{self.client_ip6}/64", "dev", self.ns_link, "nodad"],
+                        ["ip", "link", "set", self.ns_link, "up"],
+                        ["ip", "link", "set", "lo", "up"]):
+                self.run(cmd)
+        except BaseException:
+            self.delete()
+            raise
+        return self
+
+    def delete(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        run(["ip", "netns", "del", self.name], check=False)
+        run(["ip", "link", "del", self.host_link], check=False)
+
+    def run(self, cmd: list[str], check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+        return run(["ip", "netns", "exec", self.name, *cmd], check=check, **kwargs)
+
+    def popen(self, cmd: list[str], **kwargs) -> subprocess.Popen:
+        return subprocess.Popen(["ip", "netns", "exec", self.name, *cmd], **kwargs)
+
+    def call(self, fn, *args, **kwargs):
+        """Run ``fn`` on a thread inside the namespace; sockets it opens belong there."""
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=4, thread_name_prefix=self.name, initializer=_enter_netns, initargs=(self.name,))
+        return self._pool.submit(fn, *args, **kwargs).result()
+
+    def connect(self, host: str, port: int, timeout: float = 5.0) -> socket.socket:
+        """A TCP connection from inside the namespace (no handshake)."""
+        return self.call(socket.create_connection, (host, port), timeout)

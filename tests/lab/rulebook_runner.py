@@ -1,0 +1,93 @@
+"""Runs a shipped rulebook with the real ansible-rulebook, as a user would
+(``ansible-rulebook -r virtguard.console.NAME -i INVENTORY --vars VARS``), in its own process
+group so that stopping it also stops the playbook runs it started, and nothing else."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV_BIN = ROOT / ".venv" / "bin"
+
+
+def local_inventory() -> dict:
+    """localhost, run locally with the virtualenv's Python (which has the collection's deps)."""
+    return {"all": {"hosts": {"localhost": {"ansible_connection": "local",
+                                            "ansible_python_interpreter": sys.executable}}}}
+
+
+class RulebookRun:
+    def __init__(self, rulebook: str, variables: dict, workdir: Path, inventory: dict | None = None):
+        self.rulebook = rulebook
+        self.variables = variables
+        self.workdir = Path(workdir)
+        self.inventory = inventory or local_inventory()
+        self.log_path = self.workdir / f"{rulebook}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, ready_text: str = "watching graphics events", timeout: float = 90) -> "RulebookRun":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        vars_file = self.workdir / "vars.yml"
+        inventory_file = self.workdir / "inventory.yml"
+        vars_file.write_text(yaml.safe_dump(self.variables))
+        inventory_file.write_text(yaml.safe_dump(self.inventory))
+        env = dict(os.environ)
+        env["PATH"] = f"{VENV_BIN}:{env.get('PATH', '/usr/bin:/bin')}"
+        env["ANSIBLE_COLLECTIONS_PATH"] = str(ROOT / "build" / "collections")
+        env["ANSIBLE_LOCALHOST_WARNING"] = "false"
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [str(VENV_BIN / "ansible-rulebook"), "-r", f"virtguard.console.{self.rulebook}",
+             "-i", str(inventory_file), "--vars", str(vars_file), "-v"],
+            cwd=self.workdir, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.wait_for_log(ready_text, timeout)
+        return self
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.output():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"ansible-rulebook exited ({self.proc.returncode}):\n{self.output()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {text!r} in the ansible-rulebook log after {timeout}s:\n"
+                                     f"{self.output()[-4000:]}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGINT)
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(15)
+            except ProcessLookupError:
+                pass
+        # playbook runs still going in the group (only ever ours)
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.log.close()
+        self.proc = None
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
