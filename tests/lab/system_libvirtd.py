@@ -119,6 +119,8 @@ class SystemLibvirtd:
         self.made_users: list[str] = []
         self.made_groups: list[str] = []
         self.domains: list[str] = []
+        # libvirtd's drivers make directories here (nwfilter, secrets, qemu) when it starts.
+        self.etc_libvirt_before: set[str] | None = None
 
     # -- set up ---------------------------------------------------------------------------
     def start(self) -> "SystemLibvirtd":
@@ -133,6 +135,7 @@ class SystemLibvirtd:
                 self._mkdir(Path(name))
             self.backup.save(QEMU_CONF)
             QEMU_CONF.parent.mkdir(parents=True, exist_ok=True)
+            self.etc_libvirt_before = set(os.listdir(QEMU_CONF.parent))
             QEMU_CONF.write_text(BASE_QEMU_CONF + self.extra_qemu_conf)
             os.chmod(QEMU_CONF, 0o600)
             if pid_from(VIRTLOGD_PIDFILE) is None:
@@ -209,6 +212,10 @@ class SystemLibvirtd:
                 stop_pid(pid)
         finally:
             self.backup.restore()
+            if self.etc_libvirt_before is not None:
+                for name in set(os.listdir(QEMU_CONF.parent)) - self.etc_libvirt_before:
+                    path = QEMU_CONF.parent / name
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
             for user in self.made_users:
                 run(["userdel", user], check=False)
             for group in self.made_groups:
@@ -224,3 +231,91 @@ def _group_exists(name: str) -> bool:
     except KeyError:
         return False
     return True
+
+
+class GraphicsEventWitness:
+    """``virsh event --event graphics --loop`` on the system daemon: an independent record
+    of the graphics events, identities included."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            ["virsh", "-c", URI, "event", "--event", "graphics", "--loop"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(1)  # let virsh register its callback before anything connects
+
+    def stop(self) -> str:
+        time.sleep(1)  # the disconnect event trails the client's exit
+        self.proc.terminate()
+        out, _ = self.proc.communicate(timeout=10)
+        return out
+
+
+class TlsSaslConsoleClient:
+    """gvnccapture under a unix user of its own, holding one client certificate: it reads
+    ``~/.pki`` from its passwd home (not $HOME), and the SASL user name and password from a
+    terminal, so it runs on a pty."""
+
+    def __init__(self, tag: str) -> None:
+        self.user = f"{PREFIX}{tag}"[:31]
+        self.home = Path(tempfile.mkdtemp(prefix=f"{self.user}-home-"))
+        run(["useradd", "-M", "-d", str(self.home), "-s", "/usr/sbin/nologin", self.user])
+        shutil.chown(self.home, self.user)
+        os.chmod(self.home, 0o755)
+
+    def install_identity(self, ca_cert: Path, client_cert: Path, client_key: Path) -> None:
+        pki = self.home / ".pki"
+        shutil.rmtree(pki, ignore_errors=True)
+        for sub, source, mode in (("CA/cacert.pem", ca_cert, 0o644),
+                                  ("gvnccapture/clientcert.pem", client_cert, 0o644),
+                                  ("gvnccapture/private/clientkey.pem", client_key, 0o600)):
+            target = pki / sub
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+            os.chmod(target, mode)
+        for path in [pki, *pki.rglob("*")]:
+            shutil.chown(path, self.user)
+
+    def capture(self, host: str, port: int, username: str, password: str,
+                timeout: float = 40) -> tuple[int, str]:
+        """Connect, log in, save one frame; (exit status, what gvnccapture printed)."""
+        import pty
+        import select
+
+        shot = self.home / "shot.png"
+        pid, fd = pty.fork()
+        if pid == 0:  # the child: nothing but exec
+            os.execvp("runuser", ["runuser", "-u", self.user, "--", "gvnccapture",
+                                  f"{host}:{port - 5900}", str(shot)])
+        output, answered = b"", set()
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                ready, _, _ = select.select([fd], [], [], 0.5)
+                if not ready:
+                    continue
+                try:
+                    data = os.read(fd, 1024)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not data:
+                    break
+                output += data
+                lowered = output.lower()
+                if b"username:" in lowered and "user" not in answered:
+                    os.write(fd, username.encode() + b"\n")
+                    answered.add("user")
+                if b"password:" in lowered and "password" not in answered:
+                    os.write(fd, password.encode() + b"\n")
+                    answered.add("password")
+            else:
+                os.kill(pid, signal.SIGKILL)
+            _, raw = os.waitpid(pid, 0)
+            status = os.waitstatus_to_exitcode(raw)
+        finally:
+            os.close(fd)
+        return status, output.decode(errors="replace")
+
+    def remove(self) -> None:
+        run(["pkill", "-KILL", "-u", self.user], check=False)
+        run(["userdel", self.user], check=False)
+        shutil.rmtree(self.home, ignore_errors=True)
