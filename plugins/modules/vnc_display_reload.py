@@ -16,7 +16,7 @@ description:
   - It goes through C(virsh qemu-monitor-command), so libvirt marks each reloaded domain as
     tainted (C(custom-monitor)) in its log; nothing else changes.
   - Domains whose VNC server does not use TLS (for instance started before C(vnc_tls) was
-    enabled) are skipped: only a restart gives them TLS.
+    enabled) are skipped; only a restart gives them TLS.
 author:
   - virtguard.console developers
 attributes:
