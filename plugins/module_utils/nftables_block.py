@@ -178,12 +178,13 @@ class BlockTable:
         newly = [a for a in parsed if str(a) not in present]
         refreshed = [a for a in parsed if str(a) in present and refresh]
         kept = [a for a in parsed if str(a) in present and not refresh]
+        to_write = [a for a in parsed if a in newly or a in refreshed]  # in the order given
         changed = bool(rewrite_rules or ports_missing or newly or refreshed)
 
         if changed and not check_mode:
             lines = self._structure_script(rewrite_rules)
             lines.append("add element inet %s console_ports { %s }" % (self.table, _port_elements(ranges)))
-            for address in newly + refreshed:
+            for address in to_write:
                 name = SET_FOR_VERSION[address.version]
                 element = "inet %s %s { %s" % (self.table, name, address)
                 lines += ["add element %s }" % element, "delete element %s }" % element,
@@ -199,12 +200,12 @@ class BlockTable:
             "rules_rewritten": rewrite_rules and before is not None,
             "blocked": [{"address": str(a), "family": "ipv%d" % a.version,
                          "timeout": timeout, "until": until,
-                         "already_blocked": str(a) in present} for a in newly + refreshed],
+                         "already_blocked": str(a) in present} for a in to_write],
             "unchanged": [{"address": str(a), "family": "ipv%d" % a.version,
                            "expires_in": present[str(a)]} for a in kept],
         }
         if changed and not check_mode:
-            self.verify_blocked([a for a in newly + refreshed])
+            self.verify_blocked(to_write)
         return result
 
     def verify_blocked(self, addresses):

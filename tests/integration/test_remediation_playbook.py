@@ -1,0 +1,92 @@
+"""The remediation playbook run by ansible-playbook as ansible-rulebook runs it: the event in
+the extra vars (plain YAML, nothing marked unsafe), with hostile certificate names in both
+forms (Jinja that would run a command, and text with ``{{`` that is not valid Jinja)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lab.rulebook_runner import ROOT, VENV_BIN, local_inventory
+
+pytestmark = pytest.mark.slow
+
+MARKER = Path(f"/tmp/virtguard-pw{os.getpid()}")
+HOSTILE = {
+    "renderable": "O=x,CN={{ lookup(*'pipe~touch %s'.split('~')) }}" % MARKER,
+    "broken": "O=x,CN={{ broken ~ (",
+}
+
+
+def eda_extra_vars(dname: str, address: str) -> dict:
+    graphics = {
+        "phase": "initialize", "snapshot": False, "timestamp": "2025-01-01T00:00:00+00:00",
+        "hypervisor": {"uri": "qemu:///system", "hostname": "h"},
+        "domain": {"name": "vm", "uuid": "u", "id": 1},
+        "local": {"family": "ipv4", "node": "0.0.0.0", "service": "5901"},
+        "remote": {"family": "ipv4", "node": address, "service": "40000"},
+        "auth_scheme": "vencrypt+x509+sasl",
+        "subject": [{"type": "x509dname", "name": dname}, {"type": "saslUsername", "name": dname}],
+        "identity": {"x509dname": dname, "sasl_username": dname},
+        "session": {"id": "0123abcd", "authenticated": True},
+    }
+    virtguard = {"verdict": "cut", "reasons": ["identity_not_allowed"], "remediate": True, "covered_by": None,
+                 "session_id": "0123abcd", "phase": "initialize", "snapshot": False,
+                 "remote": {"family": "ipv4", "address": address, "port": 40000, "trusted": True},
+                 "local_port": 5901, "target_host": "localhost", "block_seconds": 30}
+    return {"ansible_eda": {"event": {"graphics": graphics, "virtguard": virtguard, "meta": {"hosts": "localhost"}},
+                            "rule": f"rule {dname}", "ruleset": "r"}}
+
+
+def run_playbook(tmp_path: Path, playbook: str, extra_vars: dict, *args: str) -> subprocess.CompletedProcess:
+    (tmp_path / "extravars").write_text(yaml.safe_dump(extra_vars))  # as ansible-rulebook writes it
+    (tmp_path / "inventory.yml").write_text(yaml.safe_dump(local_inventory()))
+    env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}",
+               ANSIBLE_COLLECTIONS_PATH=str(ROOT / "build" / "collections"))
+    return subprocess.run([str(VENV_BIN / "ansible-playbook"), "-i", str(tmp_path / "inventory.yml"),
+                           "-e", f"@{tmp_path / 'extravars'}", playbook, *args],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+
+
+@pytest.fixture
+def table():
+    name = f"virtguard_p{os.getpid()}"
+    yield name
+    subprocess.run(["nft", "delete", "table", "inet", name], capture_output=True)
+    MARKER.unlink(missing_ok=True)
+
+
+def test_the_hostile_input_is_live(tmp_path, table):
+    """Control: a playbook that touches the identity does run the command (ansible-core 2.19)."""
+    (tmp_path / "naive.yml").write_text(
+        "- hosts: localhost\n  gather_facts: false\n  tasks:\n"
+        "    - ansible.builtin.debug:\n        msg: \"{{ ansible_eda.event.graphics.identity.x509dname }}\"\n")
+    run_playbook(tmp_path, "naive.yml", eda_extra_vars(HOSTILE["renderable"], "192.0.2.10"))
+    assert MARKER.exists()
+
+
+@pytest.mark.parametrize("form", sorted(HOSTILE))
+def test_remediation_with_a_hostile_identity_renders_nothing_and_succeeds(tmp_path, table, form):
+    audit = tmp_path / "audit.jsonl"
+    extra = eda_extra_vars(HOSTILE[form], "192.0.2.11")
+    extra.update(virtguard_nft_table=table, virtguard_audit_log=str(audit))
+
+    check = run_playbook(tmp_path, "virtguard.console.remediate_console", extra, "--check")
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert not audit.exists()
+    assert subprocess.run(["nft", "list", "table", "inet", table], capture_output=True).returncode != 0
+
+    done = run_playbook(tmp_path, "virtguard.console.remediate_console", extra)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not MARKER.exists()
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [(r["action"], r["ok"]) for r in records] == [("block", True), ("cut", True)]
+    assert records[0]["result"]["blocked"][0]["address"] == "192.0.2.11"
+    assert records[1]["result"]["cut"] == []  # nobody connected from there
+    listing = subprocess.run(["nft", "list", "set", "inet", table, "blocked_ipv4"], capture_output=True, text=True)
+    assert "192.0.2.11" in listing.stdout
