@@ -12,9 +12,9 @@ module: audit_record
 short_description: Append remediation records to the console audit log (JSON Lines)
 version_added: 0.1.0
 description:
-  - Appends one JSON object per entry of O(actions), each on one line, to O(path):
-    C({"record": "remediation", "time", "action", "ok", ...context, "result"}).
-    The file is opened with C(O_APPEND), each line is one C(write()) and the file is synced,
+  - 'Appends one JSON object per entry of O(actions), each on one line, to O(path):
+    C({"record": "remediation", "time", "action", "ok", ...context, "result"}).'
+  - The file is opened with C(O_APPEND), each line is one C(write()) and the file is synced,
     so records of concurrent writers (the C(virtguard.console.classify) event filter, other
     playbook runs) never mix and earlier lines are never rewritten.
   - The same file holds the C(event) records that the C(virtguard.console.classify) event

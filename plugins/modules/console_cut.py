@@ -13,12 +13,12 @@ short_description: Cut console (VNC, SPICE) connections of one client address on
 version_added: 0.1.0
 description:
   - Destroys the established TCP connections from O(address) to the console ports
-    (O(ports)) of this host with C(ss -K): the kernel closes the socket under QEMU, the client
+    (O(ports)) of this host with C(ss -K); the kernel closes the socket under QEMU, the client
     gets a reset at once and libvirt reports the session's C(disconnect).
   - Only connections accepted by a listening console port are cut, never this host's own
     outgoing connections. With O(client_port), only that one connection.
-  - C(ss -K) exits 0 even when it closed nothing, so the module lists the connections again
-    and fails unless they are gone.
+  - "C(ss -K) exits 0 even when it closed nothing, so the module lists the connections again
+    and fails unless they are gone."
   - Block the address first (M(virtguard.console.console_block)), or the client can reconnect
     between the cut and the block.
 author:
