@@ -47,6 +47,12 @@ def address(raw):
     }
 
 
+def qemu_address(raw):
+    """An address as QEMU's monitor names it (``host``, ``service``, ``family``)."""
+    return address({"family": raw.get("family", "ipv4"), "node": raw.get("host", ""),
+                    "service": raw.get("service", "")})
+
+
 def identity_key(identity_type):
     """``saslUsername`` -> ``sasl_username``, ``x509dname`` stays ``x509dname``."""
     return _CAMEL_BOUNDARY.sub("_", identity_type).lower()
@@ -113,10 +119,10 @@ def clients_from_query_vnc(result):
     The local address is the VNC listener, as libvirt reports it in live events."""
     if not result or not result.get("enabled"):
         return []
-    local = address(result)
+    local = qemu_address(result)
     auth_scheme = result.get("auth", "none")
     return [
-        (local, address(client), auth_scheme, _vnc_subject(client))
+        (local, qemu_address(client), auth_scheme, _vnc_subject(client))
         for client in result.get("clients", [])
     ]
 
@@ -130,9 +136,9 @@ def clients_from_query_spice(result):
     clients = []
     for channel in result.get("channels", []):
         port = result.get("tls-port") if channel.get("tls") else result.get("port")
-        local = address({"family": channel.get("family", "ipv4"), "node": result.get("host", ""),
-                         "service": "" if port is None else port})
-        remote = address({"family": channel.get("family", "ipv4"), "node": channel.get("host", ""),
-                          "service": channel.get("port", "")})
+        local = qemu_address({"family": channel.get("family", "ipv4"), "host": result.get("host", ""),
+                              "service": "" if port is None else port})
+        remote = qemu_address({"family": channel.get("family", "ipv4"), "host": channel.get("host", ""),
+                               "service": channel.get("port", "")})
         clients.append((local, remote, auth_scheme, []))
     return clients

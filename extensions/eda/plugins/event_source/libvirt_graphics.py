@@ -1,0 +1,491 @@
+"""libvirt_graphics: who opens the graphical consoles (VNC, SPICE) of libvirt domains.
+
+An ansible-rulebook event source: one connection per libvirt URI, libvirt's graphics
+events (connect, initialize, disconnect) as ``{"graphics": {...}}`` events, and a snapshot of
+the clients already connected whenever a connection is (re)established.
+"""
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+short_description: Console (VNC, SPICE) sessions of libvirt domains, from libvirt's graphics events.
+description:
+  - Opens one connection per libvirt URI, subscribes to libvirt's graphics events
+    (C(VIR_DOMAIN_EVENT_ID_GRAPHICS)) and puts one event per libvirt callback on the
+    rulebook's queue, as C({"graphics": {...}}). docs/payload.md describes every field.
+  - When a connection is established, and again after every reconnection, it reports the
+    console clients that QEMU already has (C(query-vnc), C(query-spice)) as C(initialize)
+    events with C(snapshot=true), and the sessions it knew of that are gone as
+    C(disconnect) events with C(snapshot=true).
+  - A hypervisor that is down or unreachable is retried with exponential backoff; the other
+    URIs keep working.
+  - Events are never dropped between libvirt and the queue. The libvirt callback appends to
+    an in-memory buffer and one task feeds the queue with backpressure. The buffer holds at
+    most O(max_buffered_events) raw events; past that the source stops listening to the
+    hypervisors whose events overflow, and resynchronises them by snapshot once the queue has
+    drained, so the sessions that a gap would hide are reported, never silently lost.
+  - Needs libvirt-python. The snapshot uses libvirt's QEMU monitor passthrough, so the
+    connection must not be read-only (for C(qemu:///system), root or a member of the
+    C(libvirt) group).
+options:
+  uri:
+    description: One libvirt URI or a list of them; one connection per URI.
+    type: list
+    elements: str
+    default: [qemu:///system]
+  domains:
+    description:
+      - Only domains whose name matches one of these shell-style patterns (C(fnmatch)).
+        Default, every domain.
+    type: list
+    elements: str
+  keepalive_interval:
+    description:
+      - Seconds between libvirt keepalive messages, so a dead connection is noticed.
+        C(0) disables keepalive.
+    type: int
+    default: 5
+  keepalive_count:
+    description: Keepalive messages without an answer after which the connection is closed.
+    type: int
+    default: 3
+  reconnect_delay:
+    description: Seconds before the first reconnection attempt; doubled after each failure.
+    type: float
+    default: 1
+  reconnect_max_delay:
+    description: Upper bound of the reconnection delay in seconds.
+    type: float
+    default: 60
+  snapshot:
+    description:
+      - Report the console clients already connected when a connection is (re)established,
+        and the known sessions that ended while the source was not connected.
+    type: bool
+    default: true
+  max_buffered_events:
+    description:
+      - Events held between libvirt and the queue before the source pauses the hypervisors
+        that overflow it and resynchronises them by snapshot.
+    type: int
+    default: 100000
+"""
+
+EXAMPLES = r"""
+- name: Watch console sessions on two hypervisors
+  hosts: all
+  sources:
+    - virtguard.console.libvirt_graphics:
+        uri:
+          - qemu:///system
+          - qemu+tls://kvm2.example.com/system
+        domains: ["web-*", "db-*"]
+  rules:
+    - name: Someone opened a console
+      condition: event.graphics.phase == "initialize"
+      action:
+        debug:
+          msg: "{{ event.graphics.remote.node }} on {{ event.graphics.domain.name }}"
+"""
+
+import asyncio
+import collections
+import datetime
+import fnmatch
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+
+def _import_collection_utils():
+    """ansible-rulebook loads this file by path; make ``ansible_collections`` importable from
+    the collection tree it was loaded from when it is not already."""
+    try:
+        from ansible_collections.virtguard.console.plugins.module_utils import (  # noqa: F401
+            graphics_event,
+        )
+    except ImportError:
+        here = os.path.abspath(__file__)
+        parts = here.split(os.sep)
+        if "ansible_collections" not in parts:
+            raise
+        top = os.sep.join(parts[: len(parts) - 1 - parts[::-1].index("ansible_collections")])
+        sys.path.append(top or os.sep)
+
+
+_import_collection_utils()
+
+from ansible_collections.virtguard.console.plugins.module_utils.graphics_event import (  # noqa: E402
+    address,
+    clients_from_query_spice,
+    clients_from_query_vnc,
+    graphics_payload,
+    phase_name,
+    session_id_for,
+)
+from ansible_collections.virtguard.console.plugins.module_utils.session_tracking import (  # noqa: E402
+    SessionTracker,
+)
+
+try:
+    import libvirt
+    import libvirt_qemu
+    import libvirtaio
+except ImportError as exc:  # pragma: no cover - reported at start, with what to install
+    libvirt = None
+    LIBVIRT_IMPORT_ERROR = exc
+else:
+    LIBVIRT_IMPORT_ERROR = None
+
+LOGGER = logging.getLogger("virtguard.console.libvirt_graphics")
+INTERNAL_ARG_PREFIX = "eda_"  # arguments ansible-rulebook adds itself (eda_feedback_queue)
+
+
+class ArgumentError(ValueError):
+    """A source argument is wrong; the message names it."""
+
+
+class SourceArguments:
+    """The source's arguments, checked once at start."""
+
+    DEFAULTS = {
+        "uri": ["qemu:///system"],
+        "domains": None,
+        "keepalive_interval": 5,
+        "keepalive_count": 3,
+        "reconnect_delay": 1.0,
+        "reconnect_max_delay": 60.0,
+        "snapshot": True,
+        "max_buffered_events": 100000,
+    }
+
+    def __init__(self, args: dict[str, Any]):
+        unknown = sorted(k for k in args if k not in self.DEFAULTS and not k.startswith(INTERNAL_ARG_PREFIX))
+        if unknown:
+            raise ArgumentError(
+                f"unknown argument(s) {', '.join(unknown)}; known: {', '.join(self.DEFAULTS)}"
+            )
+        get = lambda name: args[name] if args.get(name) is not None else self.DEFAULTS[name]  # noqa: E731
+        self.uris = self._uris(get("uri"))
+        self.domains = self._patterns(get("domains"))
+        self.keepalive_interval = self._number("keepalive_interval", get("keepalive_interval"), int)
+        self.keepalive_count = self._number("keepalive_count", get("keepalive_count"), int)
+        self.reconnect_delay = self._number("reconnect_delay", get("reconnect_delay"), float, positive=True)
+        self.reconnect_max_delay = self._number("reconnect_max_delay", get("reconnect_max_delay"), float,
+                                                positive=True)
+        if self.reconnect_max_delay < self.reconnect_delay:
+            raise ArgumentError(
+                f"reconnect_max_delay ({self.reconnect_max_delay}) must not be less than "
+                f"reconnect_delay ({self.reconnect_delay})"
+            )
+        self.snapshot = self._bool("snapshot", get("snapshot"))
+        self.max_buffered_events = self._number("max_buffered_events", get("max_buffered_events"), int,
+                                                positive=True)
+
+    @staticmethod
+    def _uris(value) -> list[str]:
+        uris = [value] if isinstance(value, str) else value
+        if not isinstance(uris, list):
+            raise ArgumentError(f"uri must be a libvirt URI or a list of them, not {type(value).__name__}")
+        if not uris:
+            raise ArgumentError("uri must name at least one libvirt URI, got an empty list")
+        for uri in uris:
+            if not isinstance(uri, str):
+                raise ArgumentError(f"uri: every element must be a string, got {type(uri).__name__} {uri!r}")
+            parts = urlsplit(uri)
+            if not parts.scheme or "://" not in uri or any(ch.isspace() for ch in uri):
+                raise ArgumentError(f"uri: {uri!r} is not a libvirt URI (like qemu:///system)")
+        duplicates = sorted({u for u in uris if uris.count(u) > 1})
+        if duplicates:
+            raise ArgumentError(f"uri: {', '.join(duplicates)} given more than once")
+        return list(uris)
+
+    @staticmethod
+    def _patterns(value) -> list[str] | None:
+        if value is None:
+            return None
+        patterns = [value] if isinstance(value, str) else value
+        if not isinstance(patterns, list) or not patterns or not all(isinstance(p, str) and p for p in patterns):
+            raise ArgumentError(f"domains must be a non-empty list of name patterns, got {value!r}")
+        return list(patterns)
+
+    @staticmethod
+    def _number(name, value, kind, positive=False):
+        if isinstance(value, bool):
+            raise ArgumentError(f"{name} must be a number, got {value!r}")
+        try:
+            number = kind(value)
+        except (TypeError, ValueError):
+            raise ArgumentError(f"{name} must be a{'n integer' if kind is int else ' number'}, got {value!r}") from None
+        if kind is int and isinstance(value, float) and value != number:
+            raise ArgumentError(f"{name} must be an integer, got {value!r}")
+        if number < 0 or (positive and number == 0):
+            raise ArgumentError(f"{name} must be {'greater than 0' if positive else 'zero or more'}, got {value!r}")
+        return number
+
+    @staticmethod
+    def _bool(name, value) -> bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "false", "no", "off"):
+            return value.lower() in ("true", "yes", "on")
+        raise ArgumentError(f"{name} must be true or false, got {value!r}")
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat()
+
+
+class EventBuffer:
+    """Between libvirt's callbacks and the queue: a deque the callbacks append to without
+    ever blocking, and an asyncio.Event that wakes the feeder."""
+
+    def __init__(self, limit: int):
+        self.items: collections.deque = collections.deque()
+        self.limit = limit
+        self.ready = asyncio.Event()
+
+    def __len__(self):
+        return len(self.items)
+
+    def full(self) -> bool:
+        return len(self.items) >= self.limit
+
+    def append(self, item) -> None:
+        self.items.append(item)
+        self.ready.set()
+
+    async def get(self):
+        while not self.items:
+            self.ready.clear()
+            await self.ready.wait()
+        return self.items.popleft()
+
+
+class Snapshot:
+    """The clients QEMU reported on one hypervisor at one moment, to be merged in order."""
+
+    __slots__ = ("watcher", "present", "generation")
+
+    def __init__(self, watcher, present, generation):
+        self.watcher = watcher
+        self.present = present
+        self.generation = generation
+
+
+class HypervisorWatcher:
+    """One libvirt connection: connect with backoff, subscribe, snapshot, wait for close."""
+
+    def __init__(self, uri: str, config: SourceArguments, buffer: EventBuffer):
+        self.uri = uri
+        self.config = config
+        self.buffer = buffer
+        self.hypervisor = {"uri": uri, "hostname": None}
+        self.sessions = SessionTracker()
+        self.conn = None
+        self.closed = asyncio.Event()
+        # live events seen since the snapshot in flight was taken (session ids)
+        self.snapshot_generation = 0
+        self.touched_since_snapshot: set[str] | None = None
+        self.overflowed = False
+        self.dropped = 0
+
+    # -- libvirt callbacks (run on the loop thread: never block, never raise) ---------------
+    def on_graphics(self, _conn, dom, phase, local, remote, auth_scheme, subject, _opaque):
+        if self.overflowed:
+            self.dropped += 1
+            return
+        if self.buffer.full():
+            self.overflowed = True
+            self.dropped += 1
+            LOGGER.error("%s: %d events buffered; pausing this hypervisor until the queue drains, "
+                         "then resynchronising it by snapshot", self.uri, len(self.buffer))
+            return
+        self.buffer.append((self, time.time(), dom, phase, local, remote, auth_scheme, subject))
+
+    def on_close(self, _conn, reason, _opaque):
+        LOGGER.warning("%s: connection closed (reason %s)", self.uri, reason)
+        self.closed.set()
+
+    # -- payloads (called by the feeder, in arrival order) --------------------------------
+    def live_payload(self, wall, dom, phase, local, remote, auth_scheme, subject) -> dict | None:
+        domain = {"name": dom.name(), "uuid": dom.UUIDString(), "id": dom.ID()}
+        if self.config.domains and not any(fnmatch.fnmatchcase(domain["name"], p) for p in self.config.domains):
+            return None
+        remote = address(remote)
+        local = address(local)
+        session_id = session_id_for(self.uri, domain["uuid"], remote)
+        if self.touched_since_snapshot is not None:
+            self.touched_since_snapshot.add(session_id)
+        phase = phase_name(phase)
+        session = self.sessions.observe(session_id, phase, time.monotonic(),
+                                        (domain, local, remote, auth_scheme, subject))
+        timestamp = datetime.datetime.fromtimestamp(wall, datetime.timezone.utc).isoformat()
+        return graphics_payload(phase, timestamp, self.hypervisor, domain, local, remote,
+                                auth_scheme, subject, session)
+
+    def snapshot_payloads(self, snap: Snapshot) -> list[dict]:
+        if snap.generation != self.snapshot_generation:
+            return []  # superseded by a later snapshot of the same hypervisor
+        touched = self.touched_since_snapshot or set()
+        self.touched_since_snapshot = None
+        initialized, gone = self.sessions.reconcile(snap.present, time.monotonic(), touched)
+        timestamp = now_iso()
+        payloads = []
+        for phase, entries in (("initialize", initialized), ("disconnect", gone)):
+            for _sid, session, (domain, local, remote, auth_scheme, subject) in entries:
+                payloads.append(graphics_payload(phase, timestamp, self.hypervisor, domain, local, remote,
+                                                 auth_scheme, subject, session, snapshot=True))
+        return payloads
+
+    # -- connection life cycle --------------------------------------------------------------
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        delay = self.config.reconnect_delay
+        while True:
+            try:
+                self.conn = await loop.run_in_executor(None, libvirt.open, self.uri)
+            except libvirt.libvirtError as exc:
+                LOGGER.warning("%s: cannot connect (%s); retrying in %.1fs", self.uri, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.config.reconnect_max_delay)
+                continue
+            try:
+                await self.watch(loop)
+                delay = self.config.reconnect_delay
+            except libvirt.libvirtError as exc:
+                LOGGER.warning("%s: connection lost (%s)", self.uri, exc)
+            finally:
+                await self.disconnect(loop)
+            LOGGER.info("%s: reconnecting in %.1fs", self.uri, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.config.reconnect_max_delay)
+
+    async def watch(self, loop) -> None:
+        conn = self.conn
+        self.closed.clear()
+        if self.config.keepalive_interval:
+            conn.setKeepAlive(self.config.keepalive_interval, self.config.keepalive_count)
+        conn.registerCloseCallback(self.on_close, None)
+        self.callback_id = conn.domainEventRegisterAny(
+            None, libvirt.VIR_DOMAIN_EVENT_ID_GRAPHICS, self.on_graphics, None)
+        self.hypervisor = {"uri": self.uri, "hostname": await loop.run_in_executor(None, conn.getHostname)}
+        LOGGER.info("%s: watching graphics events on %s", self.uri, self.hypervisor["hostname"])
+        if self.config.snapshot:
+            await self.take_snapshot(loop)
+        while not self.closed.is_set():
+            if self.overflowed and len(self.buffer) < self.buffer.limit // 2:
+                LOGGER.warning("%s: resuming after dropping %d events; resynchronising by snapshot",
+                               self.uri, self.dropped)
+                self.overflowed = False
+                await self.take_snapshot(loop)
+            try:
+                await asyncio.wait_for(self.closed.wait(), timeout=0.5 if self.overflowed else None)
+            except asyncio.TimeoutError:
+                pass
+
+    async def take_snapshot(self, loop) -> None:
+        self.snapshot_generation += 1
+        generation = self.snapshot_generation
+        # Live events from here on win over what the snapshot says about the same session.
+        self.touched_since_snapshot = set()
+        present = await loop.run_in_executor(None, self.query_clients, self.conn)
+        self.buffer.append(Snapshot(self, present, generation))
+
+    def query_clients(self, conn) -> dict:
+        """Blocking: every console client QEMU reports, keyed by session id (executor thread)."""
+        present = {}
+        for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+            domain = {"name": dom.name(), "uuid": dom.UUIDString(), "id": dom.ID()}
+            if self.config.domains and not any(fnmatch.fnmatchcase(domain["name"], p) for p in self.config.domains):
+                continue
+            for command, parse in (("query-vnc", clients_from_query_vnc), ("query-spice", clients_from_query_spice)):
+                try:
+                    answer = libvirt_qemu.qemuMonitorCommand(dom, json.dumps({"execute": command}), 0)
+                except libvirt.libvirtError as exc:
+                    if command == "query-vnc" or "CommandNotFound" not in str(exc):
+                        LOGGER.debug("%s: %s on %s failed: %s", self.uri, command, domain["name"], exc)
+                    continue
+                for local, remote, auth_scheme, subject in parse(json.loads(answer).get("return")):
+                    session_id = session_id_for(self.uri, domain["uuid"], remote)
+                    present[session_id] = (domain, local, remote, auth_scheme, subject)
+        return present
+
+    async def disconnect(self, loop) -> None:
+        conn, self.conn = self.conn, None
+        if conn is None:
+            return
+        for undo in (lambda: conn.domainEventDeregisterAny(self.callback_id), conn.unregisterCloseCallback):
+            try:
+                undo()
+            except (libvirt.libvirtError, AttributeError):
+                pass
+        try:
+            await loop.run_in_executor(None, conn.close)
+        except libvirt.libvirtError:
+            pass
+
+
+def ensure_libvirt_event_loop() -> None:
+    """Register libvirtaio on the running loop, once per process; every source of one
+    ansible-rulebook run shares that loop and the registration."""
+    loop = asyncio.get_running_loop()
+    current = libvirtaio.getCurrentImpl()
+    if current is None:
+        libvirtaio.virEventRegisterAsyncIOImpl(loop=loop)
+    elif current.loop is not loop:
+        raise RuntimeError(
+            "libvirt's asyncio event implementation is already registered on another event loop "
+            "in this process, and libvirt allows only one registration per process"
+        )
+
+
+async def feed(queue: asyncio.Queue, buffer: EventBuffer) -> None:
+    """Move events from the buffer to the queue in arrival order, waiting for room."""
+    while True:
+        item = await buffer.get()
+        if isinstance(item, Snapshot):
+            for payload in item.watcher.snapshot_payloads(item):
+                await queue.put(payload)
+            continue
+        watcher = item[0]
+        try:
+            payload = watcher.live_payload(*item[1:])
+        except Exception:  # one malformed event must not stop the others
+            LOGGER.exception("%s: cannot build the event for %r", watcher.uri, item[3:])
+            continue
+        if payload is not None:
+            await queue.put(payload)
+
+
+async def main(queue: asyncio.Queue, args: dict[str, Any]) -> None:
+    """Watch the graphics events of every configured hypervisor until cancelled."""
+    config = SourceArguments(args)
+    if LIBVIRT_IMPORT_ERROR is not None:
+        raise RuntimeError(f"libvirt-python is required: {LIBVIRT_IMPORT_ERROR}")
+    ensure_libvirt_event_loop()
+    buffer = EventBuffer(config.max_buffered_events)
+    watchers = [HypervisorWatcher(uri, config, buffer) for uri in config.uris]
+    tasks = [asyncio.create_task(w.run(), name=f"libvirt_graphics {w.uri}") for w in watchers]
+    try:
+        await feed(queue, buffer)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+if __name__ == "__main__":
+    # Run by hand against a real system: python libvirt_graphics.py [URI ...]
+
+    class PrintingQueue(asyncio.Queue):
+        async def put(self, item):
+            print(json.dumps(item), flush=True)
+
+    logging.basicConfig(level=logging.INFO)
+    asyncio.run(main(PrintingQueue(), {"uri": sys.argv[1:] or ["qemu:///system"]}))

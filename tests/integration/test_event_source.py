@@ -1,0 +1,159 @@
+"""The event source against real libvirt session daemons and real VNC clients."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import socket
+
+import pytest
+
+from lab import rfb
+from lab.source_runner import SourceRun
+
+pytestmark = pytest.mark.slow
+
+
+def session_events(run: SourceRun, sock_or_port) -> list[dict]:
+    port = str(sock_or_port.getsockname()[1]) if isinstance(sock_or_port, socket.socket) else str(sock_or_port)
+    return run.matching(remote__service=port)
+
+
+async def open_session(port: int) -> socket.socket:
+    return await asyncio.to_thread(rfb.open_session, "127.0.0.1", port)
+
+
+async def test_one_plain_session_gives_connect_initialize_disconnect(hypervisor):
+    domain = hypervisor.domains[0]
+    async with SourceRun({"uri": hypervisor.uri}) as run:
+        await asyncio.sleep(0.5)  # let the source subscribe
+        await run.wait_for(0, timeout=1)
+        sock = await open_session(domain.vnc_port)
+        client_port = str(sock.getsockname()[1])
+        await run.wait_for(2, remote__service=client_port)
+        sock.close()
+        events = await run.wait_for(3, remote__service=client_port)
+
+    assert [e["phase"] for e in events] == ["connect", "initialize", "disconnect"]
+    assert len({e["session"]["id"] for e in events}) == 1
+    assert [e["session"]["authenticated"] for e in events] == [False, True, True]
+    assert "duration_s" not in events[0]["session"]
+    assert events[2]["session"]["duration_s"] >= 0
+    for event in events:
+        assert event["snapshot"] is False
+        assert event["hypervisor"] == {"uri": hypervisor.uri, "hostname": socket.gethostname()}
+        assert event["domain"] == {"name": domain.name, "uuid": domain.uuid, "id": event["domain"]["id"]}
+        assert isinstance(event["domain"]["id"], int) and event["domain"]["id"] > 0
+        assert event["local"] == {"family": "ipv4", "node": "127.0.0.1", "service": str(domain.vnc_port)}
+        assert event["remote"] == {"family": "ipv4", "node": "127.0.0.1", "service": client_port}
+        assert event["auth_scheme"] == "none"
+        assert event["subject"] == [] and event["identity"] == {}
+        assert datetime.datetime.fromisoformat(event["timestamp"]).tzinfo is not None
+
+
+async def test_client_connected_before_start_is_reported_as_snapshot(hypervisor):
+    domain = hypervisor.domains[1]
+    sock = await open_session(domain.vnc_port)
+    client_port = str(sock.getsockname()[1])
+    try:
+        async with SourceRun({"uri": hypervisor.uri}) as run:
+            [snap] = await run.wait_for(1, remote__service=client_port)
+            assert snap["phase"] == "initialize" and snap["snapshot"] is True
+            assert snap["session"]["authenticated"] is True
+            assert snap["domain"]["name"] == domain.name
+            assert snap["local"] == {"family": "ipv4", "node": "127.0.0.1", "service": str(domain.vnc_port)}
+            assert snap["auth_scheme"] == "none"
+            sock.close()
+            events = await run.wait_for(2, remote__service=client_port)
+    finally:
+        sock.close()
+    live = events[1]
+    assert live["phase"] == "disconnect" and live["snapshot"] is False
+    assert live["session"]["id"] == snap["session"]["id"]
+    assert live["session"]["authenticated"] is True
+
+
+async def test_two_hypervisors_in_one_source(hypervisor, second_hypervisor):
+    async with SourceRun({"uri": [hypervisor.uri, second_hypervisor.uri]}) as run:
+        await asyncio.sleep(1)
+        sockets = [await open_session(hv.domains[0].vnc_port) for hv in (hypervisor, second_hypervisor)]
+        client_ports = [str(sock.getsockname()[1]) for sock in sockets]
+        for sock in sockets:
+            sock.close()
+        for hv, client_port in zip((hypervisor, second_hypervisor), client_ports):
+            events = await run.wait_for(3, remote__service=client_port)
+            assert {e["hypervisor"]["uri"] for e in events} == {hv.uri}
+            assert {e["domain"]["uuid"] for e in events} == {hv.domains[0].uuid}
+
+
+async def test_unreachable_hypervisor_is_retried_while_the_others_work(hypervisor, tmp_path, caplog):
+    dead = f"qemu+unix:///session?socket={tmp_path}/nobody-listens"
+    args = {"uri": [dead, hypervisor.uri], "reconnect_delay": 0.2, "reconnect_max_delay": 0.5}
+    async with SourceRun(args) as run:
+        await asyncio.sleep(1)
+        sock = await open_session(hypervisor.domains[0].vnc_port)
+        client_port = str(sock.getsockname()[1])
+        sock.close()
+        await run.wait_for(3, remote__service=client_port)
+        await asyncio.sleep(1)
+    retries = [r for r in caplog.records if dead in r.getMessage() and "cannot connect" in r.getMessage()]
+    assert len(retries) >= 2
+
+
+async def test_libvirtd_restart_keeps_sessions_and_reports_what_ended_meanwhile(hypervisor):
+    domain = hypervisor.domains[0]
+    args = {"uri": hypervisor.uri, "reconnect_delay": 0.2, "reconnect_max_delay": 1, "keepalive_interval": 1}
+    async with SourceRun(args) as run:
+        await asyncio.sleep(0.5)
+        stays = await open_session(domain.vnc_port)
+        leaves = await open_session(domain.vnc_port)
+        stays_port, leaves_port = (str(s.getsockname()[1]) for s in (stays, leaves))
+        await run.wait_for(2, remote__service=stays_port)
+        await run.wait_for(2, remote__service=leaves_port)
+        await asyncio.to_thread(hypervisor.stop_daemon)
+        leaves.close()  # ends while nobody listens: only the snapshot can tell
+        await asyncio.sleep(0.5)
+        await asyncio.to_thread(hypervisor.start_daemon)
+        [snap_stays] = await run.wait_for(1, remote__service=stays_port, snapshot=True)
+        [snap_left] = await run.wait_for(1, remote__service=leaves_port, snapshot=True)
+        stays.close()
+        [live_end] = await run.wait_for(1, remote__service=stays_port, phase="disconnect")
+
+    first_stays = run.matching(remote__service=stays_port)[0]
+    assert snap_stays["phase"] == "initialize"
+    assert snap_stays["session"]["id"] == first_stays["session"]["id"] == live_end["session"]["id"]
+    assert snap_left["phase"] == "disconnect"
+    assert snap_left["session"]["authenticated"] is True and snap_left["session"]["duration_s"] > 0
+    assert live_end["snapshot"] is False
+
+
+async def test_burst_into_a_queue_of_one_loses_nothing(hypervisor):
+    sessions_per_domain = 500
+    ports = [d.vnc_port for d in hypervisor.domains]
+
+    def burst():
+        client_ports = []
+        for _ in range(sessions_per_domain):
+            for port in ports:
+                sock = rfb.open_session("127.0.0.1", port)
+                client_ports.append(str(sock.getsockname()[1]))
+                sock.close()
+        return client_ports
+
+    async with SourceRun({"uri": hypervisor.uri}, maxsize=1) as run:
+        await asyncio.sleep(0.5)
+        start = len(run.events)
+        client_ports = await asyncio.to_thread(burst)
+        expected = 3 * len(client_ports)
+        await run.wait_for(expected, timeout=120, snapshot=False)
+        await asyncio.sleep(1)
+        events = run.events[start:]
+
+    assert len(events) == expected
+    by_session: dict[str, list[str]] = {}
+    for event in events:
+        by_session.setdefault(event["session"]["id"], []).append(event["phase"])
+    # a client port may be reused within the burst: every session still shows its three phases
+    assert sum(len(p) for p in by_session.values()) == expected
+    for phases in by_session.values():
+        assert phases.count("connect") == phases.count("initialize") == phases.count("disconnect")
