@@ -5,18 +5,45 @@ export PATH := $(VENV)/bin:$(PATH)
 export ANSIBLE_COLLECTIONS_PATH := $(CURDIR)/build/collections
 PYTEST_ARGS ?=
 
-.PHONY: deps test unit integration demo
+.PHONY: deps test unit integration lint sanity build bench demo changelog
 
 ## Install what the targets below need (Debian packages, .venv, the collection link).
 deps:
 	bash hacking/bootstrap.sh
 
-## The whole suite: unit tests, then integration tests against real libvirt daemons.
+## The whole suite: unit and integration tests against real libvirt daemons, lint, sanity, build.
 test: deps
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS) tests/unit tests/integration
+	bash hacking/lint.sh
+	bash hacking/sanity.sh
+	bash hacking/build.sh --check-install
 
 unit: deps
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS) tests/unit
 
 integration: deps
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS) tests/integration
+
+## ansible-lint (production profile) over the whole collection.
+lint: deps
+	bash hacking/lint.sh
+
+## ansible-test sanity, with the collection copied to build/ansible_collections/virtguard/console.
+sanity: deps
+	bash hacking/sanity.sh
+
+## The collection tarball in build/.
+build: deps
+	bash hacking/build.sh
+
+## CHANGELOG.rst from changelogs/ (antsibull-changelog).
+changelog: deps
+	cd $(CURDIR) && antsibull-changelog generate
+
+## The performance report's figures (docs/performance.md); not part of `make test`.
+bench: deps
+	$(VENV)/bin/python -m bench
+
+## A local hypervisor, a domain, ansible-rulebook with the source, a real VNC client, live events.
+demo: deps
+	bash hacking/demo.sh
