@@ -1,0 +1,86 @@
+"""The libvirt-to-payload mapping and session tracking (pure logic)."""
+
+from ansible_collections.virtguard.console.plugins.module_utils import graphics_event as ge
+from ansible_collections.virtguard.console.plugins.module_utils.session_tracking import SessionTracker
+
+REMOTE = {"family": "ipv4", "node": "192.0.2.7", "service": "40000"}
+
+
+def test_names_and_addresses():
+    assert [ge.phase_name(n) for n in (0, 1, 2, 9)] == ["connect", "initialize", "disconnect", "unknown-9"]
+    assert ge.address({"family": 1, "node": "::1", "service": "5900"}) == {"family": "ipv6", "node": "::1",
+                                                                           "service": "5900"}
+    assert ge.identity_key("saslUsername") == "sasl_username"
+    assert ge.identity_key("x509dname") == "x509dname"
+
+
+def test_identity_is_flattened_in_order_and_kept_verbatim():
+    hostile = "CN={{ lookup('pipe', 'id') }}\\, O=x"
+    subject = [("x509dname", hostile), ("saslUsername", "bob"), ("saslUsername", "other")]
+    assert ge.subject_list(subject) == [{"type": "x509dname", "name": hostile}, {"type": "saslUsername", "name": "bob"},
+                                        {"type": "saslUsername", "name": "other"}]
+    assert ge.identity_from_subject(subject) == {"x509dname": hostile, "sasl_username": "bob"}
+    assert ge.identity_from_subject([]) == {}
+
+
+def test_session_id_depends_only_on_where_the_session_is():
+    one = ge.session_id_for("qemu:///system", "u-1", REMOTE)
+    assert one == ge.session_id_for("qemu:///system", "u-1", dict(REMOTE))
+    assert one != ge.session_id_for("qemu:///system", "u-1", dict(REMOTE, service="40001"))
+    assert one != ge.session_id_for("qemu:///system", "u-2", REMOTE)
+    assert one != ge.session_id_for("qemu+tls://h/system", "u-1", REMOTE)
+
+
+def test_query_vnc_clients():
+    answer = {"enabled": True, "auth": "vencrypt+x509+sasl", "family": "ipv4", "host": "0.0.0.0", "service": "5901",
+              "clients": [{"family": "ipv6", "host": "::ffff:192.0.2.1", "service": "41000", "websocket": False,
+                           "x509_dname": "CN=a", "sasl_username": "alice"},
+                          {"family": "ipv4", "host": "192.0.2.2", "service": "41001", "websocket": False}]}
+    [(local, remote, auth, subject), (_, _, _, bare)] = ge.clients_from_query_vnc(answer)
+    assert local == {"family": "ipv4", "node": "0.0.0.0", "service": "5901"}
+    assert remote == {"family": "ipv6", "node": "::ffff:192.0.2.1", "service": "41000"}
+    assert auth == "vencrypt+x509+sasl"
+    assert subject == [("x509dname", "CN=a"), ("saslUsername", "alice")] and bare == []
+    assert ge.clients_from_query_vnc({"enabled": False}) == []
+
+
+def test_query_spice_channels():
+    answer = {"enabled": True, "auth": "spice", "host": "0.0.0.0", "port": 5930, "tls-port": 5931,
+              "channels": [{"family": "ipv4", "host": "192.0.2.3", "port": "42000", "tls": True}]}
+    [(local, remote, auth, subject)] = ge.clients_from_query_spice(answer)
+    assert local["service"] == "5931" and remote == {"family": "ipv4", "node": "192.0.2.3", "service": "42000"}
+    assert auth == "spice" and subject == []
+
+
+def details(subject=()):
+    return ({"name": "d"}, {}, REMOTE, "none", list(subject))
+
+
+def test_tracker_live_session():
+    tracker = SessionTracker()
+    assert tracker.observe("s", "connect", 10.0, details()) == {"id": "s", "authenticated": False}
+    assert tracker.observe("s", "initialize", 10.5, details()) == {"id": "s", "authenticated": True}
+    assert tracker.observe("s", "disconnect", 12.25, details()) == {"id": "s", "authenticated": True,
+                                                                    "duration_s": 2.25}
+    assert len(tracker) == 0
+
+
+def test_tracker_failed_authentication_and_unknown_disconnects():
+    tracker = SessionTracker()
+    tracker.observe("s", "connect", 1.0, details())
+    assert tracker.observe("s", "disconnect", 2.0, details())["authenticated"] is False
+    assert tracker.observe("u", "disconnect", 3.0, details([("saslUsername", "x")])) == {
+        "id": "u", "authenticated": True, "duration_s": None}
+
+
+def test_reconcile_reports_present_and_gone_but_leaves_touched_sessions_to_live_events():
+    tracker = SessionTracker()
+    tracker.observe("stays", "connect", 1.0, details())
+    tracker.observe("gone", "connect", 1.0, details())
+    tracker.observe("live-new", "connect", 5.0, details())
+    present = {"stays": details(), "new": details([("saslUsername", "a")]), "ended-live": details()}
+    initialized, gone = tracker.reconcile(present, 6.0, touched={"ended-live", "live-new"})
+    assert [sid for sid, _, _ in initialized] == ["stays", "new"]
+    assert all(session["authenticated"] for _, session, _ in initialized)
+    assert [(sid, session["duration_s"]) for sid, session, _ in gone] == [("gone", 5.0)]
+    assert set(tracker.sessions) == {"stays", "new", "live-new"}
