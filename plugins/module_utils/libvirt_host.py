@@ -87,12 +87,12 @@ class Libvirtd:
         self.timeout = timeout
 
     def serving(self) -> bool:
-        rc, _, _ = self.run_command([self.get_bin_path("virsh", True), "-c", self.uri, "version"])
+        rc, _out, _err = self.run_command([self.get_bin_path("virsh", True), "-c", self.uri, "version"])
         return rc == 0
 
     def main_pid(self, method: str) -> int | None:
         if method == "systemd":
-            rc, out, _ = self.run_command(
+            rc, out, _err = self.run_command(
                 ["systemctl", "show", "--property=MainPID", "--value", self.service])
             pid = int(out.strip() or 0) if rc == 0 else 0
             return pid or None

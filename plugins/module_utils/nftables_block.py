@@ -234,4 +234,3 @@ class BlockTable:
         if exists and not check_mode:
             self._apply(["delete table inet %s" % self.table])
         return {"changed": exists, "table": "inet %s" % self.table}
-

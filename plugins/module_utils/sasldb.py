@@ -31,7 +31,7 @@ def parse_user_list(text: str) -> set[tuple[str, str]]:
     """``sasldblistusers2`` lines (``name@realm: property``) as (name, realm) pairs."""
     users = set()
     for line in text.splitlines():
-        entry, sep, _ = line.partition(": ")
+        entry, sep, _property = line.partition(": ")
         if not sep or "@" not in entry:
             continue
         name, realm = entry.rsplit("@", 1)

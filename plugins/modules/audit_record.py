@@ -20,7 +20,9 @@ description:
   - The same file holds the C(event) records that the C(virtguard.console.classify) event
     filter writes; C(session_id) in O(context) ties a remediation to its session's events.
 author:
-  - virtguard.console developers
+  - virtguard.console developers (@virtguard)
+extends_documentation_fragment:
+  - virtguard.console.attributes
 attributes:
   check_mode:
     support: full

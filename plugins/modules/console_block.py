@@ -22,8 +22,9 @@ description:
     (nftables' C(add element) alone would keep the old expiry).
   - With O(state=absent), removes O(address) from the block before its timeout.
 author:
-  - virtguard.console developers
+  - virtguard.console developers (@virtguard)
 extends_documentation_fragment:
+  - virtguard.console.attributes
   - virtguard.console.console_remediation
 attributes:
   check_mode:

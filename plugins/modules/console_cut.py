@@ -22,8 +22,9 @@ description:
   - Block the address first (M(virtguard.console.console_block)), or the client can reconnect
     between the cut and the block.
 author:
-  - virtguard.console developers
+  - virtguard.console developers (@virtguard)
 extends_documentation_fragment:
+  - virtguard.console.attributes
   - virtguard.console.console_remediation
 attributes:
   check_mode:

@@ -20,7 +20,9 @@ description:
   - The handlers of the C(virtguard.console.vnc_tls) and C(virtguard.console.vnc_sasl) roles
     call it with O(config_files), so two roles in one play restart the daemon once.
 author:
-  - virtguard.console developers
+  - virtguard.console developers (@virtguard)
+extends_documentation_fragment:
+  - virtguard.console.attributes
 attributes:
   check_mode:
     support: full

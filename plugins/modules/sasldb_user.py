@@ -16,9 +16,11 @@ description:
     O(update_password=always). A sasldb cannot tell whether a password differs without
     reading it back, so V(always) rewrites it and reports a change on every run.
 author:
-  - virtguard.console developers
+  - virtguard.console developers (@virtguard)
 requirements:
   - C(saslpasswd2) and C(sasldblistusers2) on the host (Debian C(sasl2-bin), Red Hat C(cyrus-sasl))
+extends_documentation_fragment:
+  - virtguard.console.attributes
 attributes:
   check_mode:
     support: full

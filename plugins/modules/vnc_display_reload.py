@@ -18,7 +18,9 @@ description:
   - Domains whose VNC server does not use TLS (for instance started before C(vnc_tls) was
     enabled) are skipped; only a restart gives them TLS.
 author:
-  - virtguard.console developers
+  - virtguard.console developers (@virtguard)
+extends_documentation_fragment:
+  - virtguard.console.attributes
 attributes:
   check_mode:
     support: full
