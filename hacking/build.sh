@@ -46,7 +46,8 @@ fail() { echo "build: check FAILED: $*" >&2; failures=$((failures + 1)); }
 # community.crypto (the roles' dependency) comes with the `ansible` package, as in a decision or
 # execution environment built on it; --offline resolves dependencies against what is installed.
 site_collections=$(python -c 'import ansible_collections; print(list(ansible_collections.__path__)[0])')
-export ANSIBLE_COLLECTIONS_PATH="$tmp/collections:$(dirname "$site_collections")"
+site_packages=$(dirname "$site_collections")
+export ANSIBLE_COLLECTIONS_PATH="$tmp/collections:$site_packages"
 if ! ansible-galaxy collection install --offline -p "$tmp/collections" "$tarball" >"$tmp/install.log" 2>&1; then
   cat "$tmp/install.log" >&2
   echo "build: check FAILED: ansible-galaxy collection install" >&2

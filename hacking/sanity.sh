@@ -37,7 +37,7 @@ git ls-files -z | rsync -a --from0 --files-from=- --ignore-missing-args ./ "$des
 git -C "$dest" init -q
 
 # Tests not run: pslint (PowerShell; the collection has none and pwsh is not installed).
-# shellcheck runs when the shellcheck binary is installed (hacking/bootstrap.sh installs it).
+# The shell script test needs the shellcheck binary (a Debian package; without it the test is skipped).
 status=0
 (cd "$dest" && ansible-test sanity --python "$python_version" --venv --color no --skip-test pslint "$@") || status=$?
 
