@@ -1,0 +1,198 @@
+"""``python -m bench``: measure the event source and print its figures, each with its goal.
+
+Exits 1 when any measurement lost an event (or 2 when the bench itself failed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from bench import ROOT
+from bench.lab import Lab
+from bench.stats import load_average, mem_available_mib
+
+MEASUREMENTS = ("burst", "endtoend", "scale", "soak", "audit")
+# Real resident memory of one tiny paused TCG domain here (MemAvailable drop per domain),
+# plus the daemons' share: the scale test is sized down when the machine has less to spare.
+MIB_PER_DOMAIN = 18
+MEMORY_RESERVE_MIB = 4096
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="The event source's performance figures, side by side with their references "
+                    "(docs/performance.md). Builds and removes its own session daemons and domains.")
+    parser.add_argument("--only", action="append", choices=MEASUREMENTS,
+                        help="run only these measurements (repeatable); default all")
+    parser.add_argument("--bursts", type=int, default=5, help="bursts in the side-by-side run (default 5)")
+    parser.add_argument("--sessions", type=int, default=2000, help="RFB sessions per burst (default 2000)")
+    parser.add_argument("--burst-hypervisors", type=int, default=2,
+                        help="session daemons the bursts go to (default 2)")
+    parser.add_argument("--burst-domains", type=int, default=2, help="domains per burst hypervisor (default 2)")
+    parser.add_argument("--concurrency", type=int, default=8, help="sessions in flight in a burst (default 8)")
+    parser.add_argument("--e2e-sessions", type=int, default=2000,
+                        help="RFB sessions through ansible-rulebook (default 2000)")
+    parser.add_argument("--scale-hypervisors", type=int, default=8, help="hypervisors in the scale run (default 8)")
+    parser.add_argument("--scale-domains", type=int, default=100,
+                        help="running domains per hypervisor in the scale run (default 100; reduced "
+                             "automatically when memory is short, and said so)")
+    parser.add_argument("--soak-events", type=int, default=1_000_000,
+                        help="events driven through the source in the soak (default 1,000,000)")
+    parser.add_argument("--soak-sessions", type=int, default=3000,
+                        help="real sessions in the soak's real-event part (default 3000)")
+    parser.add_argument("--audit-events", type=int, default=100_000, help="records for the audit writer (default 100,000)")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="profile the source (cProfile) in the bursts and the soak, into DIR; "
+                             "profiled figures are slower and only for finding where time goes")
+    parser.add_argument("--json", metavar="FILE", default=str(ROOT / "build" / "bench" / "results.json"),
+                        help="also write every number here (default build/bench/results.json)")
+    return parser.parse_args(argv)
+
+
+def machine() -> dict:
+    def version(cmd):
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.SubprocessError):
+            return "?"
+
+    model = "?"
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import libvirt
+
+    lv = libvirt.getVersion()
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "memory_available_mib": mem_available_mib(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "libvirt": f"{lv // 1000000}.{lv // 1000 % 1000}.{lv % 1000}",
+        "qemu": version(["qemu-system-x86_64", "--version"]),
+        "ansible_rulebook": version([str(Path(sys.executable).parent / "ansible-rulebook"), "--version"]),
+        "load_average_start": load_average(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+class Report:
+    """Prints as it goes: every figure with its goal and whether it is met."""
+
+    def __init__(self):
+        self.figures: list[dict] = []
+        self.lost = 0
+
+    def section(self, title: str) -> None:
+        print(f"\n== {title}", flush=True)
+
+    def line(self, text: str) -> None:
+        print(text, flush=True)
+
+    def figure(self, name: str, value: str, goal: str | None = None, met: bool | None = None) -> None:
+        verdict = "" if met is None else ("  [met]" if met else "  [NOT MET]")
+        print(f"  {name}: {value}" + (f"   (goal: {goal})" if goal else "") + verdict, flush=True)
+        self.figures.append({"name": name, "value": value, "goal": goal, "met": met})
+
+
+def report_burst(report: Report, result: dict, options) -> None:
+    r = result
+    report.line(f"  {len(r['rows'])} bursts of {options.sessions} sessions over {r['domains']} domains on "
+                f"{r['uris']} hypervisors; both listeners at once, the source into asyncio.Queue(maxsize=1)")
+    report.figure("bare listener, events/s (median)", f"{r['bare_eps_median']:.0f}")
+    report.figure("source, events/s (median)", f"{r['source_eps_median']:.0f}")
+    report.figure("source/bare ratio, median of bursts",
+                  f"{r['ratio_median']:.3f} (spread {r['ratio_min']:.3f}..{r['ratio_max']:.3f})",
+                  ">= 0.95", r["ratio_median"] >= 0.95)
+    report.figure("events lost by the source, all bursts", str(r["source_lost"]), "0 in every burst",
+                  r["source_lost"] == 0)
+    report.figure("events lost by the bare listener (control)", str(r["bare_lost"]))
+    report.figure("duplicate events from the source", str(r["duplicates"]), "0", r["duplicates"] == 0)
+    if r["failed_sessions"]:
+        report.figure("client sessions that failed (not counted as expected)", str(r["failed_sessions"]))
+    report.figure("CPU per event, bare / source (median)",
+                  f"{r['bare_cpu_us_median']:.0f} us / {r['source_cpu_us_median']:.0f} us")
+    report.figure("source RSS after warm-up / after the bursts",
+                  f"{r['rss_kib_start'] / 1024:.1f} MiB / {r['rss_kib_end'] / 1024:.1f} MiB")
+    report.lost += r["source_lost"] + r["duplicates"]
+
+
+def report_latency(report: Report, result: dict) -> None:
+    r = result
+    report.line("  from libvirt's callback (time in the raw event) to the consumer taking it off the queue, "
+                "during the bursts above")
+    report.figure("p50 (median of bursts)", f"{r['latency_p50_ms']:.2f} ms")
+    report.figure("p99 (worst burst; median of bursts)",
+                  f"{r['latency_p99_ms_worst']:.2f} ms; {r['latency_p99_ms_median']:.2f} ms",
+                  "p99 < 5 ms", r["latency_p99_ms_worst"] < 5.0)
+    report.figure("max", f"{r['latency_max_ms']:.2f} ms")
+
+
+def main(argv=None) -> int:
+    options = parse_args(argv)
+    chosen = options.only or list(MEASUREMENTS)
+    if options.profile:
+        Path(options.profile).mkdir(parents=True, exist_ok=True)
+    report = Report()
+    results: dict = {"machine": machine(), "options": vars(options)}
+    m = results["machine"]
+    report.line(f"# virtguard.console bench, {m['date']}")
+    report.line(f"# machine: {m['cpu']}, {m['cores']} cores, {m['memory_available_mib']} MiB available, "
+                f"kernel {m['kernel']}, Python {m['python']}, libvirt {m['libvirt']}, {m['qemu']}, "
+                f"{m['ansible_rulebook']}")
+    report.line(f"# load average at start: {m['load_average_start']}")
+    status = 0
+    with Lab(log=report.line) as lab:
+        try:
+            if "burst" in chosen or "endtoend" in chosen:
+                started = time.monotonic()
+                burst_hvs = lab.hypervisors_with_domains("bn", options.burst_hypervisors, options.burst_domains)
+                report.line(f"# {len(burst_hvs)} session daemons x {options.burst_domains} domains "
+                            f"up in {time.monotonic() - started:.1f}s")
+            if "burst" in chosen:
+                from bench.sidebyside import side_by_side
+
+                report.section("1. Source vs bare libvirt listener, same bursts of real VNC sessions")
+                profile = str(Path(options.profile) / "source_burst.prof") if options.profile else None
+                result = side_by_side(lab, burst_hvs, options.bursts, options.sessions, options.concurrency,
+                                      profile=profile, log=report.line)
+                results["burst"] = result
+                report_burst(report, result, options)
+                report.section("3. Latency added by the source")
+                report_latency(report, result)
+        except KeyboardInterrupt:
+            report.line("# interrupted: cleaning up")
+            status = 130
+        except Exception:
+            traceback.print_exc()
+            report.line("# the bench failed: cleaning up")
+            status = 2
+    results["machine"]["load_average_end"] = load_average()
+    results["figures"] = report.figures
+    results["lost"] = report.lost
+    report.line(f"\n# load average at end: {results['machine']['load_average_end']}")
+    if options.json:
+        Path(options.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(options.json).write_text(json.dumps(results, indent=2, default=str))
+        report.line(f"# all numbers: {options.json}")
+    not_met = [f["name"] for f in report.figures if f["met"] is False]
+    report.line(f"# goals not met: {', '.join(not_met) if not_met else 'none'}")
+    report.line(f"# events lost: {report.lost}")
+    if status:
+        return status
+    return 1 if report.lost else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

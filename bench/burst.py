@@ -1,0 +1,103 @@
+"""Bursts of real VNC sessions, and the listener processes that watch them side by side."""
+
+from __future__ import annotations
+
+import json
+import select
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from lab import rfb
+
+EVENTS_PER_SESSION = 3  # connect, initialize, disconnect
+
+
+@dataclass
+class Burst:
+    sessions: int
+    failed: int
+    started: float  # wall clock, shared with the listeners (one machine)
+    ended: float
+
+    @property
+    def expected_events(self) -> int:
+        return EVENTS_PER_SESSION * (self.sessions - self.failed)
+
+
+def run_burst(ports: list[int], sessions: int, concurrency: int = 8) -> Burst:
+    """``sessions`` whole RFB 3.8 sessions (handshake, ClientInit, close), spread round-robin
+    over the consoles at ``ports``, ``concurrency`` at a time."""
+    failures = []
+
+    def worker(first: int) -> None:
+        for n in range(first, sessions, concurrency):
+            try:
+                rfb.run_session("127.0.0.1", ports[n % len(ports)])
+            except (OSError, ConnectionError) as exc:
+                failures.append(exc)
+
+    started = time.time()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(worker, range(concurrency)))
+    return Burst(sessions, len(failures), started, time.time())
+
+
+class ListenerProcess:
+    """A ``python -m bench.listener`` child, spoken to line by line."""
+
+    def __init__(self, lab, kind: str, uris: list[str], profile: str | None = None, args: dict | None = None):
+        cmd = [sys.executable, "-m", "bench.listener", kind, *uris]
+        if profile:
+            cmd += ["--profile", profile]
+        if args:
+            cmd += ["--args", json.dumps(args)]
+        self.kind = kind
+        self.lab = lab
+        self.proc = lab.spawn(cmd, stdin=-1, stdout=-1, text=True, bufsize=1)
+        self.ready = self.read(timeout=120)
+
+    def read(self, timeout: float = 60) -> dict:
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            raise RuntimeError(f"the {self.kind} listener did not answer (exit status {self.proc.poll()})")
+        return json.loads(line)
+
+    def ask(self, cmd: str, timeout: float = 60) -> dict:
+        self.proc.stdin.write(json.dumps({"cmd": cmd}) + "\n")
+        self.proc.stdin.flush()
+        return self.read(timeout)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        try:
+            self.proc.stdin.write(json.dumps({"cmd": "exit"}) + "\n")
+            self.proc.stdin.flush()
+            self.proc.wait(10)
+        except (OSError, ValueError, subprocess.TimeoutExpired):
+            pass
+        self.lab.stop_process(self.proc)
+
+
+def wait_for_events(listeners: list[ListenerProcess], expected: int, quiet: float = 3.0,
+                    timeout: float = 120) -> None:
+    """Until every listener has ``expected`` events, or nothing new came for ``quiet`` seconds."""
+    deadline = time.monotonic() + timeout
+    last = None
+    last_change = time.monotonic()
+    while time.monotonic() < deadline:
+        counts = [listener.ask("count")["count"] for listener in listeners]
+        if all(c >= expected for c in counts):
+            time.sleep(0.3)  # anything beyond expected (duplicates) shows in the report
+            return
+        if counts != last:
+            last, last_change = counts, time.monotonic()
+        elif time.monotonic() - last_change > quiet:
+            return
+        time.sleep(0.1)

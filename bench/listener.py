@@ -1,0 +1,225 @@
+"""One listener process of the side-by-side burst: ``python -m bench.listener bare|source URI...``.
+
+``bare`` is the floor to compare with: libvirt-python with libvirtaio and a graphics callback
+that appends a timestamp, nothing else. ``source`` is the event source's ``main(queue, args)``,
+loaded by path as ansible-rulebook loads it, feeding an ``asyncio.Queue(maxsize=1)`` that a
+consumer drains, the way ansible-rulebook's source queue is drained.
+
+Protocol, one JSON object per line: the process writes ``{"ready": true}`` once every
+connection is subscribed, then answers commands read from stdin:
+``{"cmd": "mark"}`` forgets what was seen and starts counting (CPU time too);
+``{"cmd": "count"}`` answers ``{"count": N}``;
+``{"cmd": "report"}`` answers the counts, times, CPU seconds, RSS and (source) latencies since
+the mark. ``--profile FILE`` (source) profiles from the mark to the report (cProfile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import logging
+import os
+import runpy
+import sys
+import threading
+import time
+
+from bench import SOURCE_PATH
+from bench.stats import percentile, rss_kib
+
+
+class Listener:
+    kind = ""
+
+    def __init__(self, uris: list[str]):
+        self.uris = uris
+        self.cpu_mark = time.process_time()
+        self.profile = None
+
+    def mark(self) -> None:
+        self.clear()
+        self.cpu_mark = time.process_time()
+
+    def base_report(self, times: list[float]) -> dict:
+        return {
+            "count": len(times),
+            "first": min(times) if times else None,
+            "last": max(times) if times else None,
+            "cpu_s": time.process_time() - self.cpu_mark,
+            "rss_kib": rss_kib(),
+        }
+
+
+class BareListener(Listener):
+    """libvirtaio and a callback that appends a timestamp."""
+
+    kind = "bare"
+
+    def __init__(self, uris):
+        super().__init__(uris)
+        self.seen: list[float] = []
+        self.conns = []
+
+    def on_graphics(self, _conn, _dom, _phase, _local, _remote, _auth, _subject, _opaque):
+        self.seen.append(time.time())
+
+    async def start(self) -> None:
+        import libvirt
+        import libvirtaio
+
+        loop = asyncio.get_running_loop()
+        libvirtaio.virEventRegisterAsyncIOImpl(loop=loop)
+        for uri in self.uris:
+            conn = await loop.run_in_executor(None, libvirt.open, uri)
+            conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_GRAPHICS, self.on_graphics, None)
+            self.conns.append(conn)
+
+    def clear(self) -> None:
+        self.seen = []
+
+    def count(self) -> int:
+        return len(self.seen)
+
+    def report(self) -> dict:
+        return self.base_report(self.seen)
+
+
+class _ReadyHandler(logging.Handler):
+    """Counts the source's "watching graphics events" log lines: one per subscribed URI."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.watching = 0
+        self.changed = asyncio.Event()
+
+    def emit(self, record):
+        if "watching graphics events" in record.getMessage():
+            self.watching += 1
+            self.changed.set()
+
+
+class SourceListener(Listener):
+    """The event source's main() feeding an asyncio.Queue(maxsize=1) drained by a consumer."""
+
+    kind = "source"
+
+    def __init__(self, uris, args: dict | None = None, profile: str | None = None):
+        super().__init__(uris)
+        self.args = {"uri": uris, **(args or {})}
+        self.records: list[tuple[float, str, str, str]] = []
+        self.profile_path = profile
+
+    async def start(self) -> None:
+        module = runpy.run_path(str(SOURCE_PATH))
+        ready = _ReadyHandler()
+        logger = logging.getLogger("virtguard.console.libvirt_graphics")
+        logger.setLevel(logging.INFO)
+        logger.addHandler(ready)
+        self.queue: asyncio.Queue = asyncio.Queue(maxsize=1)
+        self.task = asyncio.create_task(module["main"](self.queue, self.args))
+        self.consumer = asyncio.create_task(self.consume())
+        while ready.watching < len(self.uris):
+            ready.changed.clear()
+            waiter = asyncio.create_task(ready.changed.wait())
+            await asyncio.wait([waiter, self.task], timeout=60, return_when=asyncio.FIRST_COMPLETED)
+            if self.task.done():
+                self.task.result()
+                raise RuntimeError("the source stopped before subscribing")
+            waiter.cancel()
+        await asyncio.sleep(0.2)  # the (empty) snapshots
+
+    async def consume(self) -> None:
+        while True:
+            event = await self.queue.get()
+            graphics = event["graphics"]
+            self.records.append((time.time(), graphics["timestamp"], graphics["phase"], graphics["session"]["id"]))
+
+    def mark(self) -> None:
+        super().mark()
+        if self.profile_path:
+            import cProfile
+
+            self.profile = cProfile.Profile()
+            self.profile.enable()
+
+    def clear(self) -> None:
+        self.records = []
+
+    def count(self) -> int:
+        return len(self.records)
+
+    def report(self) -> dict:
+        if self.profile is not None:
+            self.profile.disable()
+            self.profile.dump_stats(self.profile_path)
+            self.profile = None
+        report = self.base_report([r[0] for r in self.records])
+        latencies = sorted(
+            (seen - datetime.datetime.fromisoformat(stamp).timestamp()) * 1000.0
+            for seen, stamp, _phase, _sid in self.records
+        )
+        report["unique"] = len({(sid, phase) for _s, _t, phase, sid in self.records})
+        report["phases"] = {p: sum(1 for r in self.records if r[2] == p) for p in ("connect", "initialize", "disconnect")}
+        report["latency_ms"] = {
+            "p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
+            "max": latencies[-1] if latencies else None,
+        }
+        return report
+
+
+def _stdin_commands(loop: asyncio.AbstractEventLoop, commands: asyncio.Queue) -> None:
+    for line in sys.stdin:
+        loop.call_soon_threadsafe(commands.put_nowait, line)
+    loop.call_soon_threadsafe(commands.put_nowait, None)
+
+
+def write(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+async def serve(listener: Listener) -> None:
+    await listener.start()
+    commands: asyncio.Queue = asyncio.Queue()
+    threading.Thread(target=_stdin_commands, args=(asyncio.get_running_loop(), commands), daemon=True).start()
+    write({"ready": True, "pid": os.getpid()})
+    while True:
+        line = await commands.get()
+        if line is None:  # the bench went away
+            return
+        cmd = json.loads(line)["cmd"]
+        if cmd == "mark":
+            listener.mark()
+            write({"marked": True})
+        elif cmd == "count":
+            write({"count": listener.count()})
+        elif cmd == "report":
+            write(listener.report())
+        elif cmd == "exit":
+            return
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("kind", choices=("bare", "source"))
+    parser.add_argument("uri", nargs="+")
+    parser.add_argument("--profile", help="cProfile output file (source only), mark to report")
+    parser.add_argument("--args", default="{}", help="extra source arguments, JSON")
+    options = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    if options.kind == "bare":
+        listener = BareListener(options.uri)
+    else:
+        listener = SourceListener(options.uri, json.loads(options.args), options.profile)
+    try:
+        asyncio.run(serve(listener))
+    except KeyboardInterrupt:
+        pass
+    sys.stdout.flush()
+    os._exit(0)  # libvirtaio's callbacks would outlive the closed loop and complain
+
+
+if __name__ == "__main__":
+    main()
