@@ -20,3 +20,14 @@ def second_hypervisor():
     hv.domains = [hv.create_domain(f"{hv.user}-d0")]
     yield hv
     hv.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+async def settle_libvirt_callbacks():
+    """libvirt frees closed connections lazily and libvirtaio then schedules its last
+    callbacks on the loop: let them run before pytest closes the loop, not at exit."""
+    yield
+    import gc
+    import asyncio
+    gc.collect()
+    await asyncio.sleep(0.5)

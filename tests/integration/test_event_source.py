@@ -86,6 +86,18 @@ async def test_two_hypervisors_in_one_source(hypervisor, second_hypervisor):
             assert {e["domain"]["uuid"] for e in events} == {hv.domains[0].uuid}
 
 
+async def test_two_sources_in_one_event_loop_share_libvirts_registration(hypervisor, second_hypervisor):
+    """ansible-rulebook runs every source of a rulebook on one loop: both must work."""
+    async with SourceRun({"uri": hypervisor.uri}) as first, SourceRun({"uri": second_hypervisor.uri}) as second:
+        await asyncio.sleep(1)
+        for run, hv in ((first, hypervisor), (second, second_hypervisor)):
+            sock = await open_session(hv.domains[0].vnc_port)
+            client_port = str(sock.getsockname()[1])
+            sock.close()
+            events = await run.wait_for(3, remote__service=client_port)
+            assert {e["hypervisor"]["uri"] for e in events} == {hv.uri}
+
+
 async def test_unreachable_hypervisor_is_retried_while_the_others_work(hypervisor, tmp_path, caplog):
     dead = f"qemu+unix:///session?socket={tmp_path}/nobody-listens"
     args = {"uri": [dead, hypervisor.uri], "reconnect_delay": 0.2, "reconnect_max_delay": 0.5}

@@ -360,6 +360,8 @@ class HypervisorWatcher:
                 delay = self.config.reconnect_delay
             except libvirt.libvirtError as exc:
                 LOGGER.warning("%s: connection lost (%s)", self.uri, exc)
+            except Exception:  # never let one hypervisor's failure end its watch for good
+                LOGGER.exception("%s: unexpected error; reconnecting", self.uri)
             finally:
                 await self.disconnect(loop)
             LOGGER.info("%s: reconnecting in %.1fs", self.uri, delay)
