@@ -7,6 +7,7 @@
 #   - the event source and the event filter load (runpy) from the installed path, in an isolated
 #     interpreter whose sys.path holds neither the repository nor build/collections, and import the
 #     collection's module_utils from the installed copy.
+#   - ansible-builder create accepts decision-environment.yml, whose context gets this tarball.
 # Usage: bash hacking/build.sh [--check-install]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -112,9 +113,22 @@ print(f"  {os.path.basename(path)}: loaded, {len(collection_modules)} collection
 PY
 done
 
+# The decision environment: ansible-builder accepts the definition and its build context holds this
+# tarball (no container engine here, so `create` only, which writes the context).
+cd "$repo"
+de_tarball=$(python -c 'import yaml; print(yaml.safe_load(open("decision-environment.yml"))["additional_build_files"][0]["src"])')
+[ "$de_tarball" = "$tarball" ] || fail "decision-environment.yml copies $de_tarball, the build writes $tarball"
+if ansible-builder create -f decision-environment.yml -c "$tmp/de-context" >"$tmp/de.log" 2>&1; then
+  [ -f "$tmp/de-context/_build/collections/$(basename "$tarball")" ] || fail "the decision environment's context lacks the tarball"
+  echo "  decision-environment.yml: ansible-builder create ok"
+else
+  cat "$tmp/de.log" >&2
+  fail "ansible-builder create -f decision-environment.yml"
+fi
+
 elapsed=$(( $(date +%s) - started ))
 if ((failures)); then
   echo "build: check-install FAILED ($failures problem(s)) in ${elapsed}s" >&2
   exit 1
 fi
-echo "build: check-install ok in ${elapsed}s: ${#modules[@]} modules and ${#roles[@]} roles documented (ansible-doc), ${#rulebooks[@]} rulebooks, ${#plugins[@]} EDA plugins loaded from $tarball installed in a temporary directory"
+echo "build: check-install ok in ${elapsed}s: ${#modules[@]} modules and ${#roles[@]} roles documented (ansible-doc), ${#rulebooks[@]} rulebooks, ${#plugins[@]} EDA plugins loaded from $tarball installed in a temporary directory; decision environment context ok"
