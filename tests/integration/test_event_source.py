@@ -169,3 +169,33 @@ async def test_burst_into_a_queue_of_one_loses_nothing(hypervisor):
     assert sum(len(p) for p in by_session.values()) == expected
     for phases in by_session.values():
         assert phases.count("connect") == phases.count("initialize") == phases.count("disconnect")
+
+
+async def test_buffer_overflow_is_resynchronised_so_no_session_is_hidden(hypervisor, caplog):
+    """A stalled consumer and a burst past max_buffered_events: the source pauses, then reports
+    by snapshot what the gap would hide: open sessions as open, ended ones as ended."""
+    domain = hypervisor.domains[1]
+    async with SourceRun({"uri": hypervisor.uri, "max_buffered_events": 30}) as run:
+        await asyncio.sleep(0.5)
+        run.draining.clear()
+        burst = [await open_session(domain.vnc_port) for _ in range(20)]  # QEMU serves at most 32 VNC clients at once
+        held, ended = burst[:5], burst[5:]
+        held_ports = {str(s.getsockname()[1]) for s in held}
+        for sock in ended:
+            sock.close()
+        await asyncio.sleep(1)
+        run.draining.set()
+        for port in held_ports:
+            await run.wait_for(1, remote__service=port, phase="initialize", snapshot=True)
+        await asyncio.sleep(1)
+        open_now: dict[str, str] = {}
+        for event in run.events:
+            if event["phase"] == "disconnect":
+                open_now.pop(event["session"]["id"], None)
+            else:
+                open_now[event["session"]["id"]] = event["remote"]["service"]
+        for sock in held:
+            sock.close()
+    assert any("pausing this hypervisor" in r.getMessage() for r in caplog.records)
+    assert set(open_now.values()) == held_ports
+    assert any(e["phase"] == "disconnect" and e["snapshot"] for e in run.events)

@@ -31,6 +31,8 @@ class SourceRun:
         self.queue: asyncio.Queue = asyncio.Queue(maxsize=maxsize)
         self.events: list[dict] = []
         self._new = asyncio.Event()
+        self.draining = asyncio.Event()  # clear it to stall the consumer, as a busy engine would
+        self.draining.set()
 
     async def __aenter__(self) -> "SourceRun":
         self.task = asyncio.create_task(source_module()["main"](self.queue, self.args))
@@ -44,6 +46,7 @@ class SourceRun:
 
     async def _consume(self) -> None:
         while True:
+            await self.draining.wait()
             event = await self.queue.get()
             self.events.append(event["graphics"])
             self._new.set()

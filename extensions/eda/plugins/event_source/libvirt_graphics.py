@@ -289,6 +289,7 @@ class HypervisorWatcher:
         self.sessions = SessionTracker()
         self.conn = None
         self.closed = asyncio.Event()
+        self.wakeup = asyncio.Event()  # closed, or the buffer overflowed
         # live events seen since the snapshot in flight was taken (session ids)
         self.snapshot_generation = 0
         self.touched_since_snapshot: set[str] | None = None
@@ -303,6 +304,7 @@ class HypervisorWatcher:
         if self.buffer.full():
             self.overflowed = True
             self.dropped += 1
+            self.wakeup.set()
             LOGGER.error("%s: %d events buffered; pausing this hypervisor until the queue drains, "
                          "then resynchronising it by snapshot", self.uri, len(self.buffer))
             return
@@ -311,6 +313,7 @@ class HypervisorWatcher:
     def on_close(self, _conn, reason, _opaque):
         LOGGER.warning("%s: connection closed (reason %s)", self.uri, reason)
         self.closed.set()
+        self.wakeup.set()
 
     # -- payloads (called by the feeder, in arrival order) --------------------------------
     def live_payload(self, wall, dom, phase, local, remote, auth_scheme, subject) -> dict | None:
@@ -380,16 +383,25 @@ class HypervisorWatcher:
         LOGGER.info("%s: watching graphics events on %s", self.uri, self.hypervisor["hostname"])
         if self.config.snapshot:
             await self.take_snapshot(loop)
-        while not self.closed.is_set():
-            if self.overflowed and len(self.buffer) < self.buffer.limit // 2:
-                LOGGER.warning("%s: resuming after dropping %d events; resynchronising by snapshot",
-                               self.uri, self.dropped)
-                self.overflowed = False
-                await self.take_snapshot(loop)
-            try:
-                await asyncio.wait_for(self.closed.wait(), timeout=0.5 if self.overflowed else None)
-            except asyncio.TimeoutError:
-                pass
+        while True:
+            self.wakeup.clear()
+            if self.closed.is_set():
+                return
+            if self.overflowed:
+                await self.resume_after_overflow(loop)
+                continue
+            await self.wakeup.wait()
+
+    async def resume_after_overflow(self, loop) -> None:
+        """Wait until the queue has drained the buffer to half, then listen again and let a
+        snapshot tell what the dropped events would have."""
+        while len(self.buffer) > self.buffer.limit // 2 and not self.closed.is_set():
+            await asyncio.sleep(0.05)
+        LOGGER.warning("%s: resuming after dropping %d events; resynchronising by snapshot",
+                       self.uri, self.dropped)
+        self.overflowed = False
+        self.dropped = 0
+        await self.take_snapshot(loop)
 
     async def take_snapshot(self, loop) -> None:
         self.snapshot_generation += 1
