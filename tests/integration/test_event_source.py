@@ -140,7 +140,7 @@ async def test_libvirtd_restart_keeps_sessions_and_reports_what_ended_meanwhile(
 
 
 async def test_burst_into_a_queue_of_one_loses_nothing(hypervisor):
-    sessions_per_domain = 500
+    sessions_per_domain = 1000
     ports = [d.vnc_port for d in hypervisor.domains]
 
     def burst():
