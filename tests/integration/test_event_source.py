@@ -145,7 +145,7 @@ async def test_burst_into_a_queue_of_one_loses_nothing(hypervisor):
 
     def burst():
         client_ports = []
-        for _ in range(sessions_per_domain):
+        for _round in range(sessions_per_domain):
             for port in ports:
                 sock = rfb.open_session("127.0.0.1", port)
                 client_ports.append(str(sock.getsockname()[1]))
@@ -178,7 +178,7 @@ async def test_buffer_overflow_is_resynchronised_so_no_session_is_hidden(hypervi
     async with SourceRun({"uri": hypervisor.uri, "max_buffered_events": 30}) as run:
         await asyncio.sleep(0.5)
         run.draining.clear()
-        burst = [await open_session(domain.vnc_port) for _ in range(20)]  # QEMU serves at most 32 VNC clients at once
+        burst = [await open_session(domain.vnc_port) for _count in range(20)]  # QEMU serves at most 32 VNC clients at once
         held, ended = burst[:5], burst[5:]
         held_ports = {str(s.getsockname()[1]) for s in held}
         for sock in ended:

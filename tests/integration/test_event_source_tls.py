@@ -55,7 +55,7 @@ def rfc4514_escaped(value: str) -> str:
 
 
 async def test_tls_sasl_session_carries_certificate_and_sasl_identities(tls_console):
-    hv, domain, ns, _ = tls_console
+    hv, dummy_domain, ns, dummy_clients = tls_console
     async with SourceRun({"uri": hv.uri}) as run:
         await asyncio.sleep(0.5)
         rc, output = await capture(tls_console, "alice", "alice", "alice-pw")
@@ -80,7 +80,7 @@ async def test_tls_sasl_session_carries_certificate_and_sasl_identities(tls_cons
 
 
 async def test_failed_sasl_authentication_never_initializes(tls_console):
-    hv, domain, ns, _ = tls_console
+    hv, dummy_domain, ns, dummy_clients = tls_console
     async with SourceRun({"uri": hv.uri}) as run:
         await asyncio.sleep(0.5)
         rc, output = await capture(tls_console, "alice", "alice", "wrong-password")
@@ -97,7 +97,7 @@ async def test_failed_sasl_authentication_never_initializes(tls_console):
 
 @pytest.mark.parametrize("client, common_name", [("template", TEMPLATE_CN), ("broken", BROKEN_CN)])
 async def test_certificate_names_with_template_syntax_arrive_verbatim(tls_console, client, common_name):
-    hv, domain, ns, _ = tls_console
+    hv, dummy_domain, ns, dummy_clients = tls_console
     async with SourceRun({"uri": hv.uri}) as run:
         await asyncio.sleep(0.5)
         rc, output = await capture(tls_console, client, "alice", "alice-pw")

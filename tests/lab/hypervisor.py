@@ -34,7 +34,7 @@ def create_user(name: str, home: str | None = None, groups: str = "kvm") -> None
 
 def delete_user(name: str) -> None:
     run(["pkill", "-KILL", "-u", name], check=False)
-    for _ in range(50):
+    for _attempt in range(50):
         if run(["pgrep", "-u", name], check=False).returncode != 0:
             break
         time.sleep(0.1)

@@ -36,7 +36,8 @@ def test_query_vnc_clients():
               "clients": [{"family": "ipv6", "host": "::ffff:192.0.2.1", "service": "41000", "websocket": False,
                            "x509_dname": "CN=a", "sasl_username": "alice"},
                           {"family": "ipv4", "host": "192.0.2.2", "service": "41001", "websocket": False}]}
-    [(local, remote, auth, subject), (_, _, _, bare)] = ge.clients_from_query_vnc(answer)
+    [(local, remote, auth, subject), second] = ge.clients_from_query_vnc(answer)
+    bare = second[3]
     assert local == {"family": "ipv4", "node": "0.0.0.0", "service": "5901"}
     assert remote == {"family": "ipv6", "node": "::ffff:192.0.2.1", "service": "41000"}
     assert auth == "vencrypt+x509+sasl"
@@ -80,7 +81,7 @@ def test_reconcile_reports_present_and_gone_but_leaves_touched_sessions_to_live_
     tracker.observe("live-new", "connect", 5.0, details())
     present = {"stays": details(), "new": details([("saslUsername", "a")]), "ended-live": details()}
     initialized, gone = tracker.reconcile(present, 6.0, touched={"ended-live", "live-new"})
-    assert [sid for sid, _, _ in initialized] == ["stays", "new"]
-    assert all(session["authenticated"] for _, session, _ in initialized)
-    assert [(sid, session["duration_s"]) for sid, session, _ in gone] == [("gone", 5.0)]
+    assert [entry[0] for entry in initialized] == ["stays", "new"]
+    assert all(entry[1]["authenticated"] for entry in initialized)
+    assert [(entry[0], entry[1]["duration_s"]) for entry in gone] == [("gone", 5.0)]
     assert set(tracker.sessions) == {"stays", "new", "live-new"}

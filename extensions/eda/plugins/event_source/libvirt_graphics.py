@@ -170,7 +170,10 @@ class SourceArguments:
             raise ArgumentError(
                 f"unknown argument(s) {', '.join(unknown)}; known: {', '.join(self.DEFAULTS)}"
             )
-        get = lambda name: args[name] if args.get(name) is not None else self.DEFAULTS[name]  # noqa: E731
+
+        def get(name):
+            return args[name] if args.get(name) is not None else self.DEFAULTS[name]
+
         self.uris = self._uris(get("uri"))
         self.domains = self._patterns(get("domains"))
         self.keepalive_interval = self._number("keepalive_interval", get("keepalive_interval"), int)
