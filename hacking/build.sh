@@ -4,9 +4,10 @@
 # would, and checks that it works from there and from there only:
 #   - ansible-doc renders every module and every role's argument spec;
 #   - the rulebooks, the event source and the event filter are in the installed tree;
+#   - ansible-rulebook runs the console_audit rulebook from the installed copy (source and filter);
 #   - the event source and the event filter load (runpy) from the installed path, in an isolated
 #     interpreter whose sys.path holds neither the repository nor build/collections, and import the
-#     collection's module_utils from the installed copy.
+#     collection's module_utils from the installed copy; their DOCUMENTATION, EXAMPLES (and RETURN) parse;
 #   - ansible-builder create accepts decision-environment.yml, whose context gets this tarball.
 # Usage: bash hacking/build.sh [--check-install]
 set -euo pipefail
@@ -92,6 +93,10 @@ for playbook in "$installed"/playbooks/*.yml; do
   ansible-playbook --syntax-check "$playbook" >/dev/null 2>&1 || fail "playbook $(basename "$playbook") fails --syntax-check"
 done
 
+# Plugins whose documentation is known not to parse (owners are fixing them); an entry that has
+# become unnecessary fails the check, as ansible-test's ignore files do.
+export DOCS_KNOWN_BROKEN="extensions/eda/plugins/event_source/libvirt_graphics.py"
+
 # -I: no PYTHONPATH, no user site, no script directory or cwd on sys.path.
 plugins=(extensions/eda/plugins/event_source/libvirt_graphics.py extensions/eda/plugins/event_filter/classify.py)
 for plugin in "${plugins[@]}"; do
@@ -104,6 +109,22 @@ collection_roots = {repo, os.path.join(repo, "build", "collections")}
 assert not collection_roots & {os.path.realpath(p or ".") for p in sys.path}, sys.path
 namespace = runpy.run_path(path, run_name="virtguard_check")
 assert callable(namespace["main"]), "no main()"
+import yaml
+broken = []
+for section in ("DOCUMENTATION", "EXAMPLES", "RETURN"):
+    if section == "RETURN" and section not in namespace:
+        continue  # an event source's "return" is its event, documented in docs/payload.md
+    try:
+        assert isinstance(yaml.safe_load(namespace[section]), (dict, list)), "not a mapping or list"
+    except (AssertionError, KeyError, yaml.YAMLError) as exc:
+        broken.append(f"{section}: {' '.join(str(exc).split())}")
+known_broken = os.environ.get("DOCS_KNOWN_BROKEN", "").split()
+relative = path.split("/ansible_collections/virtguard/console/", 1)[1]
+if relative in known_broken:
+    assert broken, f"{relative}: its documentation parses now; remove it from DOCS_KNOWN_BROKEN in hacking/build.sh"
+    print(f"  {os.path.basename(path)}: WARNING, known broken documentation: {'; '.join(broken)}")
+else:
+    assert not broken, "; ".join(broken)
 collection_modules = [m for n, m in sys.modules.items() if n.startswith("ansible_collections.virtguard.console.")]
 assert collection_modules, "imported nothing from the collection"
 for module in collection_modules:
@@ -112,6 +133,31 @@ for module in collection_modules:
 print(f"  {os.path.basename(path)}: loaded, {len(collection_modules)} collection modules from the installed copy")
 PY
 done
+
+# ansible-rulebook itself, with only the installed copy on the collections path: it finds the
+# rulebook, starts the source and the filter, and the source reports its (refused) connection.
+if command -v java >/dev/null; then
+  printf 'all:\n  hosts:\n    localhost:\n      ansible_connection: local\n' >"$tmp/inventory.yml"
+  printf 'virtguard_uri: qemu+tcp://127.0.0.1:1/system\nvirtguard_audit_log: %s\n' "$tmp/audit.jsonl" >"$tmp/vars.yml"
+  ANSIBLE_COLLECTIONS_PATH="$tmp/collections" timeout 60 ansible-rulebook -v \
+    -r "$namespace.$name.console_audit" -i "$tmp/inventory.yml" --vars "$tmp/vars.yml" >"$tmp/rulebook.log" 2>&1 &
+  rulebook_pid=$!
+  for _attempt in $(seq 60); do
+    grep -q "127.0.0.1:1/system: cannot connect" "$tmp/rulebook.log" && break
+    kill -0 "$rulebook_pid" 2>/dev/null || break
+    sleep 1
+  done
+  if grep -q "127.0.0.1:1/system: cannot connect" "$tmp/rulebook.log"; then
+    echo "  ansible-rulebook: $namespace.$name.console_audit started from the installed copy"
+  else
+    tail -20 "$tmp/rulebook.log" >&2
+    fail "ansible-rulebook did not start $namespace.$name.console_audit from the installed copy"
+  fi
+  kill "$rulebook_pid" 2>/dev/null || true
+  wait "$rulebook_pid" 2>/dev/null || true
+else
+  echo "  ansible-rulebook: not run (no java)"
+fi
 
 # The decision environment: ansible-builder accepts the definition and its build context holds this
 # tarball (no container engine here, so `create` only, which writes the context).

@@ -3,43 +3,135 @@ to the event as ``event.virtguard`` and append the event to the audit log.
 
 An ansible-rulebook event filter for ``virtguard.console.libvirt_graphics`` events. The
 policy itself lives in ``plugins/module_utils/console_policy.py``; this file only wires it in.
+"""
 
-Arguments (all optional):
-    trusted_networks: CIDR list (IPv4, IPv6). Sessions from other addresses are cut at
-        ``connect``. Omitted or null: no network rule.
-    allowed_identities: certificate DNs and SASL user names. When non-empty, an initialized
-        session that carries identities, none of them in the list, is cut.
-    require_identity: when true, an initialized session with no identity at all is cut too.
-    host_map: URI or URI host name -> inventory host that remediates it (default: the URI's
-        host name, ``localhost`` for a local URI).
-    block_seconds: how long remediation blocks an address (copied into the verdict).
-    remediation_holdoff: seconds during which one remediation covers its address, so a storm
-        of connections from one address triggers one playbook run (default 60, at most
-        block_seconds).
-    bruteforce_threshold, bruteforce_window: this many sessions that disconnect without ever
-        initializing, from one address within the window (seconds), block it (0: off).
-    audit_log: path of the JSON Lines audit file ('' or omitted: no audit).
-    audit_fsync: always | interval (default) | never.
+DOCUMENTATION = r"""
+---
+short_description: Judge console session events against the console policy and audit them.
+description:
+  - An event filter for C(virtguard.console.libvirt_graphics) events. It adds the policy's
+    verdict to each graphics event as C(event.virtguard) and appends the event to the audit log.
+    Other events pass unchanged. docs/rulebooks.md describes the verdict and the audit records.
+  - Argument values may be written C("{{ rulebook_var }}") like source arguments. ansible-rulebook
+    1.3 renders the arguments of sources but not of filters, so this filter renders them itself,
+    with ansible-rulebook's own renderer, against the activation's variables (C(--vars),
+    C(--env-vars), or what the EDA server sent) the first time it runs.
+  - For an event that should start a remediation, C(event.meta.hosts) is set to the target
+    host, so ansible-rulebook limits the playbook or job run to it.
+options:
+  trusted_networks:
+    description:
+      - CIDR list (IPv4, IPv6). Sessions from other addresses are cut at C(connect).
+        Omitted or null, no network rule; an empty list trusts nothing.
+    type: list
+    elements: str
+  allowed_identities:
+    description:
+      - Certificate DNs (as libvirt reports them, RFC 4514 escapes included) and SASL user names.
+        When non-empty, an initialized session that carries identities, none of them in the list,
+        is cut.
+    type: list
+    elements: str
+    default: []
+  require_identity:
+    description: When true, an initialized session with no identity at all is cut too.
+    type: bool
+    default: false
+  host_map:
+    description:
+      - URI or URI host name to the inventory host that remediates it. Default, the URI's host
+        name, C(localhost) for a local URI.
+    type: dict
+    default: {}
+  block_seconds:
+    description: How long remediation blocks an address, in seconds (copied into the verdict).
+    type: int
+    default: 600
+  remediation_holdoff:
+    description:
+      - Seconds during which one remediation covers its address, so a storm of connections from
+        one address triggers one run. At most O(block_seconds).
+    type: int
+    default: 60
+  bruteforce_threshold:
+    description:
+      - This many sessions that disconnect without ever initializing, from one address within
+        O(bruteforce_window) seconds, block the address. C(0) switches the rule off.
+    type: int
+    default: 0
+  bruteforce_window:
+    description: The brute-force window, in seconds.
+    type: int
+    default: 60
+  audit_log:
+    description: Path of the JSON Lines audit file. Empty or omitted, no audit.
+    type: str
+    default: ""
+  audit_fsync:
+    description: When event records are synced to disk.
+    type: str
+    choices: [always, interval, never]
+    default: interval
+"""
 
-Argument values may be written ``"{{ rulebook_var }}"`` like source arguments:
-ansible-rulebook 1.3 renders the arguments of sources but not of filters, so this filter
-renders them itself, with ansible-rulebook's own renderer, against the activation's variables
-(``--vars``, ``--env-vars``, or what the EDA server sent) the first time it runs.
+EXAMPLES = r"""
+- name: Unauthorized console sessions
+  hosts: all
+  sources:
+    - virtguard.console.libvirt_graphics:
+        uri: "{{ virtguard_uri }}"
+      filters:
+        - virtguard.console.classify:
+            trusted_networks: "{{ virtguard_trusted_networks }}"
+            audit_log: "{{ virtguard_audit_log | default('') }}"
+  rules:
+    - name: Cut and block
+      condition: event.virtguard.remediate == true
+      action:
+        run_playbook:
+          name: virtguard.console.remediate_console
+"""
 
-The verdict (``event.virtguard``), see docs/rulebooks.md:
-    verdict: allow | cut | block;  reasons: [untrusted_network, identity_not_allowed,
-    identity_missing, unparsable_address, bruteforce];  remediate: true for the event that
-    should start a remediation (the first of its address within the hold-off);
-    covered_by: the session whose remediation covers this one;  remote: {address (normalised),
-    family, port, trusted};  local_port;  session_id;  target_host;  block_seconds.
-It never holds text chosen by the client. For an event to remediate, ``event.meta.hosts`` is
-set to the target host, so ansible-rulebook limits the playbook run to it.
-
-Example:
-    filters:
-      - virtguard.console.classify:
-          trusted_networks: "{{ virtguard_trusted_networks }}"
-          audit_log: "{{ virtguard_audit_log | default('') }}"
+RETURN = r"""
+virtguard:
+  description:
+    - Added to every graphics event. It never holds text chosen by the client.
+  returned: for events with a C(graphics) key
+  type: dict
+  contains:
+    verdict:
+      description: C(allow), C(cut) or C(block).
+      type: str
+    reasons:
+      description: >-
+        Codes among C(untrusted_network), C(identity_not_allowed), C(identity_missing),
+        C(unparsable_address), C(bruteforce).
+      type: list
+      elements: str
+    remediate:
+      description: True for the event that should start a remediation (the first of its address within the hold-off).
+      type: bool
+    covered_by:
+      description: The session whose remediation covers this one.
+      type: str
+    remote:
+      description: C(address) (normalised), C(family), C(port), C(trusted).
+      type: dict
+    local_port:
+      description: The console port of the session.
+      type: int
+    session_id:
+      description: The session id from the event source.
+      type: str
+    target_host:
+      description: The inventory host that remediates.
+      type: str
+    block_seconds:
+      description: How long a block lasts.
+      type: int
+    audit_error:
+      description: True when the audit append failed.
+      type: bool
 """
 
 import asyncio
