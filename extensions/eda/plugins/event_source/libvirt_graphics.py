@@ -11,9 +11,9 @@ DOCUMENTATION = r"""
 ---
 short_description: Console (VNC, SPICE) sessions of libvirt domains, from libvirt's graphics events.
 description:
-  - Opens one connection per libvirt URI, subscribes to libvirt's graphics events
+  - "Opens one connection per libvirt URI, subscribes to libvirt's graphics events
     (C(VIR_DOMAIN_EVENT_ID_GRAPHICS)) and puts one event per libvirt callback on the
-    rulebook's queue, as C({"graphics": {...}}). docs/payload.md describes every field.
+    rulebook's queue, as C({\"graphics\": {...}}). docs/payload.md describes every field."
   - When a connection is established, and again after every reconnection, it reports the
     console clients that QEMU already has (C(query-vnc), C(query-spice)) as C(initialize)
     events with C(snapshot=true), and the sessions it knew of that are gone as
@@ -87,6 +87,27 @@ EXAMPLES = r"""
       action:
         debug:
           msg: "{{ event.graphics.remote.node }} on {{ event.graphics.domain.name }}"
+"""
+
+RETURN = r"""
+graphics:
+  description:
+    - One event per libvirt graphics callback, put on the queue as C(event.graphics).
+    - docs/payload.md describes every field, with captured examples.
+  type: dict
+  returned: always
+  contains:
+    phase: {description: C(connect), C(initialize) or C(disconnect)., type: str}
+    snapshot: {description: True for events derived from a snapshot of connected clients., type: bool}
+    timestamp: {description: ISO-8601 with time zone, when the source received the event., type: str}
+    hypervisor: {description: "C(uri) as configured and C(hostname) from libvirt.", type: dict}
+    domain: {description: "C(name), C(uuid) and C(id) of the domain.", type: dict}
+    local: {description: "The server address, C(family) (ipv4, ipv6, unix), C(node), C(service).", type: dict}
+    remote: {description: "The client address, C(family), C(node), C(service), verbatim.", type: dict}
+    auth_scheme: {description: The authentication scheme verbatim (none, vnc, vencrypt+x509+sasl...)., type: str}
+    subject: {description: "The identities verbatim, in order, as C(type) and C(name).", type: list, elements: dict}
+    identity: {description: "The identities by type: C(x509dname), C(sasl_username); absent when not given.", type: dict}
+    session: {description: "C(id) (stable per client session), C(authenticated), C(duration_s) on disconnect.", type: dict}
 """
 
 import asyncio
@@ -425,6 +446,10 @@ class HypervisorWatcher:
                 try:
                     answer = libvirt_qemu.qemuMonitorCommand(dom, json.dumps({"execute": command}), 0)
                 except libvirt.libvirtError as exc:
+                    if exc.get_error_code() == libvirt.VIR_ERR_OPERATION_DENIED:
+                        LOGGER.warning("%s: no snapshot of console clients: %s (the source needs a "
+                                       "read-write connection)", self.uri, exc)
+                        return present
                     if command == "query-vnc" or "CommandNotFound" not in str(exc):
                         LOGGER.debug("%s: %s on %s failed: %s", self.uri, command, domain["name"], exc)
                     continue
