@@ -40,15 +40,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--burst-domains", type=int, default=2, help="domains per burst hypervisor (default 2)")
     parser.add_argument("--concurrency", type=int, default=8, help="sessions in flight in a burst (default 8)")
     parser.add_argument("--e2e-sessions", type=int, default=2000,
-                        help="RFB sessions through ansible-rulebook (default 2000)")
+                        help="RFB sessions per round through ansible-rulebook (default 2000)")
+    parser.add_argument("--e2e-rounds", type=int, default=3,
+                        help="rounds (a ceiling round, then a real burst) through ansible-rulebook (default 3)")
+    parser.add_argument("--scale-runs", type=int, default=3, help="source starts in the scale run (default 3)")
     parser.add_argument("--scale-hypervisors", type=int, default=8, help="hypervisors in the scale run (default 8)")
     parser.add_argument("--scale-domains", type=int, default=100,
                         help="running domains per hypervisor in the scale run (default 100; reduced "
                              "automatically when memory is short, and said so)")
     parser.add_argument("--soak-events", type=int, default=1_000_000,
                         help="events driven through the source in the soak (default 1,000,000)")
-    parser.add_argument("--soak-sessions", type=int, default=3000,
-                        help="real sessions in the soak's real-event part (default 3000)")
+    parser.add_argument("--soak-stall-events", type=int, default=60_000,
+                        help="events the buffer holds while the soak's consumer stalls (default 60,000)")
     parser.add_argument("--audit-events", type=int, default=100_000, help="records for the audit writer (default 100,000)")
     parser.add_argument("--profile", metavar="DIR",
                         help="profile the source (cProfile) in the bursts and the soak, into DIR; "
@@ -139,6 +142,122 @@ def report_latency(report: Report, result: dict) -> None:
     report.figure("max", f"{r['latency_max_ms']:.2f} ms")
 
 
+def report_endtoend(report: Report, r: dict) -> None:
+    report.line(f"  {len(r['rows'])} rounds: the engine's ceiling (bench_replay feeding console_audit.yml's "
+                f"filter and rules), then the same rulebook with the source and a real burst of "
+                f"{r['sessions']} sessions taken live, then one the activation finds waiting "
+                f"(SIGSTOP during the burst)")
+    report.figure("engine ceiling, events/s (median)", f"{r['ceiling_eps_median']:.0f}")
+    report.figure("with the source, burst taken live, events/s (median; bounded by the arrivals)",
+                  f"{r['live_eps_median']:.0f}")
+    report.figure("with the source, burst waiting when the activation resumes, events/s (median)",
+                  f"{r['real_eps_median']:.0f}")
+    report.figure("ratio to the ceiling, median of rounds",
+                  f"{r['ratio_median']:.3f} (spread {r['ratio_min']:.3f}..{r['ratio_max']:.3f})",
+                  ">= 0.9", r["ratio_median"] >= 0.9)
+    report.figure("events lost through ansible-rulebook", str(r["lost"]), "0", r["lost"] == 0)
+    report.figure("duplicate events", str(r["duplicates"]), "0", r["duplicates"] == 0)
+    report.lost += r["lost"] + r["duplicates"]
+
+
+def report_scale(report: Report, r: dict) -> None:
+    report.line(f"  {r['hypervisors']} session daemons x {r['domains']} running domains "
+                f"({r['hypervisors'] * r['domains']} domains, up in {r['setup_s']:.0f}s), one console client open "
+                f"on each hypervisor; {len(r['runs'])} fresh source processes")
+    if r.get("scaled_down"):
+        report.line(f"  SCALED DOWN: {r['scaled_down']}")
+    report.figure("start to all connections registered (median; worst)",
+                  f"{r['registered_median']:.2f} s; {r['registered_worst']:.2f} s")
+    report.figure("start to every snapshot delivered (median; worst)",
+                  f"{r['snapshot_median']:.2f} s; {r['snapshot_worst']:.2f} s", "< 2 s", r["snapshot_worst"] < 2.0)
+    report.figure("snapshots delivered", f"{r['snapshots_min']} of {r['hypervisors']} (fewest in a run)", 
+                  f"{r['hypervisors']}", r["snapshots_min"] == r["hypervisors"])
+    report.lost += r["hypervisors"] - r["snapshots_min"]
+
+
+def report_soak(report: Report, r: dict) -> None:
+    b = r["bound"]
+    report.line(f"  {r['events']:,} events through the source's callback (synthetic libvirt arguments, in the "
+                f"source's process: HypervisorWatcher.on_graphics -> buffer -> feed() -> Queue(maxsize=1) -> "
+                f"consumer), {r['stall_cycles']} consumer stalls of {r['stall_events']:,} events each")
+    report.figure("RSS first / warm (after the first stall) / min..max once warm, buffer empty",
+                  f"{r['rss_first_kib'] / 1024:.1f} / {r['rss_warm_kib'] / 1024:.1f} / "
+                  f"{r['rss_min_warm_kib'] / 1024:.1f}..{r['rss_max_warm_kib'] / 1024:.1f} MiB")
+    report.figure("RSS deviation once warm", f"{100 * r['rss_deviation']:.1f}%", "within +-5%",
+                  r["rss_deviation"] <= 0.05)
+    if r.get("rss_stalled_max_kib"):
+        report.figure("RSS with a stalled consumer (buffer full of the stall)",
+                      f"{r['rss_stalled_max_kib'] / 1024:.1f} MiB")
+    report.figure("events lost in the soak", str(r["lost"]), "0", r["lost"] == 0)
+    report.figure("source-only rate with a free consumer (synthetic callbacks)",
+                  f"{r['flow_events_per_s']:.0f} events/s, {r['cpu_us_per_event']:.0f} us CPU per event")
+    report.figure("buffer bound, a stall past max_buffered_events",
+                  f"{b['injected']:,} events in, at most {b['max_buffered']:,} held (limit {b['limit']:,}), "
+                  f"{b['refused_and_counted']:,} refused and counted, hypervisor paused for resync: {b['paused']}, "
+                  f"RSS {b['rss_kib'] / 1024:.1f} MiB", "bound holds, nothing unaccounted", b["holds"])
+    report.lost += r["lost"] + b["lost"]
+
+
+def report_audit(report: Report, r: dict) -> None:
+    report.figure("audit writer alone (AuditLog.append, fsync=interval)", f"{r['writer_per_s']:.0f} records/s")
+    report.figure("classify filter (policy verdict + audit record) per event", f"{r['classify_per_s']:.0f} events/s")
+    report.figure("records lost", str(r["lost"]), "0", r["lost"] == 0)
+    report.lost += r["lost"]
+
+
+def run_scale(lab, report: Report, options) -> dict:
+    from lab import rfb
+
+    hypervisors, domains = options.scale_hypervisors, options.scale_domains
+    fit = (mem_available_mib() - MEMORY_RESERVE_MIB) // (MIB_PER_DOMAIN * hypervisors)
+    scaled_down = None
+    if fit < domains:
+        scaled_down = (f"{domains} domains per hypervisor would need about "
+                       f"{MIB_PER_DOMAIN * hypervisors * domains} MiB; {mem_available_mib()} MiB available, "
+                       f"so {max(1, fit)} per hypervisor")
+        domains = max(1, fit)
+        report.line(f"# scale: {scaled_down}")
+    started = time.monotonic()
+    hvs = lab.hypervisors_with_domains("sc", hypervisors, domains)
+    setup = time.monotonic() - started
+    report.line(f"# scale: {hypervisors} daemons x {domains} domains up in {setup:.0f}s")
+    clients = [rfb.open_session("127.0.0.1", hv.domains[-1].vnc_port) for hv in hvs]
+    runs = []
+    try:
+        for _ in range(options.scale_runs):
+            proc = lab.spawn([sys.executable, "-m", "bench.scale", *[hv.uri for hv in hvs]],
+                             stdout=subprocess.PIPE, text=True)
+            out, _err = proc.communicate(timeout=600)
+            lab.stop_process(proc)
+            runs.append(json.loads(out.strip().splitlines()[-1]))
+            report.line(f"#   registered {runs[-1]['registered_s']:.2f}s, snapshots {runs[-1]['snapshot_s']:.2f}s")
+    finally:
+        for sock in clients:
+            sock.close()
+        lab.release(hvs)
+    from bench.stats import median
+
+    return {
+        "hypervisors": hypervisors, "domains": domains, "setup_s": setup, "scaled_down": scaled_down, "runs": runs,
+        "registered_median": median([r["registered_s"] for r in runs]),
+        "registered_worst": max(r["registered_s"] for r in runs),
+        "snapshot_median": median([r["snapshot_s"] for r in runs]),
+        "snapshot_worst": max(r["snapshot_s"] for r in runs),
+        "snapshots_min": min(r["snapshots_delivered"] for r in runs),
+    }
+
+
+def run_soak(lab, options) -> dict:
+    cmd = [sys.executable, "-m", "bench.soak", "--events", str(options.soak_events),
+           "--stall-events", str(options.soak_stall_events)]
+    if options.profile:
+        cmd += ["--profile", str(Path(options.profile) / "source_soak.prof")]
+    proc = lab.spawn(cmd, stdout=subprocess.PIPE, text=True)
+    out, _err = proc.communicate(timeout=3600)
+    lab.stop_process(proc)
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main(argv=None) -> int:
     options = parse_args(argv)
     chosen = options.only or list(MEASUREMENTS)
@@ -171,6 +290,30 @@ def main(argv=None) -> int:
                 report_burst(report, result, options)
                 report.section("3. Latency added by the source")
                 report_latency(report, result)
+            if "endtoend" in chosen:
+                from bench.endtoend import end_to_end
+
+                report.section("2. End to end: ansible-rulebook with the shipped audit rulebook vs the engine's ceiling")
+                result = end_to_end(lab, burst_hvs, options.e2e_rounds, options.e2e_sessions, options.concurrency,
+                                    log=report.line)
+                results["endtoend"] = result
+                report_endtoend(report, result)
+            if "burst" in chosen or "endtoend" in chosen:
+                lab.release(burst_hvs)
+            if "scale" in chosen:
+                report.section("4. Scale: one source over many hypervisors with many running domains")
+                results["scale"] = run_scale(lab, report, options)
+                report_scale(report, results["scale"])
+            if "soak" in chosen:
+                report.section("5. Soak: the source's memory over a long run, stalled and draining consumer")
+                results["soak"] = run_soak(lab, options)
+                report_soak(report, results["soak"])
+            if "audit" in chosen:
+                from bench.audit import measure
+
+                report.section("6. The audit writer at its own rate")
+                results["audit"] = measure(options.audit_events)
+                report_audit(report, results["audit"])
         except KeyboardInterrupt:
             report.line("# interrupted: cleaning up")
             status = 130

@@ -1,0 +1,58 @@
+"""Measurement 6: the audit writer on its own, and the classify filter that calls it for every
+event in the audit rulebook (policy verdict + audit record), records per second."""
+
+from __future__ import annotations
+
+import runpy
+import tempfile
+import time
+from pathlib import Path
+
+from ansible_collections.virtguard.console.plugins.module_utils.audit_log import AuditLog, event_record
+from ansible_collections.virtguard.console.plugins.module_utils.graphics_event import address, graphics_payload
+
+from bench import ROOT
+
+CLASSIFY_PATH = ROOT / "extensions" / "eda" / "plugins" / "event_filter" / "classify.py"
+
+
+def sample_events(count: int) -> list[dict]:
+    """Payloads shaped like the source's: whole sessions, a SASL identity on initialize."""
+    hypervisor = {"uri": "qemu:///system", "hostname": "bench"}
+    local = address({"family": 0, "node": "127.0.0.1", "service": "5900"})
+    events = []
+    for n in range(count):
+        session, phase = divmod(n, 3)
+        domain = {"name": f"vm{session % 4}", "uuid": f"00000000-0000-0000-0000-00000000000{session % 4}",
+                  "id": session % 4 + 1}
+        remote = address({"family": 0, "node": f"10.0.{session >> 8 & 255}.{session & 255}",
+                          "service": str(1024 + session % 60000)})
+        subject = [("saslUsername", f"user{session % 97}")] if phase else []
+        events.append(graphics_payload(("connect", "initialize", "disconnect")[phase], "2026-01-01T00:00:00+00:00",
+                                       hypervisor, domain, local, remote, "sasl", subject,
+                                       {"id": f"{session:032x}", "authenticated": bool(phase)}))
+    return events
+
+
+def measure(count: int) -> dict:
+    events = sample_events(min(count, 30000))
+    with tempfile.TemporaryDirectory(prefix="vgt-bench-audit-", dir=ROOT / "build") as tmp:
+        log = AuditLog(str(Path(tmp) / "writer.jsonl"), fsync="interval")
+        verdict = {"verdict": "allow", "reasons": [], "remediate": False}
+        started = time.perf_counter()
+        for n in range(count):
+            log.append(event_record(events[n % len(events)]["graphics"], verdict))
+        writer = count / (time.perf_counter() - started)
+        log.close()
+        lines_writer = sum(1 for _ in open(Path(tmp) / "writer.jsonl"))
+
+        classify = runpy.run_path(str(CLASSIFY_PATH))["main"]
+        path = str(Path(tmp) / "classify.jsonl")
+        kwargs = {"trusted_networks": ["10.0.0.0/8"], "allowed_identities": ["user1"], "audit_log": path}
+        started = time.perf_counter()
+        for n in range(count):
+            classify({"graphics": dict(events[n % len(events)]["graphics"])}, **kwargs)
+        filtered = count / (time.perf_counter() - started)
+        lines_classify = sum(1 for _ in open(path))
+    return {"records": count, "writer_per_s": writer, "classify_per_s": filtered,
+            "lost": (count - lines_writer) + (count - lines_classify)}

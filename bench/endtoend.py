@@ -1,0 +1,202 @@
+"""Measurement 2: the same bursts through ansible-rulebook with the shipped audit rulebook
+(console_audit.yml: the source, the classify filter writing the audit log, its rule), against
+the engine's own ceiling: the same rulebook with the source replaced by bench_replay, which
+feeds pre-built payloads as fast as the engine takes them.
+
+Both activations run at once and take turns (a ceiling round, then a real burst, ...), so each
+pair of figures comes from the same minutes of the machine. Every event of either rulebook is
+one record in its audit log (the filter writes it before the event enters the engine's
+one-slot queue, so records are written at the pace the engine consumes); the rate is records
+over the time from the first record to the last of a round.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import yaml
+from lab.rulebook_runner import VENV_BIN, local_inventory
+
+from bench import ROOT
+from bench.burst import run_burst
+from bench.stats import median
+
+RULEBOOK = ROOT / "extensions" / "eda" / "rulebooks" / "console_audit.yml"
+SOURCE_NAME = "virtguard.console.libvirt_graphics"
+
+
+class Activation:
+    """One ansible-rulebook process (in its own process group, stopped by the Lab)."""
+
+    def __init__(self, lab, name: str, rulebook: str, variables: dict, workdir: Path,
+                 extra_args: tuple[str, ...] = ()):
+        self.lab = lab
+        self.name = name
+        self.workdir = workdir
+        self.audit_log = workdir / f"{name}-audit.jsonl"
+        self.log_path = workdir / f"{name}.log"
+        vars_file = workdir / f"{name}-vars.yml"
+        inventory = workdir / "inventory.yml"
+        vars_file.write_text(yaml.safe_dump({**variables, "virtguard_audit_log": str(self.audit_log)}))
+        inventory.write_text(yaml.safe_dump(local_inventory()))
+        self.log = open(self.log_path, "wb")
+        self.proc = lab.spawn([str(VENV_BIN / "ansible-rulebook"), "-r", rulebook, "-i", str(inventory),
+                               "--vars", str(vars_file), "-v", *extra_args],
+                              cwd=workdir, stdout=self.log, stderr=subprocess.STDOUT,
+                              env={"ANSIBLE_COLLECTIONS_PATH": str(ROOT / "build" / "collections"),
+                                   "ANSIBLE_LOCALHOST_WARNING": "false"})
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, text: str, count: int = 1, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while self.output().count(text) < count:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ansible-rulebook ({self.name}) exited:\n{self.output()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no {text!r} from ansible-rulebook ({self.name}) after {timeout}s")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.lab.stop_process(self.proc)
+        self.log.close()
+
+
+def ceiling_rulebook(workdir: Path, events: int, trigger_dir: Path) -> Path:
+    """console_audit.yml with bench_replay in place of the source; filters and rules as shipped."""
+    rulebook = yaml.safe_load(RULEBOOK.read_text())
+    for ruleset in rulebook:
+        for source in ruleset["sources"]:
+            if SOURCE_NAME in source:
+                del source[SOURCE_NAME]
+                source["bench_replay"] = {"events": events, "trigger_dir": str(trigger_dir)}
+    path = workdir / "ceiling_rulebook.yml"
+    path.write_text(yaml.safe_dump(rulebook, sort_keys=False))
+    return path
+
+
+def end_to_end(lab, hypervisors, rounds: int, sessions: int, concurrency: int, log=print) -> dict:
+    workdir = ROOT / "build" / "bench" / f"e2e-{os.getpid()}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    triggers = workdir / "triggers"
+    triggers.mkdir(exist_ok=True)
+    uris = [hv.uri for hv in hypervisors]
+    ports = [d.vnc_port for hv in hypervisors for d in hv.domains]
+    expected = 3 * sessions
+    ceiling = Activation(lab, "ceiling", str(ceiling_rulebook(workdir, expected, triggers)), {"virtguard_uri": uris},
+                         workdir, ("-S", str(ROOT / "bench" / "eda_sources")))
+    real = Activation(lab, "real", "virtguard.console.console_audit", {"virtguard_uri": uris}, workdir)
+    rows = []
+    try:
+        ceiling.wait_for_log("bench_replay: ready")
+        real.wait_for_log("watching graphics events", count=len(uris))
+        time.sleep(1)
+        # warm-up of both (JIT of the rules engine, first playbook-free events); not counted
+        warm = run_burst(ports, 300, concurrency)
+        wait_for_records(real.audit_log, warm.expected_events)
+        seen_real = len(audit_records(real.audit_log))
+        (triggers / "go-1").touch()
+        wait_for_records(ceiling.audit_log, expected)
+        seen_ceiling = len(audit_records(ceiling.audit_log))
+        for n in range(rounds):
+            (triggers / f"go-{n + 2}").touch()
+            ceiling_records = wait_for_records(ceiling.audit_log, seen_ceiling + expected)[seen_ceiling:]
+            seen_ceiling += len(ceiling_records)
+            # live: the activation takes the burst as it comes (rate bounded by the arrivals)
+            burst = run_burst(ports, sessions, concurrency)
+            live_records = wait_for_records(real.audit_log, seen_real + burst.expected_events)[seen_real:]
+            seen_real += len(live_records)
+            # backlog: the activation is stopped (SIGSTOP) during the burst, so the whole burst
+            # waits in libvirt's socket and the activation empties it at its own pace
+            os.kill(real.proc.pid, signal.SIGSTOP)
+            try:
+                stopped_burst = run_burst(ports, sessions, concurrency)
+                time.sleep(0.5)
+            finally:
+                os.kill(real.proc.pid, signal.SIGCONT)
+            real_records = wait_for_records(real.audit_log, seen_real + stopped_burst.expected_events)[seen_real:]
+            seen_real += len(real_records)
+            row = {
+                "round": n + 1,
+                "ceiling_events": len(ceiling_records),
+                "ceiling_lost": expected - len(ceiling_records),
+                "ceiling_eps": rate(ceiling_records),
+                "failed_sessions": burst.failed + stopped_burst.failed,
+                "live_events": len(live_records),
+                "live_eps": rate(live_records),
+                "expected": stopped_burst.expected_events,
+                "real_events": len(real_records),
+                "real_eps": rate(real_records),
+            }
+            row["real_lost"] = (_lost(live_records, burst.expected_events)
+                                + _lost(real_records, stopped_burst.expected_events))
+            row["real_duplicates"] = _duplicates(live_records) + _duplicates(real_records)
+            row["ratio"] = row["real_eps"] / row["ceiling_eps"] if row["ceiling_eps"] else 0.0
+            rows.append(row)
+            log(f"#   round {n + 1}/{rounds}: ceiling {row['ceiling_events']} ev {row['ceiling_eps']:.0f}/s; "
+                f"source live {row['live_events']} ev {row['live_eps']:.0f}/s, backlog {row['real_events']} ev "
+                f"{row['real_eps']:.0f}/s, ratio {row['ratio']:.3f}; lost {row['real_lost']}")
+    finally:
+        real.stop()
+        ceiling.stop()
+    ratios = [r["ratio"] for r in rows]
+    return {
+        "rows": rows, "sessions": sessions, "uris": len(uris), "domains": len(ports),
+        "ratio_median": median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+        "ceiling_eps_median": median([r["ceiling_eps"] for r in rows]),
+        "real_eps_median": median([r["real_eps"] for r in rows]),
+        "live_eps_median": median([r["live_eps"] for r in rows]),
+        "lost": sum(r["real_lost"] for r in rows), "duplicates": sum(r["real_duplicates"] for r in rows),
+        "ceiling_lost": sum(r["ceiling_lost"] for r in rows),
+        "workdir": str(workdir),
+    }
+
+
+def _session_phases(records: list[dict]) -> set:
+    return {(r["graphics"]["session"]["id"], r["graphics"]["phase"]) for r in records}
+
+
+def _lost(records: list[dict], expected: int) -> int:
+    return max(0, expected - len(_session_phases(records)))
+
+
+def _duplicates(records: list[dict]) -> int:
+    return len(records) - len(_session_phases(records))
+
+
+def audit_records(path: Path) -> list[dict]:
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def wait_for_records(path: Path, count: int, quiet: float = 5.0, timeout: float = 300) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    last, last_change = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        records = audit_records(path)
+        if len(records) >= count:
+            time.sleep(0.5)
+            return audit_records(path)
+        if len(records) != last:
+            last, last_change = len(records), time.monotonic()
+        elif time.monotonic() - last_change > quiet:
+            return records
+        time.sleep(0.2)
+    return audit_records(path)
+
+
+def rate(records: list[dict]) -> float:
+    times = [datetime.datetime.fromisoformat(r["time"]).timestamp() for r in records]
+    if len(times) < 2:
+        return 0.0
+    return (len(times) - 1) / (max(times) - min(times))

@@ -1,0 +1,68 @@
+"""Measurement 4: one source over many hypervisors with many running domains. From the call
+of ``main()`` to every connection subscribed (the source's "watching graphics events" log line
+per URI) and to every hypervisor's snapshot delivered on the queue (one console client is kept
+open on each hypervisor, so each snapshot yields one ``initialize`` event with snapshot=true).
+
+``python -m bench.scale URI...`` prints one JSON line; the bench runs it in its own process so
+that libvirtaio is registered afresh, as in a new activation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import runpy
+import sys
+import time
+
+from bench import SOURCE_PATH
+from bench.listener import _ReadyHandler
+
+
+async def measure(uris: list[str]) -> dict:
+    module = runpy.run_path(str(SOURCE_PATH))
+    ready = _ReadyHandler()
+    logger = logging.getLogger("virtguard.console.libvirt_graphics")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(ready)
+    queue: asyncio.Queue = asyncio.Queue(maxsize=1)
+    started = time.monotonic()
+    task = asyncio.create_task(module["main"](queue, {"uri": uris}))
+    registered = None
+    snapshot_uris = set()
+    events = 0
+    deadline = started + 300
+    getter = asyncio.create_task(queue.get())
+    while len(snapshot_uris) < len(uris) and time.monotonic() < deadline:
+        done, _ = await asyncio.wait([getter, task], timeout=0.01, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            task.result()
+            raise RuntimeError("the source stopped")
+        if getter in done:
+            graphics = getter.result()["graphics"]
+            getter = asyncio.create_task(queue.get())
+            events += 1
+            if graphics["snapshot"]:
+                snapshot_uris.add(graphics["hypervisor"]["uri"])
+        if registered is None and ready.watching >= len(uris):
+            registered = time.monotonic() - started
+    snapshot = time.monotonic() - started
+    if registered is None and ready.watching >= len(uris):
+        registered = snapshot
+    task.cancel()
+    return {"hypervisors": len(uris), "registered_s": registered, "snapshot_s": snapshot,
+            "snapshots_delivered": len(snapshot_uris), "events": events}
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    result = asyncio.run(measure(sys.argv[1:]))
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()
+    os._exit(0)  # libvirtaio's callbacks would outlive the closed loop and complain
+
+
+if __name__ == "__main__":
+    main()
