@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="events the buffer holds while the soak's consumer stalls (default 60,000)")
     parser.add_argument("--audit-events", type=int, default=100_000, help="records for the audit writer (default 100,000)")
     parser.add_argument("--profile", metavar="DIR",
-                        help="profile the source (cProfile) in the bursts and the soak, into DIR; "
+                        help="profile the source (cProfile) in the bursts, the real activation and the soak, into DIR; "
                              "profiled figures are slower and only for finding where time goes")
     parser.add_argument("--json", metavar="FILE", default=str(ROOT / "build" / "bench" / "results.json"),
                         help="also write every number here (default build/bench/results.json)")
@@ -295,7 +295,7 @@ def main(argv=None) -> int:
 
                 report.section("2. End to end: ansible-rulebook with the shipped audit rulebook vs the engine's ceiling")
                 result = end_to_end(lab, burst_hvs, options.e2e_rounds, options.e2e_sessions, options.concurrency,
-                                    log=report.line)
+                                    log=report.line, profile=options.profile)
                 results["endtoend"] = result
                 report_endtoend(report, result)
             if "burst" in chosen or "endtoend" in chosen:

@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -35,7 +36,7 @@ class Activation:
     """One ansible-rulebook process (in its own process group, stopped by the Lab)."""
 
     def __init__(self, lab, name: str, rulebook: str, variables: dict, workdir: Path,
-                 extra_args: tuple[str, ...] = ()):
+                 extra_args: tuple[str, ...] = (), profile: str | None = None):
         self.lab = lab
         self.name = name
         self.workdir = workdir
@@ -46,7 +47,9 @@ class Activation:
         vars_file.write_text(yaml.safe_dump({**variables, "virtguard_audit_log": str(self.audit_log)}))
         inventory.write_text(yaml.safe_dump(local_inventory()))
         self.log = open(self.log_path, "wb")
-        self.proc = lab.spawn([str(VENV_BIN / "ansible-rulebook"), "-r", rulebook, "-i", str(inventory),
+        self.profile = profile
+        wrapper = [sys.executable, "-m", "bench.profiled", profile] if profile else []
+        self.proc = lab.spawn([*wrapper, str(VENV_BIN / "ansible-rulebook"), "-r", rulebook, "-i", str(inventory),
                                "--vars", str(vars_file), "-v", *extra_args],
                               cwd=workdir, stdout=self.log, stderr=subprocess.STDOUT,
                               env={"ANSIBLE_COLLECTIONS_PATH": str(ROOT / "build" / "collections"),
@@ -65,6 +68,9 @@ class Activation:
             time.sleep(0.2)
 
     def stop(self) -> None:
+        if self.profile and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGUSR1)
+            time.sleep(3)
         self.lab.stop_process(self.proc)
         self.log.close()
 
@@ -82,7 +88,8 @@ def ceiling_rulebook(workdir: Path, events: int, trigger_dir: Path) -> Path:
     return path
 
 
-def end_to_end(lab, hypervisors, rounds: int, sessions: int, concurrency: int, log=print) -> dict:
+def end_to_end(lab, hypervisors, rounds: int, sessions: int, concurrency: int, log=print,
+               profile: str | None = None) -> dict:
     workdir = ROOT / "build" / "bench" / f"e2e-{os.getpid()}"
     workdir.mkdir(parents=True, exist_ok=True)
     triggers = workdir / "triggers"
@@ -92,7 +99,8 @@ def end_to_end(lab, hypervisors, rounds: int, sessions: int, concurrency: int, l
     expected = 3 * sessions
     ceiling = Activation(lab, "ceiling", str(ceiling_rulebook(workdir, expected, triggers)), {"virtguard_uri": uris},
                          workdir, ("-S", str(ROOT / "bench" / "eda_sources")))
-    real = Activation(lab, "real", "virtguard.console.console_audit", {"virtguard_uri": uris}, workdir)
+    real = Activation(lab, "real", "virtguard.console.console_audit", {"virtguard_uri": uris}, workdir,
+                      profile=profile and str(Path(profile) / "activation_real.prof"))
     rows = []
     try:
         ceiling.wait_for_log("bench_replay: ready")
