@@ -52,6 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="events driven through the source in the soak (default 1,000,000)")
     parser.add_argument("--soak-stall-events", type=int, default=60_000,
                         help="events the buffer holds while the soak's consumer stalls (default 60,000)")
+    parser.add_argument("--soak-flow-events", type=int, default=150_000,
+                        help="events between two stalls in the soak (default 150,000)")
+    parser.add_argument("--soak-limit", type=int, default=100_000,
+                        help="max_buffered_events in the soak (default 100,000, the source's default)")
     parser.add_argument("--audit-events", type=int, default=100_000, help="records for the audit writer (default 100,000)")
     parser.add_argument("--profile", metavar="DIR",
                         help="profile the source (cProfile) in the bursts, the real activation and the soak, into DIR; "
@@ -64,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def machine() -> dict:
     def version(cmd):
         try:
-            return subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=False).stdout.strip().splitlines()[0]
         except (OSError, IndexError, subprocess.SubprocessError):
             return "?"
 
@@ -170,7 +174,7 @@ def report_scale(report: Report, r: dict) -> None:
                   f"{r['registered_median']:.2f} s; {r['registered_worst']:.2f} s")
     report.figure("start to every snapshot delivered (median; worst)",
                   f"{r['snapshot_median']:.2f} s; {r['snapshot_worst']:.2f} s", "< 2 s", r["snapshot_worst"] < 2.0)
-    report.figure("snapshots delivered", f"{r['snapshots_min']} of {r['hypervisors']} (fewest in a run)", 
+    report.figure("snapshots delivered", f"{r['snapshots_min']} of {r['hypervisors']} (fewest in a run)",
                   f"{r['hypervisors']}", r["snapshots_min"] == r["hypervisors"])
     report.lost += r["hypervisors"] - r["snapshots_min"]
 
@@ -224,7 +228,7 @@ def run_scale(lab, report: Report, options) -> dict:
     clients = [rfb.open_session("127.0.0.1", hv.domains[-1].vnc_port) for hv in hvs]
     runs = []
     try:
-        for _ in range(options.scale_runs):
+        for _run in range(options.scale_runs):
             proc = lab.spawn([sys.executable, "-m", "bench.scale", *[hv.uri for hv in hvs]],
                              stdout=subprocess.PIPE, text=True)
             out, _err = proc.communicate(timeout=600)
@@ -249,7 +253,8 @@ def run_scale(lab, report: Report, options) -> dict:
 
 def run_soak(lab, options) -> dict:
     cmd = [sys.executable, "-m", "bench.soak", "--events", str(options.soak_events),
-           "--stall-events", str(options.soak_stall_events)]
+           "--stall-events", str(options.soak_stall_events), "--flow-events", str(options.soak_flow_events),
+           "--limit", str(options.soak_limit), "--sample-every", str(max(3, options.soak_flow_events // 5))]
     if options.profile:
         cmd += ["--profile", str(Path(options.profile) / "source_soak.prof")]
     proc = lab.spawn(cmd, stdout=subprocess.PIPE, text=True)

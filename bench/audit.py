@@ -44,7 +44,7 @@ def measure(count: int) -> dict:
             log.append(event_record(events[n % len(events)]["graphics"], verdict))
         writer = count / (time.perf_counter() - started)
         log.close()
-        lines_writer = sum(1 for _ in open(Path(tmp) / "writer.jsonl"))
+        lines_writer = sum(1 for _line in open(Path(tmp) / "writer.jsonl"))
 
         classify = runpy.run_path(str(CLASSIFY_PATH))["main"]
         path = str(Path(tmp) / "classify.jsonl")
@@ -53,6 +53,6 @@ def measure(count: int) -> dict:
         for n in range(count):
             classify({"graphics": dict(events[n % len(events)]["graphics"])}, **kwargs)
         filtered = count / (time.perf_counter() - started)
-        lines_classify = sum(1 for _ in open(path))
+        lines_classify = sum(1 for _line in open(path))
     return {"records": count, "writer_per_s": writer, "classify_per_s": filtered,
             "lost": (count - lines_writer) + (count - lines_classify)}

@@ -60,7 +60,7 @@ class ListenerProcess:
         self.ready = self.read(timeout=120)
 
     def read(self, timeout: float = 60) -> dict:
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        ready = select.select([self.proc.stdout], [], [], timeout)[0]
         line = self.proc.stdout.readline() if ready else ""
         if not line:
             raise RuntimeError(f"the {self.kind} listener did not answer (exit status {self.proc.poll()})")

@@ -36,7 +36,7 @@ async def measure(uris: list[str]) -> dict:
     deadline = started + 300
     getter = asyncio.create_task(queue.get())
     while len(snapshot_uris) < len(uris) and time.monotonic() < deadline:
-        done, _ = await asyncio.wait([getter, task], timeout=0.01, return_when=asyncio.FIRST_COMPLETED)
+        done = (await asyncio.wait([getter, task], timeout=0.01, return_when=asyncio.FIRST_COMPLETED))[0]
         if task in done:
             task.result()
             raise RuntimeError("the source stopped")

@@ -75,7 +75,7 @@ class Soak:
         """Whole sessions (connect, initialize, disconnect), a few per loop turn as libvirt
         delivers them; ``keep_up`` waits for the feeder when it falls behind (a steady flow)."""
         on_graphics = self.watcher.on_graphics
-        for _ in range(max(1, (events + 2) // 3)):  # whole sessions, at least one
+        for _session in range(max(1, (events + 2) // 3)):  # whole sessions, at least one
             n = self.sessions
             self.sessions += 1
             dom = self.domains[n % len(self.domains)]

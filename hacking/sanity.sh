@@ -49,4 +49,8 @@ if ((status)); then
   echo "sanity: FAILED (ansible-test exit $status) in ${elapsed}s; results in $dest/tests/output/bot/" >&2
   exit "$status"
 fi
-echo "sanity: ok in ${elapsed}s (ansible-test sanity, Python $python_version, ignores: $(grep -c . tests/sanity/ignore-2.19.txt 2>/dev/null || echo 0))"
+ignores=0
+for file in tests/sanity/ignore-*.txt; do
+  [ -e "$file" ] && ignores=$((ignores + $(grep -c . "$file" || true)))
+done
+echo "sanity: ok in ${elapsed}s (ansible-test sanity, Python $python_version, ignore entries: $ignores)"

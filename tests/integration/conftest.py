@@ -2,7 +2,7 @@
 
 import pytest
 
-from lab.hypervisor import SessionHypervisor
+from lab.hypervisor import SessionHypervisor, heal_event_delivery
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +31,14 @@ async def settle_libvirt_callbacks():
     import asyncio
     gc.collect()
     await asyncio.sleep(0.5)
+
+
+@pytest.fixture(autouse=True)
+def shared_hypervisors_relay_events(request):
+    """The session-wide daemons are shared by many tests: before each, check that they still
+    relay events to a new listener and heal them if a libvirt race left their event queue
+    stuck (lab.hypervisor.relays_events), so one test cannot blind the next."""
+    for name in ("hypervisor", "second_hypervisor"):
+        if name in request.fixturenames:
+            hv = request.getfixturevalue(name)
+            heal_event_delivery(hv.uri, hv.domains[0].name)

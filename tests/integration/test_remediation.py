@@ -89,7 +89,7 @@ def lab(tmp_path_factory):
             sock.close()
         if lab.activation:
             lab.activation.stop()
-        subprocess.run(["nft", "delete", "table", "inet", NFT_TABLE], capture_output=True)
+        subprocess.run(["nft", "delete", "table", "inet", NFT_TABLE], capture_output=True, check=False)
         if lab.tls_lab:
             lab.tls_lab.cleanup()
         for hv in (lab.plain, lab.tls):
@@ -215,7 +215,7 @@ def open_parallel(ns: ClientNamespace, port: int, count: int, seconds: float) ->
     established sockets and how many attempts were refused."""
     def attempt():
         pending = []
-        for _ in range(count):
+        for _connection in range(count):
             sock = socket.socket()
             sock.setblocking(False)
             sock.connect_ex((ns.host_ip, port))
@@ -318,7 +318,7 @@ def test_block_expires_by_itself(lab):
         assert time.monotonic() < deadline, "the block did not expire"
         time.sleep(1)
     listing = subprocess.run(["nft", "list", "set", "inet", NFT_TABLE, "blocked_ipv4"],
-                             capture_output=True, text=True).stdout
+                             capture_output=True, text=True, check=False).stdout
     assert untrusted.client_ip not in listing
 
 

@@ -65,7 +65,7 @@ def test_repeated_failed_logins_block_the_address(plain_hypervisor, namespaces, 
         # the bystander fails less often than the threshold and keeps its session
         failed_login(bystander, port)
         kept = bystander.call(rfb.open_session, bystander.host_ip, port)
-        for _ in range(THRESHOLD - 1):
+        for _attempt in range(THRESHOLD - 1):
             failed_login(attacker, port)
         time.sleep(3)
         assert not [r for r in read_jsonl(audit) if r["record"] == "remediation"], "blocked below the threshold"
@@ -97,7 +97,7 @@ def test_repeated_failed_logins_block_the_address(plain_hypervisor, namespaces, 
         kept.close()
     finally:
         activation.stop()
-        subprocess.run(["nft", "delete", "table", "inet", NFT_TABLE], capture_output=True)
+        subprocess.run(["nft", "delete", "table", "inet", NFT_TABLE], capture_output=True, check=False)
 
 
 def test_console_audit_records_every_event_and_remediates_nothing(plain_hypervisor, namespaces, tmp_path):
@@ -111,7 +111,7 @@ def test_console_audit_records_every_event_and_remediates_nothing(plain_hypervis
         "virtguard_audit_log": str(audit),
     }, tmp_path).start()
     try:
-        for _ in range(3):
+        for _attempt in range(3):
             sock = client.call(rfb.open_session, client.host_ip, port)
             sock.close()
         deadline = time.monotonic() + 20

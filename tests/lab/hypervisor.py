@@ -14,7 +14,9 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape
@@ -22,8 +24,23 @@ from xml.sax.saxutils import escape
 PREFIX = os.environ.get("VGT_LAB_PREFIX", f"vgt{os.getpid() % 100000}")
 
 
+class CommandFailed(subprocess.CalledProcessError):
+    """A failed command whose message carries what it printed (CalledProcessError's own
+    message leaves out stderr, which is where virsh says why)."""
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        for label, stream in (("stdout", self.stdout), ("stderr", self.stderr)):
+            if stream and stream.strip():
+                text += f"\n{label}:\n{stream.strip()}"
+        return text
+
+
 def run(cmd: list[str], check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, check=check, capture_output=True, text=True, **kwargs)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, **kwargs)
+    if check and proc.returncode != 0:
+        raise CommandFailed(proc.returncode, cmd, proc.stdout, proc.stderr)
+    return proc
 
 
 def create_user(name: str, home: str | None = None, groups: str = "kvm") -> None:
@@ -51,6 +68,51 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def relays_events(uri: str, domain: str, timeout: float = 3) -> bool:
+    """Whether the daemon at ``uri`` delivers domain events to a new listener: ``virsh event``
+    listens while the domain's live metadata changes, and must report that change.
+
+    libvirt 9.0 (and libvirt to date) can leave its domain event queue stuck: when the last
+    listener deregisters at the moment an event is queued (virObjectEventStateQueueRemote reads
+    ``state->timer`` before taking the lock), that event stays queued with no timer armed, and
+    every listener that registers next receives nothing until all of them have left again. The
+    probe's own listener leaving clears such a queue, so a failed probe followed by a good one
+    has healed the daemon."""
+    marker = f"urn:{PREFIX}:probe"
+    listener = subprocess.Popen(["virsh", "-c", uri, "event", "--event", "metadata-change", "--loop"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        seen = threading.Event()
+
+        def read() -> None:
+            for line in listener.stdout:
+                if "metadata-change" in line and f"'{domain}'" in line:
+                    seen.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        while time.monotonic() < deadline:
+            # a change made before virsh registered is never reported: change it again
+            run(["virsh", "-q", "-c", uri, "metadata", domain, "--uri", marker, "--key", "p",
+                 "--set", f"<p n='{time.monotonic_ns()}'/>", "--live"])
+            if seen.wait(0.3):
+                return True
+        return False
+    finally:
+        listener.kill()
+        listener.wait()
+
+
+def heal_event_delivery(uri: str, domain: str, attempts: int = 3) -> None:
+    """Make sure the daemon relays events again after an earlier test (see relays_events)."""
+    for attempt in range(attempts):
+        if relays_events(uri, domain):
+            if attempt:
+                warnings.warn(f"{uri}: libvirt's event queue was stuck; healed (attempt {attempt + 1})")
+            return
+    raise RuntimeError(f"{uri} delivers no domain events, even to a new listener")
 
 
 @dataclass

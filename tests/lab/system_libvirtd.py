@@ -9,51 +9,87 @@ started itself, whatever pid the roles under test gave libvirtd by restarting it
 The packaged QEMU driver runs QEMU as ``libvirt-qemu:libvirt-qemu``; with ``security_driver =
 "none"`` nothing relabels files for it, so certificates and the sasldb must be readable by that
 group. This machine also needs ``namespaces = []``.
+
+The session daemons of other suites allocate VNC ports from 5900 up, each with its own
+allocator, and a system domain takes tens of seconds from port reservation to QEMU binding it
+here: the system daemon gets a port range of its own (``remote_display_port_min``/``max``) so
+that the two never pick the same port.
 """
 
 from __future__ import annotations
 
 import grp
+import json
 import os
 import pwd
 import shutil
 import signal
 import subprocess
 import tempfile
+import termios
+import threading
 import time
 from pathlib import Path
 from xml.sax.saxutils import escape
 
-from lab.hypervisor import PREFIX, DOMAIN_XML, Domain, run, wait_for
+from lab.hypervisor import PREFIX, DOMAIN_XML, CommandFailed, Domain, run, wait_for
 
 URI = "qemu:///system"
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
 LIBVIRTD_PIDFILE = Path("/run/libvirtd.pid")
 VIRTLOGD_PIDFILE = Path("/run/virtlogd.pid")
 QEMU_USER = QEMU_GROUP = "libvirt-qemu"
-# What this machine needs for any system domain to start (see LAB.md).
-BASE_QEMU_CONF = 'security_driver = "none"\nnamespaces = []\n'
+# VNC ports of system domains: far above those the session daemons of other suites take
+# (5900 up), below the ephemeral range.
+DISPLAY_PORT_MIN, DISPLAY_PORT_MAX = 15900, 15999
+# What this machine needs for any system domain to start (see LAB.md), and the port range.
+BASE_QEMU_CONF = ('security_driver = "none"\nnamespaces = []\n'
+                  f"remote_display_port_min = {DISPLAY_PORT_MIN}\n"
+                  f"remote_display_port_max = {DISPLAY_PORT_MAX}\n")
 STATE_DIRS = ("/var/log/libvirt", "/run/libvirt", "/var/lib/libvirt/qemu", "/var/cache/libvirt")
+# What a run has changed so far, kept outside /tmp with the backups, so that the next run can
+# put the host back when this one was killed before its teardown (a daemon left running would
+# otherwise make every later run skip, and qemu.conf and /etc/pki would stay changed).
+JOURNAL = Path("/var/tmp/virtguard-tests-system-libvirtd.json")
 
 
-def pid_from(pidfile: Path) -> int | None:
-    """The pid in a pidfile if that process is alive, else None."""
+def pid_from(pidfile: Path, name: str | None = None) -> int | None:
+    """The pid in a pidfile if that process is alive (and, given a name, runs that program:
+    a stale pidfile's pid may belong to another process by now), else None."""
     try:
         pid = int(pidfile.read_text().strip())
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
     except (OSError, ValueError):
         return None
-    return pid if Path(f"/proc/{pid}").exists() else None
+    return pid if name is None or comm == name else None
 
 
-def stop_pid(pid: int, timeout: float = 30) -> None:
+def start_time(pid: int) -> str | None:
+    """A process's start time (clock ticks since boot): with the pid, who it is."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def stop_pid(pid: int, timeout: float = 60) -> None:
+    """SIGTERM, then SIGKILL if it lingers; returns once the process is gone."""
+
+    def gone() -> bool:
+        return not Path(f"/proc/{pid}").exists()
+
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
     try:
-        wait_for(lambda: not Path(f"/proc/{pid}").exists(), timeout, f"pid {pid} to exit")
+        wait_for(gone, timeout, f"pid {pid} to exit")
     except TimeoutError:
-        os.kill(pid, signal.SIGKILL)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        wait_for(gone, 30, f"pid {pid} to exit after SIGKILL")
 
 
 class EtcBackup:
@@ -62,7 +98,7 @@ class EtcBackup:
     directories that had to be made for it."""
 
     def __init__(self) -> None:
-        self.store = Path(tempfile.mkdtemp(prefix=f"{PREFIX}-etc-backup-"))
+        self.store = Path(tempfile.mkdtemp(prefix=f"{PREFIX}-etc-backup-", dir="/var/tmp"))
         self.saved: dict[Path, Path | None] = {}
         self.made_parents: list[Path] = []
 
@@ -122,28 +158,91 @@ class SystemLibvirtd:
         # libvirtd's drivers make directories here (nwfilter, secrets, qemu) when it starts.
         self.etc_libvirt_before: set[str] | None = None
 
+    # -- what this run changed, on disk ---------------------------------------------------
+    def _journal(self) -> None:
+        state = {
+            "owner": [os.getpid(), start_time(os.getpid())],
+            "started_libvirtd": self.started_libvirtd,
+            "started_virtlogd": self.started_virtlogd,
+            "made_dirs": [str(p) for p in self.made_dirs],
+            "made_users": self.made_users,
+            "made_groups": self.made_groups,
+            "domains": self.domains,
+            "base": str(self.base),
+            "etc_libvirt_before": (None if self.etc_libvirt_before is None
+                                   else sorted(self.etc_libvirt_before)),
+            "backup_store": str(self.backup.store),
+            "backup_saved": [[str(k), None if v is None else str(v)]
+                             for k, v in self.backup.saved.items()],
+            "backup_made_parents": [str(p) for p in self.backup.made_parents],
+        }
+        tmp = JOURNAL.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        tmp.replace(JOURNAL)
+
+    @classmethod
+    def _from_journal(cls, state: dict) -> "SystemLibvirtd":
+        self = cls.__new__(cls)
+        self.extra_qemu_conf = ""
+        self.backup = EtcBackup.__new__(EtcBackup)
+        self.backup.store = Path(state["backup_store"])
+        self.backup.saved = {Path(k): None if v is None else Path(v)
+                             for k, v in state["backup_saved"]}
+        self.backup.made_parents = [Path(p) for p in state["backup_made_parents"]]
+        self.base = Path(state["base"])
+        self.started_libvirtd = state["started_libvirtd"]
+        self.started_virtlogd = state["started_virtlogd"]
+        self.made_dirs = [Path(p) for p in state["made_dirs"]]
+        self.made_users = state["made_users"]
+        self.made_groups = state["made_groups"]
+        self.domains = state["domains"]
+        before = state["etc_libvirt_before"]
+        self.etc_libvirt_before = None if before is None else set(before)
+        return self
+
+    @classmethod
+    def recover_leftovers(cls) -> None:
+        """Put back what an earlier run changed and could not restore (it was killed); leave
+        alone a run that still goes on (RuntimeError: these tests then skip)."""
+        try:
+            state = json.loads(JOURNAL.read_text())
+        except FileNotFoundError:
+            return
+        except ValueError:
+            JOURNAL.unlink()
+            return
+        pid, started = state["owner"]
+        if start_time(pid) == started:
+            raise RuntimeError(f"another test run (pid {pid}) uses the system libvirtd")
+        cls._from_journal(state).stop()
+
     # -- set up ---------------------------------------------------------------------------
     def start(self) -> "SystemLibvirtd":
-        if pid_from(LIBVIRTD_PIDFILE) is not None:
+        self.recover_leftovers()
+        if (running := pid_from(LIBVIRTD_PIDFILE, "libvirtd")) is not None:
             raise RuntimeError(
-                f"a system libvirtd is already running (pid {pid_from(LIBVIRTD_PIDFILE)}); "
+                f"a system libvirtd is already running (pid {running}); "
                 "these tests restart it and rewrite qemu.conf, so they only run when they "
                 "start it themselves")
         try:
-            self._ensure_qemu_account()
-            for name in STATE_DIRS:
-                self._mkdir(Path(name))
             self.backup.save(QEMU_CONF)
             QEMU_CONF.parent.mkdir(parents=True, exist_ok=True)
             self.etc_libvirt_before = set(os.listdir(QEMU_CONF.parent))
+            self._journal()
+            self._ensure_qemu_account()
+            for name in STATE_DIRS:
+                self._mkdir(Path(name))
+            self._journal()
             QEMU_CONF.write_text(BASE_QEMU_CONF + self.extra_qemu_conf)
             os.chmod(QEMU_CONF, 0o600)
-            if pid_from(VIRTLOGD_PIDFILE) is None:
+            if pid_from(VIRTLOGD_PIDFILE, "virtlogd") is None:
+                self.started_virtlogd = True  # journalled before it runs
+                self._journal()
                 run(["virtlogd", "-d"])
-                self.started_virtlogd = True
                 wait_for(lambda: Path("/run/libvirt/virtlogd-sock").exists(), 30, "virtlogd")
-            run(["libvirtd", "-d"])
             self.started_libvirtd = True
+            self._journal()
+            run(["libvirtd", "-d"])
             self.wait_until_serving()
         except BaseException:
             self.stop()
@@ -151,18 +250,26 @@ class SystemLibvirtd:
         return self
 
     def _ensure_qemu_account(self) -> None:
-        try:
-            grp.getgrnam(QEMU_GROUP)
-        except KeyError:
-            run(["groupadd", "-r", QEMU_GROUP])
-            self.made_groups.append(QEMU_GROUP)
+        # Each is journalled before it is made, and forgotten again if it could not be.
+        if not _group_exists(QEMU_GROUP):
+            self._make(self.made_groups, QEMU_GROUP, ["groupadd", "-r", QEMU_GROUP])
         try:
             pwd.getpwnam(QEMU_USER)
         except KeyError:
             groups = ["-G", "kvm"] if _group_exists("kvm") else []
-            run(["useradd", "-r", "-g", QEMU_GROUP, *groups, "-M", "-d", "/var/lib/libvirt",
-                 "-s", "/usr/sbin/nologin", QEMU_USER])
-            self.made_users.append(QEMU_USER)
+            self._make(self.made_users, QEMU_USER,
+                       ["useradd", "-r", "-g", QEMU_GROUP, *groups, "-M", "-d",
+                        "/var/lib/libvirt", "-s", "/usr/sbin/nologin", QEMU_USER])
+
+    def _make(self, made: list[str], name: str, cmd: list[str]) -> None:
+        made.append(name)
+        self._journal()
+        try:
+            run(cmd)
+        except BaseException:
+            made.remove(name)
+            self._journal()
+            raise
 
     def _mkdir(self, path: Path) -> None:
         missing = []
@@ -175,9 +282,9 @@ class SystemLibvirtd:
 
     # -- the daemon -----------------------------------------------------------------------
     def pid(self) -> int | None:
-        return pid_from(LIBVIRTD_PIDFILE)
+        return pid_from(LIBVIRTD_PIDFILE, "libvirtd")
 
-    def wait_until_serving(self, timeout: float = 60) -> None:
+    def wait_until_serving(self, timeout: float = 120) -> None:
         wait_for(lambda: self.virsh("version", check=False).returncode == 0, timeout,
                  "the system libvirtd to answer")
 
@@ -191,7 +298,16 @@ class SystemLibvirtd:
         xml_file = self.base / f"{name}.xml"
         xml_file.write_text(xml)
         self.domains.append(name)
-        self.virsh("create", "--paused", str(xml_file))
+        self._journal()
+        try:
+            self.virsh("create", "--paused", str(xml_file))
+        except CommandFailed as exc:
+            log = Path("/var/log/libvirt/qemu") / f"{name}.log"
+            try:
+                tail = "\n".join(log.read_text(errors="replace").splitlines()[-5:])
+            except OSError:
+                tail = "(none)"
+            raise RuntimeError(f"{exc}\nend of {log}:\n{tail}") from exc
         display = self.virsh("domdisplay", name).stdout.strip()
         port = 5900 + int(display.rsplit(":", 1)[1])
         uuid = self.virsh("domuuid", name).stdout.strip()
@@ -208,7 +324,7 @@ class SystemLibvirtd:
                     self.virsh("destroy", name, check=False)
             if self.started_libvirtd and (pid := self.pid()) is not None:
                 stop_pid(pid)
-            if self.started_virtlogd and (pid := pid_from(VIRTLOGD_PIDFILE)) is not None:
+            if self.started_virtlogd and (pid := pid_from(VIRTLOGD_PIDFILE, "virtlogd")):
                 stop_pid(pid)
         finally:
             self.backup.restore()
@@ -223,6 +339,7 @@ class SystemLibvirtd:
             for path in sorted(self.made_dirs, key=lambda p: len(p.parts), reverse=True):
                 shutil.rmtree(path, ignore_errors=True)
             shutil.rmtree(self.base, ignore_errors=True)
+            JOURNAL.unlink(missing_ok=True)
 
 
 def _group_exists(name: str) -> bool:
@@ -234,20 +351,66 @@ def _group_exists(name: str) -> bool:
 
 
 class GraphicsEventWitness:
-    """``virsh event --event graphics --loop`` on the system daemon: an independent record
-    of the graphics events, identities included."""
+    """``virsh event --all --loop`` on the system daemon: an independent record of the graphics
+    events, identities included.
 
-    def __init__(self) -> None:
+    Ready once its callbacks are registered, which virsh does not announce: the witness changes
+    the domain's metadata and waits for that event to come through. ``stop()`` waits for the
+    sessions' disconnect events, which trail the clients' exit, instead of sleeping."""
+
+    def __init__(self, domain: str, timeout: float = 60) -> None:
+        self.domain = domain
+        self.lines: list[str] = []
+        self.changed = threading.Condition()
         self.proc = subprocess.Popen(
-            ["virsh", "-c", URI, "event", "--event", "graphics", "--loop"],
+            ["virsh", "-c", URI, "event", "--all", "--loop"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        time.sleep(1)  # let virsh register its callback before anything connects
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        marker = f"urn:{PREFIX}:witness:{time.monotonic_ns()}"
 
-    def stop(self) -> str:
-        time.sleep(1)  # the disconnect event trails the client's exit
+        def registered() -> bool:
+            # A change made before virsh registered is never reported: change it again.
+            run(["virsh", "-q", "-c", URI, "metadata", domain, "--uri", marker, "--key", "w",
+                 "--set", f"<w n='{time.monotonic_ns()}'/>", "--live"])
+            return self._wait(lambda: any("metadata-change" in line and f"'{domain}'" in line
+                                          for line in self.lines), 2)
+
+        try:
+            wait_for(registered, timeout, "virsh event to register its callbacks")
+        except BaseException:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            with self.changed:
+                self.lines.append(line.rstrip("\n"))
+                self.changed.notify_all()
+
+    def _wait(self, predicate, timeout: float) -> bool:
+        with self.changed:
+            return self.changed.wait_for(predicate, timeout)
+
+    def output(self) -> str:
+        with self.changed:
+            return "\n".join(self.lines) + "\n"
+
+    def stop(self, disconnects: int, timeout: float = 60) -> str:
+        """Everything virsh printed, once the domain's graphics events hold ``disconnects``
+        disconnects (or after ``timeout``: the test's assertions then say what is missing)."""
+        prefix = f"event 'graphics' for domain '{self.domain}': disconnect "
+        self._wait(lambda: sum(line.startswith(prefix) for line in self.lines) >= disconnects,
+                   timeout)
         self.proc.terminate()
-        out, _ = self.proc.communicate(timeout=10)
-        return out
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.reader.join(timeout=30)
+        return self.output()
 
 
 class TlsSaslConsoleClient:
@@ -276,8 +439,13 @@ class TlsSaslConsoleClient:
             shutil.chown(path, self.user)
 
     def capture(self, host: str, port: int, username: str, password: str,
-                timeout: float = 40) -> tuple[int, str]:
-        """Connect, log in, save one frame; (exit status, what gvnccapture printed)."""
+                timeout: float = 90) -> tuple[int, str]:
+        """Connect, log in, save one frame; (exit status, what gvnccapture printed).
+
+        gvnccapture prints its password prompt, then turns the terminal's echo off with
+        TCSAFLUSH, which throws away whatever was typed in between: the password is typed only
+        once echo is off (the pty master reports the terminal's modes). A gvnccapture still
+        running after ``timeout`` is killed and reported as an error, not as a status."""
         import pty
         import select
 
@@ -288,9 +456,23 @@ class TlsSaslConsoleClient:
                                   f"{host}:{port - 5900}", str(shot)])
         output, answered = b"", set()
         deadline = time.monotonic() + timeout
+        timed_out = False
         try:
-            while time.monotonic() < deadline:
-                ready, _, _ = select.select([fd], [], [], 0.5)
+            while True:
+                if time.monotonic() >= deadline:
+                    timed_out = True
+                    os.kill(pid, signal.SIGKILL)
+                    break
+                lowered = output.lower()
+                if b"username:" in lowered and "user" not in answered:
+                    os.write(fd, username.encode() + b"\n")
+                    answered.add("user")
+                if (b"password:" in lowered and "password" not in answered
+                        and not termios.tcgetattr(fd)[3] & termios.ECHO):
+                    os.write(fd, password.encode() + b"\n")
+                    answered.add("password")
+                waiting_for_echo_off = b"password:" in lowered and "password" not in answered
+                ready = select.select([fd], [], [], 0.02 if waiting_for_echo_off else 0.5)[0]
                 if not ready:
                     continue
                 try:
@@ -300,20 +482,15 @@ class TlsSaslConsoleClient:
                 if not data:
                     break
                 output += data
-                lowered = output.lower()
-                if b"username:" in lowered and "user" not in answered:
-                    os.write(fd, username.encode() + b"\n")
-                    answered.add("user")
-                if b"password:" in lowered and "password" not in answered:
-                    os.write(fd, password.encode() + b"\n")
-                    answered.add("password")
-            else:
-                os.kill(pid, signal.SIGKILL)
-            _, raw = os.waitpid(pid, 0)
+            raw = os.waitpid(pid, 0)[1]
             status = os.waitstatus_to_exitcode(raw)
         finally:
             os.close(fd)
-        return status, output.decode(errors="replace")
+        text = output.decode(errors="replace").replace(password, "<password>")
+        if timed_out:
+            raise TimeoutError(f"gvnccapture {host}:{port} still running after {timeout:g}s "
+                               f"(killed); it printed:\n{text}")
+        return status, text
 
     def remove(self) -> None:
         run(["pkill", "-KILL", "-u", self.user], check=False)

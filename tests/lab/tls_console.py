@@ -154,7 +154,7 @@ class ConsoleClient:
         status = None
         try:
             while time.monotonic() < deadline:
-                ready, _, _ = select.select([fd], [], [], 0.2)
+                ready = select.select([fd], [], [], 0.2)[0]
                 if ready:
                     try:
                         chunk = os.read(fd, 4096)
@@ -181,6 +181,6 @@ class ConsoleClient:
             if status is None:
                 if time.monotonic() >= deadline:
                     os.kill(pid, 9)
-                _, status = os.waitpid(pid, 0)
+                status = os.waitpid(pid, 0)[1]
             os.close(fd)
         return os.waitstatus_to_exitcode(status), output.decode(errors="replace")

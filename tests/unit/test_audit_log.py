@@ -107,7 +107,7 @@ def test_thousands_of_records_per_second(tmp_path):
     log = AuditLog(str(tmp_path / "audit.jsonl"))
     record = event_record({"phase": "connect", "remote": {"node": "192.0.2.7"}}, {"verdict": "cut"})
     started = time.perf_counter()
-    for _ in range(5000):
+    for _record in range(5000):
         log.append(record)
     rate = 5000 / (time.perf_counter() - started)
     log.close()

@@ -62,7 +62,10 @@ def test_a_connect_from_outside_is_enough_and_snapshots_are_judged_alike():
 
 def test_identity_rule():
     policy = ConsolePolicy(trusted_networks=["0.0.0.0/0"], allowed_identities=[DN_ALICE, "alice"])
-    init = lambda *subject: classify(policy, graphics("initialize", subject=subject))  # noqa: E731
+
+    def init(*subject):
+        return classify(policy, graphics("initialize", subject=subject))
+
     assert init(("x509dname", DN_ALICE), ("saslUsername", "mallory"))["verdict"] == "allow"  # one is enough
     assert init(("saslUsername", "alice"))["verdict"] == "allow"
     assert init(("saslUsername", "mallory"))["reasons"] == ["identity_not_allowed"]
@@ -122,8 +125,10 @@ def test_holdoff_never_outlasts_the_block():
 def test_bruteforce_counts_sessions_that_never_initialized_within_the_window():
     policy = ConsolePolicy(bruteforce_threshold=3, bruteforce_window=10)
     classifier = Classifier(policy)
-    failed = lambda now, **kw: classifier.classify(  # noqa: E731
-        graphics("disconnect", authenticated=False, **kw), now)
+
+    def failed(now, **kw):
+        return classifier.classify(graphics("disconnect", authenticated=False, **kw), now)
+
     assert failed(0)["verdict"] == "allow"
     assert failed(1)["verdict"] == "allow"
     assert classifier.classify(graphics("disconnect", authenticated=True), 2)["verdict"] == "allow"

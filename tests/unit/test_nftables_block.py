@@ -16,7 +16,7 @@ from ansible_collections.virtguard.console.plugins.module_utils.nftables_block i
 
 
 def real_run(argv, data=None):
-    proc = subprocess.run(argv, input=data, capture_output=True, text=True)
+    proc = subprocess.run(argv, input=data, capture_output=True, text=True, check=False)
     return proc.returncode, proc.stdout, proc.stderr
 
 
