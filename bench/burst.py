@@ -27,19 +27,24 @@ class Burst:
         return EVENTS_PER_SESSION * (self.sessions - self.failed)
 
 
-def run_burst(ports: list[int], sessions: int, concurrency: int = 8) -> Burst:
+def run_burst(ports: list[int], sessions: int, concurrency: int = 8, rate: float | None = None) -> Burst:
     """``sessions`` whole RFB 3.8 sessions (handshake, ClientInit, close), spread round-robin
-    over the consoles at ``ports``, ``concurrency`` at a time."""
+    over the consoles at ``ports``, ``concurrency`` at a time; with ``rate``, session n starts
+    no earlier than n / rate seconds after the first (a steady flow instead of a burst)."""
     failures = []
+    started = time.time()
 
     def worker(first: int) -> None:
         for n in range(first, sessions, concurrency):
+            if rate:
+                delay = started + n / rate - time.time()
+                if delay > 0:
+                    time.sleep(delay)
             try:
                 rfb.run_session("127.0.0.1", ports[n % len(ports)])
             except (OSError, ConnectionError) as exc:
                 failures.append(exc)
 
-    started = time.time()
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(worker, range(concurrency)))
     return Burst(sessions, len(failures), started, time.time())

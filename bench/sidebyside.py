@@ -9,7 +9,8 @@ from bench.stats import median
 
 
 def side_by_side(lab, hypervisors, bursts: int, sessions: int, concurrency: int,
-                 profile: str | None = None, log=print) -> dict:
+                 profile: str | None = None, log=print, paced_sessions: int = 0,
+                 paced_rate: float = 0) -> dict:
     uris = [hv.uri for hv in hypervisors]
     ports = [d.vnc_port for hv in hypervisors for d in hv.domains]
     bare = ListenerProcess(lab, "bare", uris)
@@ -56,6 +57,27 @@ def side_by_side(lab, hypervisors, bursts: int, sessions: int, concurrency: int,
                 f"bare {b['count']} ev {row['bare_eps']:.0f}/s, source {s['count']} ev {row['source_eps']:.0f}/s, "
                 f"ratio {row['ratio']:.3f}, lost {row['source_lost']}, "
                 f"p99 {row['latency_p99_ms']:.2f} ms")
+        paced = None
+        if paced_sessions:
+            # the same listeners at a steady rate that both keep up with: what the source adds
+            # to each event when no backlog builds up in front of the queue
+            for listener in listeners:
+                listener.ask("mark")
+            flow = run_burst(ports, paced_sessions, concurrency, rate=paced_rate)
+            wait_for_events(listeners, flow.expected_events)
+            b, s = bare.ask("report"), source.ask("report")
+            paced = {
+                "sessions": flow.sessions, "rate_sessions_per_s": paced_rate,
+                "expected": flow.expected_events, "driver_s": flow.ended - flow.started,
+                "bare_events": b["count"], "source_unique": s["unique"],
+                "source_lost": max(0, flow.expected_events - s["unique"]),
+                "source_duplicates": s["count"] - s["unique"],
+                "latency_p50_ms": s["latency_ms"]["p50"], "latency_p99_ms": s["latency_ms"]["p99"],
+                "latency_max_ms": s["latency_ms"]["max"],
+            }
+            log(f"#   steady flow: {flow.sessions} sessions at {paced_rate:g}/s in {paced['driver_s']:.2f}s; "
+                f"source {s['unique']} of {flow.expected_events} ev, p50 {paced['latency_p50_ms']:.2f} ms, "
+                f"p99 {paced['latency_p99_ms']:.2f} ms")
     finally:
         for listener in listeners:
             listener.stop()
@@ -71,14 +93,15 @@ def side_by_side(lab, hypervisors, bursts: int, sessions: int, concurrency: int,
         "source_eps_median": median([r["source_eps"] for r in rows]),
         "bare_cpu_us_median": median([r["bare_cpu_us"] for r in rows]),
         "source_cpu_us_median": median([r["source_cpu_us"] for r in rows]),
-        "source_lost": sum(r["source_lost"] for r in rows),
+        "source_lost": sum(r["source_lost"] for r in rows) + (paced["source_lost"] if paced else 0),
         "bare_lost": sum(r["bare_lost"] for r in rows),
-        "duplicates": sum(r["source_duplicates"] for r in rows),
+        "duplicates": sum(r["source_duplicates"] for r in rows) + (paced["source_duplicates"] if paced else 0),
         "failed_sessions": sum(r["failed_sessions"] for r in rows),
         "latency_p50_ms": median([r["latency_p50_ms"] for r in rows]),
         "latency_p99_ms_worst": max(r["latency_p99_ms"] for r in rows),
         "latency_p99_ms_median": median([r["latency_p99_ms"] for r in rows]),
         "latency_max_ms": max(r["latency_max_ms"] for r in rows),
+        "paced": paced,
         "rss_kib_start": rss_start,
         "rss_kib_end": rows[-1]["source_rss_kib"],
     }

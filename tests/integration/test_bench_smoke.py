@@ -24,7 +24,7 @@ def test_bench_smoke_run_loses_nothing(tmp_path):
         [sys.executable, "-m", "bench", "--only", "burst", "--only", "soak", "--only", "audit",
          "--bursts", "1", "--sessions", "150", "--burst-hypervisors", "1", "--burst-domains", "2",
          "--soak-events", "30000", "--soak-flow-events", "9000", "--soak-stall-events", "3000",
-         "--soak-limit", "5000", "--audit-events", "2000", "--json", str(results)],
+         "--soak-limit", "5000", "--audit-events", "2000", "--paced-sessions", "60", "--paced-rate", "200", "--json", str(results)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(results.read_text())
@@ -33,6 +33,8 @@ def test_bench_smoke_run_loses_nothing(tmp_path):
     assert burst["source_lost"] == 0 and burst["duplicates"] == 0
     assert burst["rows"][0]["source_unique"] == burst["rows"][0]["expected"] > 0
     assert burst["latency_p50_ms"] is not None
+    paced = burst["paced"]
+    assert paced["source_unique"] == paced["expected"] == 180 and paced["latency_p99_ms"] is not None
     soak = data["soak"]
     assert soak["lost"] == 0 and soak["stall_cycles"] >= 1
     assert soak["bound"]["holds"] and soak["bound"]["max_buffered"] <= 5000
