@@ -206,6 +206,12 @@ def report_soak(report: Report, r: dict) -> None:
     if r.get("rss_stalled_max_kib"):
         report.figure("RSS with a stalled consumer (buffer full of the stall)",
                       f"{r['rss_stalled_max_kib'] / 1024:.1f} MiB")
+    traced = r.get("traced_kib_after_drain") or []
+    if traced:
+        growth = traced[-1] - traced[0]
+        report.figure("live Python memory after each further stall and drain (tracemalloc)",
+                      " / ".join(f"{kib:.0f}" for kib in traced) + f" KiB, growth {growth:+.0f} KiB",
+                      "no growth (< 64 KiB)", growth < 64)
     report.figure("events lost in the soak", str(r["lost"]), "0", r["lost"] == 0)
     report.figure("source-only rate with a free consumer (synthetic callbacks)",
                   f"{r['flow_events_per_s']:.0f} events/s, {r['cpu_us_per_event']:.0f} us CPU per event")

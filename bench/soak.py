@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import runpy
 import sys
 import time
+import tracemalloc
 import uuid
 
 from bench import SOURCE_PATH
@@ -98,7 +100,7 @@ class Soak:
 
 
 async def run(total: int, stall_events: int, flow_events: int, limit: int, sample_every: int,
-              profile: str | None) -> dict:
+              profile: str | None, trace_cycles: int = 3) -> dict:
     module = runpy.run_path(str(SOURCE_PATH))
     soak = Soak(module, limit)
     feeder = asyncio.create_task(soak.feed(soak.queue, soak.buffer))
@@ -139,6 +141,8 @@ async def run(total: int, stall_events: int, flow_events: int, limit: int, sampl
     if profiler:
         profiler.disable()
         profiler.dump_stats(profile)
+    soaked = soak.injected  # the soak proper; the traced cycles and the bound check come on top
+    traced = await live_memory_across_stalls(soak, trace_cycles, stall_events)
     lost = soak.injected - soak.consumed - soak.watcher.dropped
     dropped_in_soak = soak.watcher.dropped
 
@@ -168,16 +172,39 @@ async def run(total: int, stall_events: int, flow_events: int, limit: int, sampl
     deviation = max(abs(s[1] - baseline) for s in warm) / baseline
     stalled = [s[1] for s in samples if s[2].startswith("stalled")]
     return {
-        "events": soak.injected - bound["injected"], "consumed": soak.consumed, "lost": lost,
+        "events": soaked, "consumed": soak.consumed, "lost": lost,
         "dropped": dropped_in_soak, "stall_cycles": cycles, "stall_events": stall_events,
         "elapsed_s": elapsed, "cpu_s": cpu,
         "flow_events_per_s": flow_count / flow_time if flow_time else None,
-        "cpu_us_per_event": 1e6 * cpu / max(1, soak.injected - bound["injected"]),
+        "cpu_us_per_event": 1e6 * cpu / max(1, soaked),
         "rss_first_kib": samples[0][1], "rss_warm_kib": baseline,
         "rss_min_warm_kib": min(s[1] for s in warm), "rss_max_warm_kib": max(s[1] for s in warm),
         "rss_deviation": deviation, "rss_stalled_max_kib": max(stalled) if stalled else None,
-        "samples": samples, "bound": bound,
+        "samples": samples, "bound": bound, "traced_kib_after_drain": traced,
     }
+
+
+async def live_memory_across_stalls(soak: Soak, cycles: int, stall_events: int) -> list[float]:
+    """What RSS cannot tell apart: whether memory that stays after a stall is still reachable.
+    Python's live allocations (tracemalloc), after each of ``cycles`` more stall-and-drain
+    cycles and a flow, with garbage collected; flat means nothing is kept."""
+    if not cycles:
+        return []
+    traced = []
+    tracemalloc.start()
+    try:
+        for _cycle in range(cycles + 1):  # the first cycle warms tracemalloc's own tables
+            soak.flowing.clear()
+            await soak.inject(stall_events, keep_up=False)
+            soak.flowing.set()
+            await soak.drained()
+            await soak.inject(stall_events // 2, keep_up=True)
+            await soak.drained()
+            gc.collect()
+            traced.append(tracemalloc.get_traced_memory()[0] / 1024)
+    finally:
+        tracemalloc.stop()
+    return traced[1:]
 
 
 def main() -> None:
@@ -188,9 +215,11 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=100_000, help="max_buffered_events (the source's default)")
     parser.add_argument("--sample-every", type=int, default=30_000)
     parser.add_argument("--profile")
+    parser.add_argument("--trace-cycles", type=int, default=3,
+                        help="stall cycles after the soak with tracemalloc on (live memory), default 3")
     options = parser.parse_args()
     result = asyncio.run(run(options.events, options.stall_events, options.flow_events, options.limit,
-                             options.sample_every, options.profile))
+                             options.sample_every, options.profile, options.trace_cycles))
     sys.stdout.write(json.dumps(result) + "\n")
     sys.stdout.flush()
     os._exit(0)

@@ -37,6 +37,7 @@ def test_bench_smoke_run_loses_nothing(tmp_path):
     assert paced["source_unique"] == paced["expected"] == 180 and paced["latency_p99_ms"] is not None
     soak = data["soak"]
     assert soak["lost"] == 0 and soak["stall_cycles"] >= 1
+    assert len(soak["traced_kib_after_drain"]) == 3
     assert soak["bound"]["holds"] and soak["bound"]["max_buffered"] <= 5000
     assert data["audit"]["lost"] == 0
     # every figure is printed with its goal
