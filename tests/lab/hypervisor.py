@@ -74,12 +74,13 @@ def relays_events(uri: str, domain: str, timeout: float = 3) -> bool:
     """Whether the daemon at ``uri`` delivers domain events to a new listener: ``virsh event``
     listens while the domain's live metadata changes, and must report that change.
 
-    libvirt 9.0 (and libvirt to date) can leave its domain event queue stuck: when the last
-    listener deregisters at the moment an event is queued (virObjectEventStateQueueRemote reads
-    ``state->timer`` before taking the lock), that event stays queued with no timer armed, and
-    every listener that registers next receives nothing until all of them have left again. The
-    probe's own listener leaving clears such a queue, so a failed probe followed by a good one
-    has healed the daemon."""
+    Seen with libvirt 9.0 after a listener deregistered while QEMU reported disconnects: the
+    daemon then delivered no domain event (graphics or metadata) to any new listener. The likely
+    cause, from libvirt's code: virObjectEventStateQueueRemote reads ``state->timer`` before
+    taking the lock, so an event queued while the last listener deregisters stays queued with
+    no timer armed, and listeners that register next receive nothing until all of them have
+    left again. The probe's own listener leaving clears such a queue, so a failed probe followed
+    by a good one has healed the daemon (the tests have seen exactly that)."""
     marker = f"urn:{PREFIX}:probe"
     listener = subprocess.Popen(["virsh", "-c", uri, "event", "--event", "metadata-change", "--loop"],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
