@@ -401,8 +401,7 @@ class HypervisorWatcher:
         if self.config.keepalive_interval:
             conn.setKeepAlive(self.config.keepalive_interval, self.config.keepalive_count)
         conn.registerCloseCallback(self.on_close, None)
-        self.callback_id = conn.domainEventRegisterAny(
-            None, libvirt.VIR_DOMAIN_EVENT_ID_GRAPHICS, self.on_graphics, None)
+        self.callback_id = self.subscribe(conn)
         self.hypervisor = {"uri": self.uri, "hostname": await loop.run_in_executor(None, conn.getHostname)}
         LOGGER.info("%s: watching graphics events on %s", self.uri, self.hypervisor["hostname"])
         if self.config.snapshot:
@@ -415,6 +414,20 @@ class HypervisorWatcher:
                 await self.resume_after_overflow(loop)
                 continue
             await self.wakeup.wait()
+
+    def subscribe(self, conn) -> int:
+        """Register the graphics callback: once, then drop it and register it again.
+
+        libvirt (seen with 9.0; the race is in virObjectEventStateQueueRemote) can keep an event
+        stuck in a daemon's queue when the last listener leaves just as QEMU reports one, for
+        example an earlier run of this source stopped during a burst. Every listener after that
+        receives nothing until all of them have left at once. Dropping our only callback makes
+        this connection leave for a moment, which clears such a queue when no other program
+        listens. While the source stays subscribed the queue cannot get stuck, so this is needed
+        once per connection. The snapshot that follows reports the sessions that opened meanwhile."""
+        first = conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_GRAPHICS, self.on_graphics, None)
+        conn.domainEventDeregisterAny(first)
+        return conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_GRAPHICS, self.on_graphics, None)
 
     async def resume_after_overflow(self, loop) -> None:
         """Wait until the queue has drained the buffer to half, then listen again and let a
