@@ -38,17 +38,12 @@ def side_by_side(lab, hypervisors, bursts: int, sessions: int, concurrency: int,
                 "driver_s": burst.ended - burst.started,
                 "bare_events": b["count"],
                 "source_events": s["count"],
-                "source_unique": s["unique"],
                 "bare_lost": max(0, burst.expected_events - b["count"]),
-                "source_lost": max(0, burst.expected_events - s["unique"]),
-                "source_duplicates": s["count"] - s["unique"],
+                **_source_figures(s, burst.expected_events),
                 "bare_eps": _rate(b, burst),
                 "source_eps": _rate(s, burst),
                 "bare_cpu_us": 1e6 * b["cpu_s"] / max(1, b["count"]),
                 "source_cpu_us": 1e6 * s["cpu_s"] / max(1, s["count"]),
-                "latency_p50_ms": s["latency_ms"]["p50"],
-                "latency_p99_ms": s["latency_ms"]["p99"],
-                "latency_max_ms": s["latency_ms"]["max"],
                 "source_rss_kib": s["rss_kib"],
             }
             row["ratio"] = row["source_eps"] / row["bare_eps"] if row["bare_eps"] else 0.0
@@ -69,11 +64,7 @@ def side_by_side(lab, hypervisors, bursts: int, sessions: int, concurrency: int,
             paced = {
                 "sessions": flow.sessions, "rate_sessions_per_s": paced_rate,
                 "expected": flow.expected_events, "driver_s": flow.ended - flow.started,
-                "bare_events": b["count"], "source_unique": s["unique"],
-                "source_lost": max(0, flow.expected_events - s["unique"]),
-                "source_duplicates": s["count"] - s["unique"],
-                "latency_p50_ms": s["latency_ms"]["p50"], "latency_p99_ms": s["latency_ms"]["p99"],
-                "latency_max_ms": s["latency_ms"]["max"],
+                "bare_events": b["count"], **_source_figures(s, flow.expected_events),
             }
             log(f"#   steady flow: {flow.sessions} sessions at {paced_rate:g}/s in {paced['driver_s']:.2f}s; "
                 f"source {s['unique']} of {flow.expected_events} ev, p50 {paced['latency_p50_ms']:.2f} ms, "
@@ -104,6 +95,18 @@ def side_by_side(lab, hypervisors, bursts: int, sessions: int, concurrency: int,
         "paced": paced,
         "rss_kib_start": rss_start,
         "rss_kib_end": rows[-1]["source_rss_kib"],
+    }
+
+
+def _source_figures(report: dict, expected: int) -> dict:
+    """What the source's report says of one run: events seen once, lost, seen twice, latency."""
+    return {
+        "source_unique": report["unique"],
+        "source_lost": max(0, expected - report["unique"]),
+        "source_duplicates": report["count"] - report["unique"],
+        "latency_p50_ms": report["latency_ms"]["p50"],
+        "latency_p99_ms": report["latency_ms"]["p99"],
+        "latency_max_ms": report["latency_ms"]["max"],
     }
 
 

@@ -70,9 +70,75 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
         time.sleep(interval)
 
 
+class EventWitness:
+    """``virsh event --all --loop`` on the daemon at ``uri``: an independent record of its
+    domain events, identities included.
+
+    Ready once its callbacks are registered, which virsh does not announce: the witness changes
+    the domain's live metadata (every ``retry`` seconds, since a change made before virsh
+    registered is never reported) until that event comes through, and raises TimeoutError when
+    none does within ``timeout``. ``stop()`` waits for the sessions' disconnect events, which
+    trail the clients' exit, instead of sleeping."""
+
+    def __init__(self, uri: str, domain: str, timeout: float = 60, retry: float = 2) -> None:
+        self.domain = domain
+        self.lines: list[str] = []
+        self.changed = threading.Condition()
+        self.proc = subprocess.Popen(
+            ["virsh", "-c", uri, "event", "--all", "--loop"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        marker = f"urn:{PREFIX}:witness:{time.monotonic_ns()}"
+
+        def registered() -> bool:
+            run(["virsh", "-q", "-c", uri, "metadata", domain, "--uri", marker, "--key", "w",
+                 "--set", f"<w n='{time.monotonic_ns()}'/>", "--live"])
+            return self._wait(lambda: any("metadata-change" in line and f"'{domain}'" in line
+                                          for line in self.lines), retry)
+
+        try:
+            wait_for(registered, timeout, "virsh event to register its callbacks")
+        except BaseException:
+            self.close()
+            raise
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            with self.changed:
+                self.lines.append(line.rstrip("\n"))
+                self.changed.notify_all()
+
+    def _wait(self, predicate, timeout: float) -> bool:
+        with self.changed:
+            return self.changed.wait_for(predicate, timeout)
+
+    def output(self) -> str:
+        with self.changed:
+            return "\n".join(self.lines) + "\n"
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.reader.join(timeout=30)
+
+    def stop(self, disconnects: int, timeout: float = 60) -> str:
+        """Everything virsh printed, once the domain's graphics events hold ``disconnects``
+        disconnects (or after ``timeout``: the test's assertions then say what is missing)."""
+        prefix = f"event 'graphics' for domain '{self.domain}': disconnect "
+        self._wait(lambda: sum(line.startswith(prefix) for line in self.lines) >= disconnects,
+                   timeout)
+        self.close()
+        return self.output()
+
+
 def relays_events(uri: str, domain: str, timeout: float = 3) -> bool:
-    """Whether the daemon at ``uri`` delivers domain events to a new listener: ``virsh event``
-    listens while the domain's live metadata changes, and must report that change.
+    """Whether the daemon at ``uri`` delivers domain events to a new listener: an EventWitness
+    must see the domain's live metadata change.
 
     Seen with libvirt 9.0 after a listener deregistered while QEMU reported disconnects: the
     daemon then delivered no domain event (graphics or metadata) to any new listener. The likely
@@ -81,29 +147,12 @@ def relays_events(uri: str, domain: str, timeout: float = 3) -> bool:
     no timer armed, and listeners that register next receive nothing until all of them have
     left again. The probe's own listener leaving clears such a queue, so a failed probe followed
     by a good one has healed the daemon (the tests have seen exactly that)."""
-    marker = f"urn:{PREFIX}:probe"
-    listener = subprocess.Popen(["virsh", "-c", uri, "event", "--event", "metadata-change", "--loop"],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + timeout
-        seen = threading.Event()
-
-        def read() -> None:
-            for line in listener.stdout:
-                if "metadata-change" in line and f"'{domain}'" in line:
-                    seen.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        while time.monotonic() < deadline:
-            # a change made before virsh registered is never reported: change it again
-            run(["virsh", "-q", "-c", uri, "metadata", domain, "--uri", marker, "--key", "p",
-                 "--set", f"<p n='{time.monotonic_ns()}'/>", "--live"])
-            if seen.wait(0.3):
-                return True
+        witness = EventWitness(uri, domain, timeout, retry=0.3)
+    except TimeoutError:
         return False
-    finally:
-        listener.kill()
-        listener.wait()
+    witness.close()
+    return True
 
 
 def heal_event_delivery(uri: str, domain: str, attempts: int = 3) -> None:

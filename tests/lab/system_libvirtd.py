@@ -27,12 +27,11 @@ import signal
 import subprocess
 import tempfile
 import termios
-import threading
 import time
 from pathlib import Path
 from xml.sax.saxutils import escape
 
-from lab.hypervisor import PREFIX, DOMAIN_XML, CommandFailed, Domain, run, wait_for
+from lab.hypervisor import PREFIX, DOMAIN_XML, CommandFailed, Domain, EventWitness, run, wait_for
 
 URI = "qemu:///system"
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
@@ -350,67 +349,12 @@ def _group_exists(name: str) -> bool:
     return True
 
 
-class GraphicsEventWitness:
+class GraphicsEventWitness(EventWitness):
     """``virsh event --all --loop`` on the system daemon: an independent record of the graphics
-    events, identities included.
-
-    Ready once its callbacks are registered, which virsh does not announce: the witness changes
-    the domain's metadata and waits for that event to come through. ``stop()`` waits for the
-    sessions' disconnect events, which trail the clients' exit, instead of sleeping."""
+    events, identities included (lab.hypervisor.EventWitness)."""
 
     def __init__(self, domain: str, timeout: float = 60) -> None:
-        self.domain = domain
-        self.lines: list[str] = []
-        self.changed = threading.Condition()
-        self.proc = subprocess.Popen(
-            ["virsh", "-c", URI, "event", "--all", "--loop"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-        marker = f"urn:{PREFIX}:witness:{time.monotonic_ns()}"
-
-        def registered() -> bool:
-            # A change made before virsh registered is never reported: change it again.
-            run(["virsh", "-q", "-c", URI, "metadata", domain, "--uri", marker, "--key", "w",
-                 "--set", f"<w n='{time.monotonic_ns()}'/>", "--live"])
-            return self._wait(lambda: any("metadata-change" in line and f"'{domain}'" in line
-                                          for line in self.lines), 2)
-
-        try:
-            wait_for(registered, timeout, "virsh event to register its callbacks")
-        except BaseException:
-            self.proc.kill()
-            self.proc.wait()
-            raise
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            with self.changed:
-                self.lines.append(line.rstrip("\n"))
-                self.changed.notify_all()
-
-    def _wait(self, predicate, timeout: float) -> bool:
-        with self.changed:
-            return self.changed.wait_for(predicate, timeout)
-
-    def output(self) -> str:
-        with self.changed:
-            return "\n".join(self.lines) + "\n"
-
-    def stop(self, disconnects: int, timeout: float = 60) -> str:
-        """Everything virsh printed, once the domain's graphics events hold ``disconnects``
-        disconnects (or after ``timeout``: the test's assertions then say what is missing)."""
-        prefix = f"event 'graphics' for domain '{self.domain}': disconnect "
-        self._wait(lambda: sum(line.startswith(prefix) for line in self.lines) >= disconnects,
-                   timeout)
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.reader.join(timeout=30)
-        return self.output()
+        super().__init__(URI, domain, timeout)
 
 
 class TlsSaslConsoleClient:
