@@ -160,7 +160,10 @@ class SourceListener(Listener):
             (seen - datetime.datetime.fromisoformat(stamp).timestamp()) * 1000.0
             for seen, stamp, _phase, _sid in self.records
         )
-        report["unique"] = len({(sid, phase) for _s, _t, phase, sid in self.records})
+        # an event seen twice has the same session, phase and callback time; two sessions may
+        # share a session id (the client's port is reused) but not the microsecond of a callback
+        report["unique"] = len({(sid, phase, stamp) for _s, stamp, phase, sid in self.records})
+        report["session_ids_reused"] = len(self.records) - len({(sid, phase) for _s, _t, phase, sid in self.records})
         report["phases"] = {p: sum(1 for r in self.records if r[2] == p) for p in ("connect", "initialize", "disconnect")}
         report["latency_ms"] = {
             "p50": percentile(latencies, 50), "p99": percentile(latencies, 99),

@@ -4,7 +4,7 @@ per URI) and to every hypervisor's snapshot delivered on the queue (one console 
 open on each hypervisor, so each snapshot yields one ``initialize`` event with snapshot=true).
 
 ``python -m bench.scale URI...`` prints one JSON line; the bench runs it in its own process so
-that libvirtaio is registered afresh, as in a new activation.
+that libvirt's event loop starts afresh, as in a new activation.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def main() -> None:
     result = asyncio.run(measure(sys.argv[1:]))
     sys.stdout.write(json.dumps(result) + "\n")
     sys.stdout.flush()
-    os._exit(0)  # libvirtaio's callbacks would outlive the closed loop and complain
+    os._exit(0)  # libvirt's callbacks would outlive the closed loop
 
 
 if __name__ == "__main__":

@@ -104,6 +104,7 @@ def _source_figures(report: dict, expected: int) -> dict:
         "source_unique": report["unique"],
         "source_lost": max(0, expected - report["unique"]),
         "source_duplicates": report["count"] - report["unique"],
+        "session_ids_reused": report["session_ids_reused"],
         "latency_p50_ms": report["latency_ms"]["p50"],
         "latency_p99_ms": report["latency_ms"]["p99"],
         "latency_max_ms": report["latency_ms"]["max"],

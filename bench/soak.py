@@ -52,7 +52,7 @@ class FakeDomain:
 class Soak:
     def __init__(self, module: dict, limit: int):
         config = module["SourceArguments"]({"uri": URI, "max_buffered_events": limit})
-        self.buffer = module["EventBuffer"](config.max_buffered_events)
+        self.buffer = module["EventBuffer"](config.max_buffered_events, asyncio.get_running_loop())
         self.watcher = module["HypervisorWatcher"](URI, config, self.buffer)
         self.watcher.hypervisor = {"uri": URI, "hostname": "bench-soak"}
         self.feed = module["feed"]

@@ -1,8 +1,8 @@
 """Makes the collection importable as ``ansible_collections.virtguard.console`` (through the
 link that hacking/bootstrap.sh makes) and the lab harness importable as ``lab``.
 
-All asyncio tests share one event loop (pytest.ini): libvirt's asyncio event implementation
-can be registered only once per process, like in ansible-rulebook."""
+All asyncio tests share one event loop (pytest.ini), as every source of one ansible-rulebook
+run does."""
 
 import sys
 from pathlib import Path

@@ -24,8 +24,9 @@ def second_hypervisor():
 
 @pytest.fixture(scope="session", autouse=True)
 async def settle_libvirt_callbacks():
-    """libvirt frees closed connections lazily and libvirtaio then schedules its last
-    callbacks on the loop: let them run before pytest closes the loop, not at exit."""
+    """libvirt frees closed connections lazily and may still call back on the loop (the
+    source's wake-ups, libvirtaio in a subprocess test): let that run before pytest closes
+    the loop, not at exit."""
     yield
     import gc
     import asyncio

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
+import os
 import socket
+import subprocess
+import sys
+import threading
 
 import pytest
 
 from lab import rfb
 from lab.hypervisor import relays_events
-from lab.source_runner import SourceRun
+from lab.source_runner import SourceRun, source_module
 
 pytestmark = pytest.mark.slow
 
@@ -97,6 +102,45 @@ async def test_two_sources_in_one_event_loop_share_libvirts_registration(hypervi
             sock.close()
             events = await run.wait_for(3, remote__service=client_port)
             assert {e["hypervisor"]["uri"] for e in events} == {hv.uri}
+    event_threads = [t for t in threading.enumerate() if t.name == source_module()["EVENT_THREAD_NAME"]]
+    assert len(event_threads) == 1  # libvirt's event loop: one per process
+
+
+LIBVIRTAIO_FIRST = """
+import asyncio, json, os, sys, threading
+import libvirtaio
+from lab import rfb
+from lab.source_runner import SourceRun, source_module
+
+async def main(uri, port):
+    libvirtaio.virEventRegisterAsyncIOImpl(loop=asyncio.get_running_loop())
+    async with SourceRun({"uri": uri}) as run:
+        await asyncio.sleep(0.5)
+        sock = await asyncio.to_thread(rfb.open_session, "127.0.0.1", port)
+        client_port = str(sock.getsockname()[1])
+        sock.close()
+        events = await run.wait_for(3, remote__service=client_port)
+    name = source_module()["EVENT_THREAD_NAME"]
+    print(json.dumps({"phases": [e["phase"] for e in events],
+                      "event_threads": sum(t.name == name for t in threading.enumerate())}), flush=True)
+    os._exit(0)
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+"""
+
+
+async def test_a_process_that_registered_libvirtaio_first_keeps_it(hypervisor, tmp_path):
+    """libvirt takes one event loop per process: the source then uses libvirtaio's, and starts
+    no thread of its own."""
+    script = tmp_path / "libvirtaio_first.py"
+    script.write_text(LIBVIRTAIO_FIRST)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = await asyncio.to_thread(
+        subprocess.run, [sys.executable, str(script), hypervisor.uri, str(hypervisor.domains[0].vnc_port)],
+        env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert result == {"phases": ["connect", "initialize", "disconnect"], "event_threads": 0}
 
 
 async def test_unreachable_hypervisor_is_retried_while_the_others_work(hypervisor, tmp_path, caplog):

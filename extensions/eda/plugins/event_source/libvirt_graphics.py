@@ -20,8 +20,9 @@ description:
     C(disconnect) events with C(snapshot=true).
   - A hypervisor that is down or unreachable is retried with exponential backoff; the other
     URIs keep working.
-  - Events are never dropped between libvirt and the queue. The libvirt callback appends to
-    an in-memory buffer and one task feeds the queue with backpressure. The buffer holds at
+  - Events are never dropped between libvirt and the queue. libvirt's default event loop runs
+    in one thread of the process; its callback appends to an in-memory buffer and one task
+    feeds the queue with backpressure. The buffer holds at
     most O(max_buffered_events) raw events; past that the source stops listening to the
     hypervisors whose events overflow, and resynchronises them by snapshot once the queue has
     drained, so the sessions that a gap would hide are reported, never silently lost.
@@ -118,6 +119,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from typing import Any
 from urllib.parse import urlsplit
@@ -156,12 +158,15 @@ from ansible_collections.virtguard.console.plugins.module_utils.session_tracking
 try:
     import libvirt
     import libvirt_qemu
-    import libvirtaio
 except ImportError as exc:  # pragma: no cover - reported at start, with what to install
     libvirt = None
     LIBVIRT_IMPORT_ERROR = exc
 else:
     LIBVIRT_IMPORT_ERROR = None
+try:
+    import libvirtaio
+except ImportError:
+    libvirtaio = None
 
 LOGGER = logging.getLogger("virtguard.console.libvirt_graphics")
 INTERNAL_ARG_PREFIX = "eda_"  # arguments ansible-rulebook adds itself (eda_feedback_queue)
@@ -267,12 +272,18 @@ def now_iso() -> str:
 
 class EventBuffer:
     """Between libvirt's callbacks and the queue: a deque the callbacks append to without
-    ever blocking, and an asyncio.Event that wakes the feeder."""
+    ever blocking, from libvirt's event thread, and an asyncio.Event that wakes the feeder.
 
-    def __init__(self, limit: int):
+    The feeder says when it is about to sleep (``waiting``) and looks again before it does;
+    an append that sees ``waiting`` wakes it through the loop (``call_soon_threadsafe``). So
+    the loop is woken once per batch of events, not once per event, and no wake-up is lost."""
+
+    def __init__(self, limit: int, loop: asyncio.AbstractEventLoop):
         self.items: collections.deque = collections.deque()
         self.limit = limit
+        self.loop = loop
         self.ready = asyncio.Event()
+        self.waiting = False
 
     def __len__(self):
         return len(self.items)
@@ -281,12 +292,28 @@ class EventBuffer:
         return len(self.items) >= self.limit
 
     def append(self, item) -> None:
+        """Any thread."""
         self.items.append(item)
-        self.ready.set()
+        if self.waiting:
+            self.waiting = False
+            self.call_on_loop(self.ready.set)
+
+    def call_on_loop(self, function) -> None:
+        """Any thread: run ``function`` on the loop's thread, unless the loop has closed (a
+        callback libvirt was already running when the source stopped)."""
+        try:
+            self.loop.call_soon_threadsafe(function)
+        except RuntimeError:
+            pass
 
     async def get(self):
+        """The loop's thread, one feeder."""
         while not self.items:
             self.ready.clear()
+            self.waiting = True
+            if self.items:  # appended before it could see ``waiting``
+                self.waiting = False
+                break
             await self.ready.wait()
         return self.items.popleft()
 
@@ -320,7 +347,8 @@ class HypervisorWatcher:
         self.overflowed = False
         self.dropped = 0
 
-    # -- libvirt callbacks (run on the loop thread: never block, never raise) ---------------
+    # -- libvirt callbacks (libvirt's event thread: never block, never raise, and reach the
+    #    loop's objects through call_soon_threadsafe only) ---------------------------------
     def on_graphics(self, _conn, dom, phase, local, remote, auth_scheme, subject, _opaque):
         if self.overflowed:
             self.dropped += 1
@@ -328,7 +356,7 @@ class HypervisorWatcher:
         if self.buffer.full():
             self.overflowed = True
             self.dropped += 1
-            self.wakeup.set()
+            self.buffer.call_on_loop(self.wakeup.set)
             LOGGER.error("%s: %d events buffered; pausing this hypervisor until the queue drains, "
                          "then resynchronising it by snapshot", self.uri, len(self.buffer))
             return
@@ -336,6 +364,9 @@ class HypervisorWatcher:
 
     def on_close(self, _conn, reason, _opaque):
         LOGGER.warning("%s: connection closed (reason %s)", self.uri, reason)
+        self.buffer.call_on_loop(self.on_closed)
+
+    def on_closed(self) -> None:
         self.closed.set()
         self.wakeup.set()
 
@@ -486,18 +517,36 @@ class HypervisorWatcher:
             pass
 
 
+EVENT_THREAD_NAME = "libvirt default event loop (virtguard.console)"
+
+
 def ensure_libvirt_event_loop() -> None:
-    """Register libvirtaio on the running loop, once per process; every source of one
-    ansible-rulebook run shares that loop and the registration."""
-    loop = asyncio.get_running_loop()
-    current = libvirtaio.getCurrentImpl()
-    if current is None:
-        libvirtaio.virEventRegisterAsyncIOImpl(loop=loop)
-    elif current.loop is not loop:
-        raise RuntimeError(
-            "libvirt's asyncio event implementation is already registered on another event loop "
-            "in this process, and libvirt allows only one registration per process"
-        )
+    """libvirt's default event loop, run by one daemon thread per process and shared by every
+    source of that process (ansible-rulebook loads each source afresh, so the thread's name
+    is what marks it as started). libvirt's RPC decoding then runs in C beside the asyncio
+    loop; the callbacks hand their events over in batches (docs/performance.md). A process
+    that registered libvirt's asyncio integration (libvirtaio) before the first source keeps
+    it: libvirt allows one event loop per process."""
+    current = libvirtaio.getCurrentImpl() if libvirtaio is not None else None
+    if current is not None:
+        if current.loop is not asyncio.get_running_loop():
+            raise RuntimeError(
+                "libvirt's asyncio event implementation is already registered on another event loop "
+                "in this process, and libvirt allows only one registration per process"
+            )
+        return
+    if any(thread.name == EVENT_THREAD_NAME for thread in threading.enumerate()):
+        return
+    if libvirt.virEventRegisterDefaultImpl() < 0:
+        raise RuntimeError("libvirt's default event loop could not be registered")
+    threading.Thread(target=_run_libvirt_events, name=EVENT_THREAD_NAME, daemon=True).start()
+
+
+def _run_libvirt_events() -> None:
+    while True:
+        if libvirt.virEventRunDefaultImpl() < 0:
+            LOGGER.error("libvirt's event loop failed: %s", libvirt.virGetLastErrorMessage())
+            time.sleep(0.1)
 
 
 async def feed(queue: asyncio.Queue, buffer: EventBuffer) -> None:
@@ -524,7 +573,7 @@ async def main(queue: asyncio.Queue, args: dict[str, Any]) -> None:
     if LIBVIRT_IMPORT_ERROR is not None:
         raise RuntimeError(f"libvirt-python is required: {LIBVIRT_IMPORT_ERROR}")
     ensure_libvirt_event_loop()
-    buffer = EventBuffer(config.max_buffered_events)
+    buffer = EventBuffer(config.max_buffered_events, asyncio.get_running_loop())
     watchers = [HypervisorWatcher(uri, config, buffer) for uri in config.uris]
     tasks = [asyncio.create_task(w.run(), name=f"libvirt_graphics {w.uri}") for w in watchers]
     try:
