@@ -134,6 +134,9 @@ def report_burst(report: Report, result: dict, options) -> None:
         report.figure("client sessions that failed (not counted as expected)", str(r["failed_sessions"]))
     report.figure("CPU per event, bare / source (median)",
                   f"{r['bare_cpu_us_median']:.0f} us / {r['source_cpu_us_median']:.0f} us")
+    split = r["source_cpu_us_by_thread_median"]
+    report.figure("source CPU per event by thread (median): asyncio loop / libvirt's event thread / other",
+                  f"{split['loop']:.0f} us / {split['libvirt_events']:.0f} us / {split['other']:.0f} us")
     report.figure("source RSS after warm-up / after the bursts",
                   f"{r['rss_kib_start'] / 1024:.1f} MiB / {r['rss_kib_end'] / 1024:.1f} MiB")
     report.lost += r["source_lost"] + r["duplicates"]

@@ -27,7 +27,7 @@ import threading
 import time
 
 from bench import SOURCE_PATH
-from bench.stats import percentile, rss_kib
+from bench.stats import percentile, rss_kib, thread_cpu_s
 
 
 class Listener:
@@ -36,11 +36,13 @@ class Listener:
     def __init__(self, uris: list[str]):
         self.uris = uris
         self.cpu_mark = time.process_time()
+        self.threads_mark = thread_cpu_s()
         self.profile = None
 
     def mark(self) -> None:
         self.clear()
         self.cpu_mark = time.process_time()
+        self.threads_mark = thread_cpu_s()
 
     def base_report(self, times: list[float]) -> dict:
         return {
@@ -48,8 +50,26 @@ class Listener:
             "first": min(times) if times else None,
             "last": max(times) if times else None,
             "cpu_s": time.process_time() - self.cpu_mark,
+            "cpu_s_by_thread": self.cpu_by_thread(),
             "rss_kib": rss_kib(),
         }
+
+    def cpu_by_thread(self) -> dict:
+        """CPU since the mark: the asyncio loop's thread, libvirt's event thread (the source's),
+        the rest (executor, the bench's stdin reader)."""
+        now = thread_cpu_s()
+        spent = {tid: cpu - self.threads_mark.get(tid, 0.0) for tid, cpu in now.items()}
+        names = {thread.native_id: thread.name for thread in threading.enumerate()}
+        loop_tid = threading.main_thread().native_id
+        by_role = {"loop": 0.0, "libvirt_events": 0.0, "other": 0.0}
+        for tid, cpu in spent.items():
+            if tid == loop_tid:
+                by_role["loop"] += cpu
+            elif "libvirt" in names.get(tid, ""):
+                by_role["libvirt_events"] += cpu
+            else:
+                by_role["other"] += cpu
+        return by_role
 
 
 class BareListener(Listener):

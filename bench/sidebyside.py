@@ -44,6 +44,8 @@ def side_by_side(lab, hypervisors, bursts: int, sessions: int, concurrency: int,
                 "source_eps": _rate(s, burst),
                 "bare_cpu_us": 1e6 * b["cpu_s"] / max(1, b["count"]),
                 "source_cpu_us": 1e6 * s["cpu_s"] / max(1, s["count"]),
+                "source_cpu_us_by_thread": {role: 1e6 * cpu / max(1, s["count"])
+                                            for role, cpu in s["cpu_s_by_thread"].items()},
                 "source_rss_kib": s["rss_kib"],
             }
             row["ratio"] = row["source_eps"] / row["bare_eps"] if row["bare_eps"] else 0.0
@@ -84,6 +86,9 @@ def side_by_side(lab, hypervisors, bursts: int, sessions: int, concurrency: int,
         "source_eps_median": median([r["source_eps"] for r in rows]),
         "bare_cpu_us_median": median([r["bare_cpu_us"] for r in rows]),
         "source_cpu_us_median": median([r["source_cpu_us"] for r in rows]),
+        "source_cpu_us_by_thread_median": {
+            role: median([r["source_cpu_us_by_thread"][role] for r in rows])
+            for role in rows[0]["source_cpu_us_by_thread"]},
         "source_lost": sum(r["source_lost"] for r in rows) + (paced["source_lost"] if paced else 0),
         "bare_lost": sum(r["bare_lost"] for r in rows),
         "duplicates": sum(r["source_duplicates"] for r in rows) + (paced["source_duplicates"] if paced else 0),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import statistics
+import threading
+import time
 
 
 def percentile(sorted_values: list[float], pct: float) -> float | None:
@@ -37,3 +39,14 @@ def mem_available_mib() -> int:
 
 def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def thread_cpu_s() -> dict[int, float]:
+    """CPU seconds of each Python thread of this process, by native thread id."""
+    cpu = {}
+    for thread in threading.enumerate():
+        try:
+            cpu[thread.native_id] = time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+        except (OSError, TypeError):  # ended meanwhile
+            continue
+    return cpu

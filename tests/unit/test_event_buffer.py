@@ -1,8 +1,8 @@
 """The buffer between libvirt's event thread and the asyncio loop: every event handed over, in
-order, whatever the interleaving of the thread that appends and the feeder that sleeps."""
+order and intact, whatever the interleaving of the thread that appends and the feeder that
+sleeps; and the memory a backlog took is given back once it is read."""
 
 import asyncio
-import collections
 import random
 import sys
 import threading
@@ -13,28 +13,45 @@ import pytest
 from lab.source_runner import source_module
 
 EventBuffer = source_module()["EventBuffer"]
+PackedChunk = source_module()["PackedChunk"]
 
 
 @pytest.fixture
 def frequent_thread_switches():
-    """Switch threads every microsecond, not every 5 ms, so that the append lands between
-    any two steps of the feeder's look-then-sleep."""
+    """Switch threads every microsecond, not every 5 ms, so that appends land between any two
+    steps of the feeder."""
     before = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)
     yield
     sys.setswitchinterval(before)
 
 
+def small_buffer(limit=10**9, chunk_bytes=4096):
+    buffer = EventBuffer(limit, asyncio.get_running_loop())
+    buffer.CHUNK_BYTES = chunk_bytes  # many chunks, so that reading crosses from one to the next
+    return buffer
+
+
+class Marker:
+    """An object between events, as a snapshot is."""
+
+    def __init__(self, n):
+        self.n = n
+
+
 async def test_events_from_another_thread_all_reach_the_feeder_in_order(frequent_thread_switches):
-    buffer = EventBuffer(10**9, asyncio.get_running_loop())
-    total = 60_000
+    buffer = small_buffer()
+    total = 30_000
 
     def produce():
         rnd = random.Random(7)
         n = 0
         while n < total:
-            for _ in range(min(total - n, rnd.choice((1, 1, 1, 3, 40)))):  # single events, batches
-                buffer.append(n)
+            for _event in range(min(total - n, rnd.choice((1, 1, 1, 3, 40)))):  # single events, batches
+                if n % 1000 == 999:
+                    buffer.append(Marker(n))
+                else:
+                    buffer.append_event((n, "x" * rnd.randrange(300), {"node": "10.0.0.1"}, [("saslUsername", "u")]))
                 n += 1
             if rnd.random() < 0.05:
                 time.sleep(0.0002)  # the feeder catches up and goes to sleep
@@ -43,36 +60,58 @@ async def test_events_from_another_thread_all_reach_the_feeder_in_order(frequent
     producer.start()
     got = []
     try:
-        for _ in range(total):
+        for _event in range(total):
             got.append(await asyncio.wait_for(buffer.get(), 5))  # a lost wake-up hangs here
     finally:
         producer.join()
-    assert got == list(range(total))
+    assert [item.n if isinstance(item, Marker) else item[0] for item in got] == list(range(total))
+    assert all(item[2] == {"node": "10.0.0.1"} and item[3] == [("saslUsername", "u")]
+               for item in got if not isinstance(item, Marker))
     assert len(buffer) == 0
 
 
-class AppendRightAfterTheLook(collections.deque):
-    """The buffer's deque, with libvirt's append landing at the worst moment: just after the
-    feeder looked and found nothing, before it said it would sleep (where a thread switch
-    can put it)."""
-
-    def __init__(self, buffer, late_events):
-        super().__init__()
-        self.buffer = buffer
-        self.late_events = late_events
-
-    def __len__(self):
-        length = super().__len__()
-        if length == 0 and self.late_events:
-            self.buffer.append(self.late_events.pop(0))  # the look still says: nothing
-        return length
+async def test_an_event_appended_while_the_feeder_sleeps_wakes_it():
+    buffer = small_buffer()
+    feeder = asyncio.create_task(buffer.get())
+    await asyncio.sleep(0.05)
+    assert not feeder.done() and buffer.waiting
+    threading.Thread(target=buffer.append_event, args=((1, "last event of a session"),)).start()
+    assert await asyncio.wait_for(feeder, 2) == (1, "last event of a session")
 
 
-async def test_an_event_appended_as_the_feeder_goes_to_sleep_wakes_it():
-    """Without a later event to wake it (a session's last event may have none)."""
-    buffer = EventBuffer(10, asyncio.get_running_loop())
-    buffer.items = AppendRightAfterTheLook(buffer, ["last event"])
-    assert await asyncio.wait_for(buffer.get(), 2) == "last event"
+async def test_hostile_text_comes_back_as_it_went_in():
+    buffer = small_buffer()
+    subject = [("x509dname", "CN={{ lookup('pipe', 'id') }};$(reboot)\x00\n"), ("saslUsername", "\udcff\u202e" * 3)]
+    huge = "O=" + "A" * 200_000  # larger than a chunk: gets one of its own
+    records = [(0, 1.5, "d", "u", 1, 2, {"family": 0, "node": "::1", "service": "1"}, {}, "sasl", subject),
+               (0, 2.5, "d", "u", 1, 1, {}, {}, "vencrypt+x509+sasl", [("x509dname", huge)])]
+    for record in records:
+        buffer.append_event(record)
+    assert [await buffer.get(), await buffer.get()] == records
+
+
+async def test_a_drained_backlog_gives_its_memory_back():
+    buffer = small_buffer(chunk_bytes=64 * 1024)
+    for n in range(5_000):
+        buffer.append_event((n, "10.1.2.3", "43122", "vencrypt+x509+sasl", [("saslUsername", f"user{n}")]))
+    chunks = list(buffer.parts)
+    assert len(chunks) > 5 and len(buffer) == 5_000
+    for n in range(5_000):
+        assert (await buffer.get())[0] == n
+    assert buffer.take() is None and buffer.waiting
+    # every chunk read to its end is unmapped; the last stays for what comes next, rewound
+    assert all(chunk.memory.closed for chunk in chunks[:-1])
+    assert list(buffer.parts) == chunks[-1:] and chunks[-1].start == chunks[-1].end == 0
+
+
+async def test_full_at_the_limit():
+    buffer = small_buffer(limit=2)
+    buffer.append_event((1,))
+    assert not buffer.full()
+    buffer.append(Marker(2))
+    assert buffer.full()
+    await buffer.get()
+    assert not buffer.full()
 
 
 def test_a_callback_after_the_loop_closed_is_ignored():
@@ -81,14 +120,5 @@ def test_a_callback_after_the_loop_closed_is_ignored():
     buffer = EventBuffer(10, loop)
     buffer.waiting = True  # the feeder was asleep
     loop.close()
-    buffer.append("late event")
-    buffer.call_on_loop(print)
+    buffer.append_event((1, "late event"))
     assert len(buffer) == 1
-
-
-def test_full_at_the_limit():
-    buffer = EventBuffer(2, asyncio.new_event_loop())
-    buffer.append(1)
-    assert not buffer.full()
-    buffer.append(2)
-    assert buffer.full()

@@ -85,3 +85,27 @@ def test_reconcile_reports_present_and_gone_but_leaves_touched_sessions_to_live_
     assert all(entry[1]["authenticated"] for entry in initialized)
     assert [(entry[0], entry[1]["duration_s"]) for entry in gone] == [("gone", 5.0)]
     assert set(tracker.sessions) == {"stays", "new", "live-new"}
+
+
+def test_timestamps_are_what_datetime_writes_to_the_character():
+    import datetime
+    import random
+
+    rnd = random.Random(3)
+    walls = [1764097111.0, 1764097111.5, 1764097111.0000005, 1764097111.0000015, 1764097111.9999996,
+             1764097111.9999994, 1764097199.999999, 0.0, 1.25]
+    walls += [rnd.uniform(1.6e9, 2.1e9) for _n in range(20000)]
+    walls += [int(w) + rnd.choice((0.0, 0.5, 1e-6, 0.9999995)) for w in walls[:2000]]
+    for wall in walls:
+        expected = datetime.datetime.fromtimestamp(wall, datetime.timezone.utc).isoformat()
+        assert ge.iso_timestamp_utc(wall) == expected, wall
+    # the same second again after another one: not the cached text of the previous call
+    assert ge.iso_timestamp_utc(86400.0) == "1970-01-02T00:00:00+00:00"
+    assert ge.iso_timestamp_utc(0.5) == "1970-01-01T00:00:00.500000+00:00"
+
+
+def test_identity_keys_for_many_types_stay_bounded():
+    for n in range(500):
+        assert ge.identity_key(f"someType{n}") == f"some_type{n}"
+    assert ge.identity_key("saslUsername") == "sasl_username"
+    assert len(ge._IDENTITY_KEYS) <= 64
