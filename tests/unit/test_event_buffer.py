@@ -26,9 +26,10 @@ def frequent_thread_switches():
     sys.setswitchinterval(before)
 
 
-def small_buffer(limit=10**9, chunk_bytes=4096):
+def small_buffer(limit=10**9, chunk_bytes=4096, pack_after=0):
     buffer = EventBuffer(limit, asyncio.get_running_loop())
     buffer.CHUNK_BYTES = chunk_bytes  # many chunks, so that reading crosses from one to the next
+    buffer.PACK_AFTER = pack_after  # pack from the first event held, unless a test says otherwise
     return buffer
 
 
@@ -102,6 +103,21 @@ async def test_a_drained_backlog_gives_its_memory_back():
     # every chunk read to its end is unmapped; the last stays for what comes next, rewound
     assert all(chunk.memory.closed for chunk in chunks[:-1])
     assert list(buffer.parts) == chunks[-1:] and chunks[-1].start == chunks[-1].end == 0
+
+
+async def test_a_short_backlog_stays_as_tuples_and_a_long_one_is_packed_in_order():
+    buffer = small_buffer(pack_after=100)
+    records = [(n, "10.1.2.3", {"service": str(n)}) for n in range(300)]
+    for record in records:
+        buffer.append_event(record)
+    kept = [part for part in buffer.parts if not isinstance(part, PackedChunk)]
+    assert kept == records[:100] and all(a is b for a, b in zip(kept, records))
+    assert sum(isinstance(part, PackedChunk) for part in buffer.parts) >= 1
+    got = [await buffer.get() for _record in records]
+    assert got == records
+    # drained: short again, so the next events stay tuples
+    buffer.append_event(records[0])
+    assert buffer.parts[-1] is records[0]
 
 
 async def test_full_at_the_limit():

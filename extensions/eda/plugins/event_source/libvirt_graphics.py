@@ -302,16 +302,18 @@ class PackedChunk:
 
 
 class EventBuffer:
-    """Between libvirt's callbacks and the queue, in arrival order: live events packed with
-    marshal into memory maps of CHUNK_BYTES (a few hundred bytes an event, none of them a
-    Python object, so the memory a backlog took goes back to the system once the feeder has
-    read it), and the snapshots in between.
+    """Between libvirt's callbacks and the queue, in arrival order: live events and the
+    snapshots in between. The first PACK_AFTER events held stay tuples (a steady flow costs
+    nothing more); the events of a backlog beyond that are packed with marshal into memory
+    maps of CHUNK_BYTES (a few hundred bytes an event, none of them a Python object, so the
+    memory a backlog took goes back to the system once the feeder has read it).
 
     Any thread appends (libvirt's event thread, the loop's for snapshots); one feeder on the
     loop takes. Both hold ``lock`` briefly. A feeder that finds nothing says so (``waiting``)
     under the lock, and the append that follows wakes it through the loop, once per batch."""
 
     CHUNK_BYTES = 1 << 20
+    PACK_AFTER = 1000  # about 1 MB of Python objects at most
 
     def __init__(self, limit: int, loop: asyncio.AbstractEventLoop):
         self.limit = limit
@@ -336,6 +338,9 @@ class EventBuffer:
 
     def append_event(self, record: tuple) -> None:
         """Any thread: a live event as a tuple of plain data (str, int, float, dict, list)."""
+        if len(self) < self.PACK_AFTER:
+            self.append(record)
+            return
         data = marshal.dumps(record)
         with self.lock:
             tail = self.parts[-1] if self.parts else None
