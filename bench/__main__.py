@@ -45,8 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="sessions per second in the steady flow (default 500, 1,500 events/s)")
     parser.add_argument("--e2e-sessions", type=int, default=2000,
                         help="RFB sessions per round through ansible-rulebook (default 2000)")
-    parser.add_argument("--e2e-rounds", type=int, default=3,
-                        help="rounds (a ceiling round, then a real burst) through ansible-rulebook (default 3)")
+    parser.add_argument("--e2e-rounds", type=int, default=5,
+                        help="rounds (a ceiling round and a real burst, alternating which goes first) "
+                             "through ansible-rulebook (default 5)")
     parser.add_argument("--scale-runs", type=int, default=3, help="source starts in the scale run (default 3)")
     parser.add_argument("--scale-hypervisors", type=int, default=8, help="hypervisors in the scale run (default 8)")
     parser.add_argument("--scale-domains", type=int, default=100,
@@ -164,9 +165,9 @@ def report_latency(report: Report, result: dict) -> None:
 
 
 def report_endtoend(report: Report, r: dict) -> None:
-    report.line(f"  {len(r['rows'])} rounds: the engine's ceiling (bench_replay feeding console_audit.yml's "
-                f"filter and rules), then the same rulebook with the source and a real burst of "
-                f"{r['sessions']} sessions taken live, then one the activation finds waiting "
+    report.line(f"  {len(r['rows'])} rounds, each the engine's ceiling (bench_replay feeding console_audit.yml's "
+                f"filter and rules) and the same rulebook with the source, in alternating order; the source "
+                f"takes a real burst of {r['sessions']} sessions live, then one it finds waiting "
                 f"(SIGSTOP during the burst)")
     report.figure("engine ceiling, events/s (median)", f"{r['ceiling_eps_median']:.0f}")
     report.figure("with the source, burst taken live, events/s (median; bounded by the arrivals)",

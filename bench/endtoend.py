@@ -3,8 +3,8 @@
 the engine's own ceiling: the same rulebook with the source replaced by bench_replay, which
 feeds pre-built payloads as fast as the engine takes them.
 
-Both activations run at once and take turns (a ceiling round, then a real burst, ...), so each
-pair of figures comes from the same minutes of the machine. Every event of either rulebook is
+Both activations run at once and take turns (a ceiling round and a real burst, in alternating
+order), so each pair of figures comes from the same minutes of the machine. Every event of either rulebook is
 one record in its audit log (the filter writes it before the event enters the engine's
 one-slot queue, so records are written at the pace the engine consumes); the rate is records
 over the time from the first record to the last of a round.
@@ -114,25 +114,32 @@ def end_to_end(lab, hypervisors, rounds: int, sessions: int, concurrency: int, l
         wait_for_records(ceiling.audit_log, expected)
         seen_ceiling = len(audit_records(ceiling.audit_log))
         for n in range(rounds):
-            (triggers / f"go-{n + 2}").touch()
-            ceiling_records = wait_for_records(ceiling.audit_log, seen_ceiling + expected)[seen_ceiling:]
-            seen_ceiling += len(ceiling_records)
-            # live: the activation takes the burst as it comes (rate bounded by the arrivals)
-            burst = run_burst(ports, sessions, concurrency)
-            live_records = wait_for_records(real.audit_log, seen_real + burst.expected_events)[seen_real:]
-            seen_real += len(live_records)
-            # backlog: the activation is stopped (SIGSTOP) during the burst, so the whole burst
-            # waits in libvirt's socket and the activation empties it at its own pace
-            os.kill(real.proc.pid, signal.SIGSTOP)
-            try:
-                stopped_burst = run_burst(ports, sessions, concurrency)
-                time.sleep(0.5)
-            finally:
-                os.kill(real.proc.pid, signal.SIGCONT)
-            real_records = wait_for_records(real.audit_log, seen_real + stopped_burst.expected_events)[seen_real:]
-            seen_real += len(real_records)
+            # alternate which goes first, so that a drift of the machine (or the engine's JIT
+            # warming up) across a round favours neither
+            order = ("ceiling", "real") if n % 2 == 0 else ("real", "ceiling")
+            for turn in order:
+                if turn == "ceiling":
+                    (triggers / f"go-{n + 2}").touch()
+                    ceiling_records = wait_for_records(ceiling.audit_log, seen_ceiling + expected)[seen_ceiling:]
+                    seen_ceiling += len(ceiling_records)
+                    continue
+                # live: the activation takes the burst as it comes (rate bounded by the arrivals)
+                burst = run_burst(ports, sessions, concurrency)
+                live_records = wait_for_records(real.audit_log, seen_real + burst.expected_events)[seen_real:]
+                seen_real += len(live_records)
+                # backlog: the activation is stopped (SIGSTOP) during the burst, so the whole burst
+                # waits in libvirt's socket and the activation empties it at its own pace
+                os.kill(real.proc.pid, signal.SIGSTOP)
+                try:
+                    stopped_burst = run_burst(ports, sessions, concurrency)
+                    time.sleep(0.5)
+                finally:
+                    os.kill(real.proc.pid, signal.SIGCONT)
+                real_records = wait_for_records(real.audit_log, seen_real + stopped_burst.expected_events)[seen_real:]
+                seen_real += len(real_records)
             row = {
                 "round": n + 1,
+                "first": order[0],
                 "ceiling_events": len(ceiling_records),
                 "ceiling_lost": expected - len(ceiling_records),
                 "ceiling_eps": rate(ceiling_records),
@@ -148,7 +155,7 @@ def end_to_end(lab, hypervisors, rounds: int, sessions: int, concurrency: int, l
             row["real_duplicates"] = _duplicates(live_records) + _duplicates(real_records)
             row["ratio"] = row["real_eps"] / row["ceiling_eps"] if row["ceiling_eps"] else 0.0
             rows.append(row)
-            log(f"#   round {n + 1}/{rounds}: ceiling {row['ceiling_events']} ev {row['ceiling_eps']:.0f}/s; "
+            log(f"#   round {n + 1}/{rounds} ({order[0]} first): ceiling {row['ceiling_events']} ev {row['ceiling_eps']:.0f}/s; "
                 f"source live {row['live_events']} ev {row['live_eps']:.0f}/s, backlog {row['real_events']} ev "
                 f"{row['real_eps']:.0f}/s, ratio {row['ratio']:.3f}; lost {row['real_lost']}")
     finally:
@@ -168,7 +175,9 @@ def end_to_end(lab, hypervisors, rounds: int, sessions: int, concurrency: int, l
 
 
 def _session_phases(records: list[dict]) -> set:
-    return {(r["graphics"]["session"]["id"], r["graphics"]["phase"]) for r in records}
+    """An event seen twice has the same session, phase and callback time (two sessions may
+    share an id when a client port is reused, not the microsecond of a callback)."""
+    return {(r["graphics"]["session"]["id"], r["graphics"]["phase"], r["graphics"]["timestamp"]) for r in records}
 
 
 def _lost(records: list[dict], expected: int) -> int:
