@@ -313,7 +313,7 @@ class EventBuffer:
     under the lock, and the append that follows wakes it through the loop, once per batch."""
 
     CHUNK_BYTES = 1 << 20
-    PACK_AFTER = 1000  # about 1 MB of Python objects at most
+    PACK_AFTER = 10_000  # about 10 MB of Python objects at most
 
     def __init__(self, limit: int, loop: asyncio.AbstractEventLoop):
         self.limit = limit
