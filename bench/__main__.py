@@ -174,6 +174,10 @@ def report_endtoend(report: Report, r: dict) -> None:
                   f"{r['live_eps_median']:.0f}")
     report.figure("with the source, burst waiting when the activation resumes, events/s (median)",
                   f"{r['real_eps_median']:.0f}")
+    for name, key in (("ceiling", "ceiling_cpu_us_median"), ("with the source, backlog", "real_cpu_us_median")):
+        cpu = r[key]
+        report.figure(f"activation CPU per event, {name} (median): main thread / other Python threads / JVM",
+                      f"{cpu['main']:.0f} us / {cpu['python_threads']:.0f} us / {cpu['jvm']:.0f} us")
     report.figure("ratio to the ceiling, median of rounds",
                   f"{r['ratio_median']:.3f} (spread {r['ratio_min']:.3f}..{r['ratio_max']:.3f})",
                   ">= 0.9", r["ratio_median"] >= 0.9)

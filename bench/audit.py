@@ -16,13 +16,16 @@ from bench import ROOT
 CLASSIFY_PATH = ROOT / "extensions" / "eda" / "plugins" / "event_filter" / "classify.py"
 
 
-def sample_events(count: int) -> list[dict]:
-    """Payloads shaped like the source's: whole sessions, a SASL identity on initialize."""
+def sample_events(count: int, first_session: int = 0) -> list[dict]:
+    """Payloads shaped like the source's: whole sessions, a SASL identity on initialize; the
+    sessions are numbered from ``first_session``, so that each batch has sessions of its own
+    (session ids, client ports) as real traffic does."""
     hypervisor = {"uri": "qemu:///system", "hostname": "bench"}
     local = address({"family": 0, "node": "127.0.0.1", "service": "5900"})
     events = []
     for n in range(count):
         session, phase = divmod(n, 3)
+        session += first_session
         domain = {"name": f"vm{session % 4}", "uuid": f"00000000-0000-0000-0000-00000000000{session % 4}",
                   "id": session % 4 + 1}
         remote = address({"family": 0, "node": f"10.0.{session >> 8 & 255}.{session & 255}",

@@ -122,8 +122,10 @@ def end_to_end(lab, hypervisors, rounds: int, sessions: int, concurrency: int, l
             order = ("ceiling", "real") if n % 2 == 0 else ("real", "ceiling")
             for turn in order:
                 if turn == "ceiling":
+                    cpu_before = process_cpu_s(ceiling.proc.pid)
                     (triggers / f"go-{WARM_ROUNDS + n + 1}").touch()
                     ceiling_records = wait_for_records(ceiling_tail, expected)
+                    ceiling_cpu = cpu_us_per_event(cpu_before, process_cpu_s(ceiling.proc.pid), len(ceiling_records))
                     continue
                 # live: the activation takes the burst as it comes (rate bounded by the arrivals)
                 burst = run_burst(ports, sessions, concurrency)
@@ -135,8 +137,10 @@ def end_to_end(lab, hypervisors, rounds: int, sessions: int, concurrency: int, l
                     stopped_burst = run_burst(ports, sessions, concurrency)
                     time.sleep(0.5)
                 finally:
+                    cpu_before = process_cpu_s(real.proc.pid)
                     os.kill(real.proc.pid, signal.SIGCONT)
                 real_records = wait_for_records(real_tail, stopped_burst.expected_events)
+                real_cpu = cpu_us_per_event(cpu_before, process_cpu_s(real.proc.pid), len(real_records))
             row = {
                 "round": n + 1,
                 "first": order[0],
@@ -149,6 +153,8 @@ def end_to_end(lab, hypervisors, rounds: int, sessions: int, concurrency: int, l
                 "expected": stopped_burst.expected_events,
                 "real_events": len(real_records),
                 "real_eps": rate(real_records),
+                "ceiling_cpu_us": ceiling_cpu,
+                "real_cpu_us": real_cpu,
             }
             row["real_lost"] = (_lost(live_records, burst.expected_events)
                                 + _lost(real_records, stopped_burst.expected_events))
@@ -168,6 +174,8 @@ def end_to_end(lab, hypervisors, rounds: int, sessions: int, concurrency: int, l
         "ceiling_eps_median": median([r["ceiling_eps"] for r in rows]),
         "real_eps_median": median([r["real_eps"] for r in rows]),
         "live_eps_median": median([r["live_eps"] for r in rows]),
+        "ceiling_cpu_us_median": {part: median([r["ceiling_cpu_us"][part] for r in rows]) for part in rows[0]["ceiling_cpu_us"]},
+        "real_cpu_us_median": {part: median([r["real_cpu_us"][part] for r in rows]) for part in rows[0]["real_cpu_us"]},
         "lost": sum(r["real_lost"] for r in rows), "duplicates": sum(r["real_duplicates"] for r in rows),
         "ceiling_lost": sum(r["ceiling_lost"] for r in rows),
         "workdir": str(workdir),
@@ -186,6 +194,33 @@ def _lost(records: list[dict], expected: int) -> int:
 
 def _duplicates(records: list[dict]) -> int:
     return len(records) - len(_session_phases(records))
+
+
+def process_cpu_s(pid: int) -> dict[str, float]:
+    """CPU seconds of an activation's threads: the main thread (the asyncio loop and the
+    engine's Python side), its other Python threads (libvirt's event thread when the source
+    runs; executors) and the JVM's threads (the rules engine, its compiler and collector)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = {"main": 0.0, "python_threads": 0.0, "jvm": 0.0}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as stat:
+                comm, rest = stat.read().split("(", 1)[1].rsplit(")", 1)
+        except OSError:  # the thread ended meanwhile
+            continue
+        fields = rest.split()
+        seconds = (int(fields[11]) + int(fields[12])) / ticks
+        if int(tid) == pid:
+            cpu["main"] += seconds
+        elif comm.startswith("ansible-rule"):  # Python threads keep the process's name
+            cpu["python_threads"] += seconds
+        else:
+            cpu["jvm"] += seconds
+    return cpu
+
+
+def cpu_us_per_event(before: dict, after: dict, events: int) -> dict:
+    return {part: 1e6 * (after[part] - before[part]) / max(1, events) for part in after}
 
 
 class AuditTail:

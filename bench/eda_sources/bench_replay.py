@@ -24,7 +24,9 @@ async def main(queue, args):
     LOGGER.info("bench_replay: ready, %d events per round", count)
     round_number = 1
     while True:
-        events = sample_events(count)  # built before the round: only the queue and the engine are timed
+        # built before the round, so that only the queue and the engine are timed; new sessions
+        # every round, as the real source's bursts have
+        events = sample_events(count, first_session=(round_number - 1) * (count // 3 + 1))
         while not (trigger_dir / f"go-{round_number}").exists():
             await asyncio.sleep(0.05)
         for event in events:

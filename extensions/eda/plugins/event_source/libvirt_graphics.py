@@ -114,7 +114,9 @@ graphics:
 
 import asyncio
 import collections
+import ctypes
 import fnmatch
+import importlib.metadata
 import json
 import logging
 import marshal
@@ -173,6 +175,49 @@ except ImportError:
     libvirtaio = None
 
 LOGGER = logging.getLogger("virtguard.console.libvirt_graphics")
+
+# libvirt-python keeps one reference to the two address dicts and the subject list of every
+# graphics event it hands to Python: libvirt-override.c releases them only when the callback
+# fails (since 1.2.21, 2015). About 1 KB per event, never freed; the source gives those
+# references back (release_leaked_references). Checked up to 12.8.0: a later version is left
+# alone until checked, since giving back a reference the binding did release would free
+# objects still in use.
+GRAPHICS_REFERENCES_LEAK_IN = ("1.2.21", "12.8.0")
+
+
+def version_tuple(version: str) -> tuple[int, ...] | None:
+    try:
+        return tuple(int(part) for part in version.split("."))
+    except ValueError:
+        return None
+
+
+def graphics_references_leak(version: str | None) -> bool:
+    """Whether this libvirt-python version is one known to keep the graphics arguments."""
+    found = version_tuple(version) if version else None
+    first, last = (version_tuple(v) for v in GRAPHICS_REFERENCES_LEAK_IN)
+    return found is not None and first <= found <= last
+
+
+def installed_libvirt_python() -> str | None:
+    try:
+        return importlib.metadata.version("libvirt-python")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+RELEASE_GRAPHICS_REFERENCES = LIBVIRT_IMPORT_ERROR is None and graphics_references_leak(installed_libvirt_python())
+PY_DECREF = ctypes.pythonapi.Py_DecRef  # pythonapi keeps the GIL held during the call
+PY_DECREF.argtypes = (ctypes.py_object,)
+PY_DECREF.restype = None
+
+
+def release_leaked_references(*objects) -> None:
+    """Give back the reference libvirt-python kept to each of ``objects`` (see above)."""
+    for obj in objects:
+        PY_DECREF(obj)
+
+
 INTERNAL_ARG_PREFIX = "eda_"  # arguments ansible-rulebook adds itself (eda_feedback_queue)
 
 
@@ -423,6 +468,7 @@ class HypervisorWatcher:
         self.config = config
         self.buffer = buffer
         self.index = buffer.add_watcher(self)
+        self.uuids: dict[tuple[str, int], str] = {}  # (name, id) -> UUID, this connection's
         self.hypervisor = {"uri": uri, "hostname": None}
         self.sessions = SessionTracker()
         self.conn = None
@@ -436,6 +482,14 @@ class HypervisorWatcher:
 
     # -- libvirt callbacks (libvirt's event thread: never block, never raise, and reach the
     #    loop's objects through call_soon_threadsafe only) ---------------------------------
+    def on_libvirt_graphics(self, conn, dom, phase, local, remote, auth_scheme, subject, opaque):
+        """The callback libvirt-python calls: on_graphics, then the references it keeps."""
+        try:
+            self.on_graphics(conn, dom, phase, local, remote, auth_scheme, subject, opaque)
+        finally:
+            if RELEASE_GRAPHICS_REFERENCES:
+                release_leaked_references(local, remote, subject)
+
     def on_graphics(self, _conn, dom, phase, local, remote, auth_scheme, subject, _opaque):
         wall = time.time()
         if self.overflowed:
@@ -452,10 +506,25 @@ class HypervisorWatcher:
             name = dom.name()
             if self.config.domains and not any(fnmatch.fnmatchcase(name, p) for p in self.config.domains):
                 return
-            self.buffer.append_event((self.index, wall, name, dom.UUIDString(), dom.ID(), phase, local, remote,
+            dom_id = dom.ID()
+            uuid = self.uuids.get((name, dom_id))
+            if uuid is None:
+                uuid = self.remember_uuid(name, dom_id, dom.UUIDString())
+            self.buffer.append_event((self.index, wall, name, uuid, dom_id, phase, local, remote,
                                       auth_scheme, subject))
         except Exception:  # one malformed event must not stop the others
             LOGGER.exception("%s: cannot take the event %r", self.uri, (phase, local, remote, auth_scheme, subject))
+
+    def remember_uuid(self, name: str, dom_id: int, uuid: str) -> str:
+        """The UUID of the running domain ``name`` with id ``dom_id``. ``UUIDString()`` lets
+        go of Python's lock, and taking it back on libvirt's thread costs the engine's thread a
+        hand-over per event; ``name()`` and ``ID()`` do not. A running domain cannot be renamed,
+        and libvirt gives every start a new id, so (name, id) names one domain until this
+        connection ends (the cache is emptied on every connection)."""
+        if len(self.uuids) >= 4096:
+            self.uuids = {}
+        self.uuids[(name, dom_id)] = uuid
+        return uuid
 
     def on_close(self, _conn, reason, _opaque):
         LOGGER.warning("%s: connection closed (reason %s)", self.uri, reason)
@@ -522,6 +591,7 @@ class HypervisorWatcher:
     async def watch(self, loop) -> None:
         conn = self.conn
         self.closed.clear()
+        self.uuids = {}  # ids may start over with another daemon
         if self.config.keepalive_interval:
             conn.setKeepAlive(self.config.keepalive_interval, self.config.keepalive_count)
         conn.registerCloseCallback(self.on_close, None)
@@ -549,9 +619,9 @@ class HypervisorWatcher:
         this connection leave for a moment, which clears such a queue when no other program
         listens. While the source stays subscribed the queue cannot get stuck, so this is needed
         once per connection. The snapshot that follows reports the sessions that opened meanwhile."""
-        first = conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_GRAPHICS, self.on_graphics, None)
+        first = conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_GRAPHICS, self.on_libvirt_graphics, None)
         conn.domainEventDeregisterAny(first)
-        return conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_GRAPHICS, self.on_graphics, None)
+        return conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_GRAPHICS, self.on_libvirt_graphics, None)
 
     async def resume_after_overflow(self, loop) -> None:
         """Wait until the queue has drained the buffer to half, then listen again and let a
