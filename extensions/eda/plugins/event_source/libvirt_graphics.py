@@ -735,6 +735,10 @@ async def main(queue: asyncio.Queue, args: dict[str, Any]) -> None:
     if LIBVIRT_IMPORT_ERROR is not None:
         raise RuntimeError(f"libvirt-python is required: {LIBVIRT_IMPORT_ERROR}")
     ensure_libvirt_event_loop()
+    if not RELEASE_GRAPHICS_REFERENCES:
+        LOGGER.warning("libvirt-python %s is not one of the versions checked for keeping the arguments of "
+                       "graphics callbacks (%s to %s); if this process grows with console events, it still "
+                       "does", installed_libvirt_python() or "(version unknown)", *GRAPHICS_REFERENCES_LEAK_IN)
     buffer = EventBuffer(config.max_buffered_events, asyncio.get_running_loop())
     watchers = [HypervisorWatcher(uri, config, buffer) for uri in config.uris]
     tasks = [asyncio.create_task(w.run(), name=f"libvirt_graphics {w.uri}") for w in watchers]
