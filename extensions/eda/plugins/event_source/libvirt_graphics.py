@@ -483,12 +483,15 @@ class HypervisorWatcher:
     # -- libvirt callbacks (libvirt's event thread: never block, never raise, and reach the
     #    loop's objects through call_soon_threadsafe only) ---------------------------------
     def on_libvirt_graphics(self, conn, dom, phase, local, remote, auth_scheme, subject, opaque):
-        """The callback libvirt-python calls: on_graphics, then the references it keeps."""
+        """The callback libvirt-python calls: on_graphics, then the references it keeps. It
+        must return normally: when a callback raises, the binding releases the arguments
+        itself, and giving them back as well would free them twice."""
         try:
             self.on_graphics(conn, dom, phase, local, remote, auth_scheme, subject, opaque)
-        finally:
-            if RELEASE_GRAPHICS_REFERENCES:
-                release_leaked_references(local, remote, subject)
+        except Exception:  # never raise into libvirt-python (see above)
+            LOGGER.exception("%s: the graphics callback failed", self.uri)
+        if RELEASE_GRAPHICS_REFERENCES:
+            release_leaked_references(local, remote, subject)
 
     def on_graphics(self, _conn, dom, phase, local, remote, auth_scheme, subject, _opaque):
         wall = time.time()
