@@ -25,28 +25,12 @@ import time
 import tracemalloc
 import uuid
 
+from lab.source_runner import FakeDomain
+
 from bench import SOURCE_PATH
 from bench.stats import rss_kib
 
 URI = "qemu+unix:///session?socket=/nonexistent/bench-soak"
-
-
-class FakeDomain:
-    """What on_graphics gets from libvirt: a virDomain whose name, UUID and id are local."""
-
-    def __init__(self, n: int):
-        self._name = f"soak-d{n}"
-        self._uuid = str(uuid.UUID(int=n + 1))
-        self._id = n + 1
-
-    def name(self):
-        return self._name
-
-    def UUIDString(self):  # noqa: N802 (libvirt's name)
-        return self._uuid
-
-    def ID(self):  # noqa: N802
-        return self._id
 
 
 class Soak:
@@ -63,7 +47,7 @@ class Soak:
         self.injected = 0
         self.sessions = 0
         self.max_buffered = 0
-        self.domains = [FakeDomain(n) for n in range(4)]
+        self.domains = [FakeDomain(f"soak-d{n}", n + 1, str(uuid.UUID(int=n + 1))) for n in range(4)]
         self.local = {"family": 0, "node": "127.0.0.1", "service": "5900"}
 
     async def consume(self) -> None:

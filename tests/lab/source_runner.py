@@ -82,3 +82,29 @@ def _get(event: dict, dotted: str):
             return None
         value = value[part]
     return value
+
+
+class FakeDomain:
+    """What the graphics callback gets from libvirt: a virDomain whose name, id and UUID are
+    local. Counts the UUIDString() calls, which let go of Python's lock in libvirt-python."""
+
+    def __init__(self, name: str, dom_id: int, uuid: str):
+        self._name, self._id, self._uuid = name, dom_id, uuid
+        self.uuid_calls = 0
+
+    def name(self):
+        return self._name
+
+    def ID(self):  # noqa: N802 (libvirt's name)
+        return self._id
+
+    def UUIDString(self):  # noqa: N802
+        self.uuid_calls += 1
+        return self._uuid
+
+
+def watcher_without_daemon(loop: asyncio.AbstractEventLoop, limit: int = 100):
+    """A HypervisorWatcher and its EventBuffer, never connected: for driving its callbacks."""
+    module = source_module()
+    buffer = module["EventBuffer"](limit, loop)
+    return module["HypervisorWatcher"]("qemu:///system", module["SourceArguments"]({}), buffer)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from lab.source_runner import source_module
+from lab.source_runner import FakeDomain, source_module, watcher_without_daemon
 
 EventBuffer = source_module()["EventBuffer"]
 PackedChunk = source_module()["PackedChunk"]
@@ -140,32 +140,12 @@ def test_a_callback_after_the_loop_closed_is_ignored():
     assert len(buffer) == 1
 
 
-class Domain:
-    """What the callback gets from libvirt: name() and ID() are local, UUIDString() is counted."""
-
-    def __init__(self, name, dom_id, uuid):
-        self._name, self._id, self._uuid = name, dom_id, uuid
-        self.uuid_calls = 0
-
-    def name(self):
-        return self._name
-
-    def ID(self):  # noqa: N802 (libvirt's name)
-        return self._id
-
-    def UUIDString(self):  # noqa: N802
-        self.uuid_calls += 1
-        return self._uuid
-
-
 async def test_a_domains_uuid_is_asked_once_per_start_and_never_mixed_up():
-    module = source_module()
-    buffer = EventBuffer(100, asyncio.get_running_loop())
-    config = module["SourceArguments"]({"uri": "qemu:///system"})
-    watcher = module["HypervisorWatcher"]("qemu:///system", config, buffer)
+    watcher = watcher_without_daemon(asyncio.get_running_loop())
+    buffer = watcher.buffer
     address = {"family": 0, "node": "10.0.0.1", "service": "1"}
-    first = Domain("web", 7, "uuid-a")
-    restarted = Domain("web", 9, "uuid-b")  # undefined, defined anew, started: a new id
+    first = FakeDomain("web", 7, "uuid-a")
+    restarted = FakeDomain("web", 9, "uuid-b")  # undefined, defined anew, started: a new id
     for dom in (first, first, first, restarted, restarted):
         watcher.on_graphics(None, dom, 0, address, address, "none", [], None)
     uuids = [buffer.take()[3] for _event in range(5)]

@@ -2,9 +2,11 @@
 only those known to keep them (giving back a reference the binding did release would free
 objects still in use)."""
 
+import asyncio
+
 import pytest
 
-from lab.source_runner import source_module
+from lab.source_runner import FakeDomain, source_module, watcher_without_daemon
 
 graphics_references_leak = source_module()["graphics_references_leak"]
 
@@ -23,28 +25,9 @@ def test_the_installed_binding_is_one_the_source_knows():
     nothing of libvirt's arguments is left behind); a newer one must be checked, then listed."""
     module = source_module()
     assert module["RELEASE_GRAPHICS_REFERENCES"], (
-        f"libvirt-python {module['installed_libvirt_python']()} is not in the checked range "
+        f"libvirt-python {module['LIBVIRT_PYTHON_VERSION']} is not in the checked range "
         f"{module['GRAPHICS_REFERENCES_LEAK_IN']}: check whether it still keeps the graphics "
         "callback's arguments, then update GRAPHICS_REFERENCES_LEAK_IN")
-
-
-def make_watcher():
-    import asyncio
-
-    module = source_module()
-    buffer = module["EventBuffer"](100, asyncio.new_event_loop())
-    return module["HypervisorWatcher"]("qemu:///system", module["SourceArguments"]({}), buffer)
-
-
-class Domain:
-    def name(self):
-        return "web"
-
-    def ID(self):  # noqa: N802 (libvirt's name)
-        return 1
-
-    def UUIDString(self):  # noqa: N802
-        return "uuid"
 
 
 def test_the_reference_the_binding_kept_is_given_back_once(monkeypatch):
@@ -57,8 +40,8 @@ def test_the_reference_the_binding_kept_is_given_back_once(monkeypatch):
     for kept in (local, remote, subject):  # what libvirt-python keeps
         ctypes.pythonapi.Py_IncRef(ctypes.py_object(kept))
     del kept
-    watcher = make_watcher()
-    watcher.on_libvirt_graphics(None, Domain(), 0, local, remote, "none", subject, None)
+    watcher = watcher_without_daemon(asyncio.new_event_loop())
+    watcher.on_libvirt_graphics(None, FakeDomain("web", 1, "uuid"), 0, local, remote, "none", subject, None)
     watcher.buffer.parts.clear()  # the buffered event's own references
     assert [sys.getrefcount(obj) for obj in (local, remote, subject)] == counts
 
@@ -67,11 +50,11 @@ def test_a_failing_callback_does_not_raise_into_the_binding(monkeypatch, caplog)
     """libvirt-python releases the arguments itself when a callback raises: the source's
     callback must return normally, whatever happens inside."""
     monkeypatch.setitem(source_module(), "RELEASE_GRAPHICS_REFERENCES", False)
-    watcher = make_watcher()
+    watcher = watcher_without_daemon(asyncio.new_event_loop())
 
     def broken(*_args):
         raise RuntimeError("boom")
 
     watcher.on_graphics = broken
-    watcher.on_libvirt_graphics(None, Domain(), 0, {}, {}, "none", [], None)
+    watcher.on_libvirt_graphics(None, FakeDomain("web", 1, "uuid"), 0, {}, {}, "none", [], None)
     assert "the graphics callback failed" in caplog.text

@@ -53,3 +53,10 @@ async def test_main_fails_at_start_on_bad_arguments():
     import asyncio
     with pytest.raises(ArgumentError, match="keepalive_interval"):
         await source_module()["main"](asyncio.Queue(), {"keepalive_interval": -5})
+
+
+def test_domains_patterns_choose_the_domains_watched():
+    assert SourceArguments({}).watches_domain("anything")
+    config = SourceArguments({"domains": ["web-*", "db-0[12]"]})
+    assert [config.watches_domain(n) for n in ("web-1", "db-01", "db-03", "WEB-1", "mail")] == [
+        True, True, False, False, False]

@@ -206,7 +206,8 @@ def installed_libvirt_python() -> str | None:
         return None
 
 
-RELEASE_GRAPHICS_REFERENCES = LIBVIRT_IMPORT_ERROR is None and graphics_references_leak(installed_libvirt_python())
+LIBVIRT_PYTHON_VERSION = installed_libvirt_python()
+RELEASE_GRAPHICS_REFERENCES = LIBVIRT_IMPORT_ERROR is None and graphics_references_leak(LIBVIRT_PYTHON_VERSION)
 PY_DECREF = ctypes.pythonapi.Py_DecRef  # pythonapi keeps the GIL held during the call
 PY_DECREF.argtypes = (ctypes.py_object,)
 PY_DECREF.restype = None
@@ -282,6 +283,10 @@ class SourceArguments:
         if duplicates:
             raise ArgumentError(f"uri: {', '.join(duplicates)} given more than once")
         return list(uris)
+
+    def watches_domain(self, name: str) -> bool:
+        """Whether ``domains`` lets the domain called ``name`` through (all, without patterns)."""
+        return not self.domains or any(fnmatch.fnmatchcase(name, p) for p in self.domains)
 
     @staticmethod
     def _patterns(value) -> list[str] | None:
@@ -507,7 +512,7 @@ class HypervisorWatcher:
             return
         try:
             name = dom.name()
-            if self.config.domains and not any(fnmatch.fnmatchcase(name, p) for p in self.config.domains):
+            if not self.config.watches_domain(name):
                 return
             dom_id = dom.ID()
             uuid = self.uuids.get((name, dom_id))
@@ -650,7 +655,7 @@ class HypervisorWatcher:
         present = {}
         for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
             domain = {"name": dom.name(), "uuid": dom.UUIDString(), "id": dom.ID()}
-            if self.config.domains and not any(fnmatch.fnmatchcase(domain["name"], p) for p in self.config.domains):
+            if not self.config.watches_domain(domain["name"]):
                 continue
             for command, parse in (("query-vnc", clients_from_query_vnc), ("query-spice", clients_from_query_spice)):
                 try:
@@ -741,7 +746,7 @@ async def main(queue: asyncio.Queue, args: dict[str, Any]) -> None:
     if not RELEASE_GRAPHICS_REFERENCES:
         LOGGER.warning("libvirt-python %s is not one of the versions checked for keeping the arguments of "
                        "graphics callbacks (%s to %s); if this process grows with console events, it still "
-                       "does", installed_libvirt_python() or "(version unknown)", *GRAPHICS_REFERENCES_LEAK_IN)
+                       "does", LIBVIRT_PYTHON_VERSION or "(version unknown)", *GRAPHICS_REFERENCES_LEAK_IN)
     buffer = EventBuffer(config.max_buffered_events, asyncio.get_running_loop())
     watchers = [HypervisorWatcher(uri, config, buffer) for uri in config.uris]
     tasks = [asyncio.create_task(w.run(), name=f"libvirt_graphics {w.uri}") for w in watchers]
