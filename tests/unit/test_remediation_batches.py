@@ -1,0 +1,102 @@
+"""Remediation in batches: one run in flight per host, offenders waiting go into the next
+run, a run ends when its sessions disconnect or its lease runs out, state stays bounded."""
+
+from __future__ import annotations
+
+from ansible_collections.virtguard.console.plugins.module_utils.remediation_batches import (
+    Offender,
+    RemediationBatches,
+)
+
+LEASE = 30.0
+
+
+def offender(session_id: str, address: str = "192.0.2.7") -> Offender:
+    return Offender(session_id, address, f"{address}/32", 40000, 5901, ["untrusted_network"])
+
+
+def sessions(batch: list[Offender]) -> list[str]:
+    return [o.session_id for o in batch]
+
+
+def test_a_lone_offender_is_sent_at_once():
+    batches = RemediationBatches(LEASE)
+    batches.add("h", offender("a"))
+    assert sessions(batches.take_batch("h", 0.0)) == ["a"]
+
+
+def test_offenders_arriving_during_a_run_go_together_into_the_next_run():
+    batches = RemediationBatches(LEASE)
+    batches.add("h", offender("a"))
+    assert sessions(batches.take_batch("h", 0.0)) == ["a"]
+    for index, sid in enumerate("bcd"):
+        batches.add("h", offender(sid, f"192.0.2.{10 + index}"))
+        assert batches.take_batch("h", 0.1) == [], "a run is in flight"
+    assert batches.waiting("h") == 3
+    assert batches.ended("h", "a") is True  # the run's cut comes back as a disconnect
+    assert sessions(batches.take_batch("h", 1.0)) == ["b", "c", "d"]
+    assert batches.waiting("h") == 0
+
+
+def test_an_offender_seen_again_after_its_run_is_remediated_again():
+    """Nothing is taken as covered: a session still open after its run is sent again once the
+    run's lease is over (the run failed to cut it)."""
+    batches = RemediationBatches(LEASE)
+    batches.add("h", offender("a"))
+    assert sessions(batches.take_batch("h", 0.0)) == ["a"]
+    batches.add("h", offender("a"))  # its initialize, say: the same session keeps its state
+    assert batches.take_batch("h", LEASE - 1) == []
+    assert sessions(batches.take_batch("h", LEASE)) == ["a"]
+
+
+def test_a_new_session_from_an_address_already_remediated_is_a_new_offender():
+    batches = RemediationBatches(LEASE)
+    batches.add("h", offender("a"))
+    batches.take_batch("h", 0.0)
+    batches.ended("h", "a")
+    batches.add("h", offender("b"))  # same address, another console port, after the cut
+    assert sessions(batches.take_batch("h", 0.5)) == ["b"]
+
+
+def test_hosts_are_independent():
+    batches = RemediationBatches(LEASE)
+    batches.add("h1", offender("a"))
+    batches.add("h2", offender("b"))
+    assert sessions(batches.take_batch("h1", 0.0)) == ["a"]
+    assert sessions(batches.take_batch("h2", 0.0)) == ["b"]
+
+
+def test_a_block_without_a_session_does_not_hold_the_host():
+    batches = RemediationBatches(LEASE)
+    batches.add("h", Offender("", "2001:db8::7", "2001:db8::/64", None, None, ["bruteforce"]))
+    assert [o.network for o in batches.take_batch("h", 0.0)] == ["2001:db8::/64"]
+    batches.add("h", offender("a"))
+    assert sessions(batches.take_batch("h", 0.1)) == ["a"]
+    assert batches.held == 1
+
+
+def test_a_batch_has_at_most_max_batch_offenders_and_the_rest_follow():
+    batches = RemediationBatches(LEASE, max_batch=2)
+    for sid in "abc":
+        batches.add("h", offender(sid))
+    assert sessions(batches.take_batch("h", 0.0)) == ["a", "b"]
+    batches.ended("h", "a")
+    batches.ended("h", "b")
+    assert sessions(batches.take_batch("h", 0.5)) == ["c"]
+
+
+def test_held_offenders_are_bounded_oldest_forgotten_first():
+    batches = RemediationBatches(LEASE, max_offenders=3)
+    for sid in "abcde":
+        batches.add("h", offender(sid))
+    assert batches.held == 3 and batches.forgotten == 2
+    assert sessions(batches.take_batch("h", 0.0)) == ["c", "d", "e"]
+
+
+def test_a_disconnect_of_an_unknown_session_changes_nothing():
+    batches = RemediationBatches(LEASE)
+    assert batches.ended("h", "zz") is False
+    batches.add("h", offender("a"))
+    batches.take_batch("h", 0.0)
+    assert batches.ended("h", "zz") is False
+    assert batches.in_flight("h", 1.0)
