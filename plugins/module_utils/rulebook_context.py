@@ -109,12 +109,29 @@ def render_arguments(plugin: str, args: Mapping[str, Any], variables: Mapping[st
                                    "activation variables are available")
     from ansible_rulebook.util import substitute_variables
 
+    from jinja2 import Undefined
+
     origins = variable_origins(args)
     rendered = {}
     for name, value in args.items():
+        origin = f" (rulebook variable {origins[name]})" if name in origins else ""
         try:
             rendered[name] = substitute_variables(value, dict(variables))
+            # a lone "{{ name }}" renders natively: an undefined name comes back as an Undefined
+            # value instead of an error; touching it raises the error that names it
+            _touch_undefined(rendered[name], Undefined)
         except Exception as exc:  # jinja2's UndefinedError, TemplateSyntaxError, ...
-            origin = f" (rulebook variable {origins[name]})" if name in origins else ""
             raise RulebookContextError(f"{plugin}: {name}{origin} cannot be rendered: {exc}") from None
     return rendered
+
+
+def _touch_undefined(value: Any, undefined: type) -> None:
+    if isinstance(value, undefined):
+        str(value)  # StrictUndefined raises UndefinedError here
+        raise ValueError("undefined")
+    if isinstance(value, dict):
+        for item in value.values():
+            _touch_undefined(item, undefined)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _touch_undefined(item, undefined)

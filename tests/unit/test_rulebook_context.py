@@ -1,0 +1,74 @@
+"""The adapter to ansible-rulebook's filter loading: found only under ansible-rulebook's
+start_source, loud on an unknown version or shape, renders with variable names in errors."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from ansible_collections.virtguard.console.plugins.module_utils import rulebook_context
+from ansible_collections.virtguard.console.plugins.module_utils.rulebook_context import (
+    RulebookContextError,
+    check_version,
+    loading_filter,
+    render_arguments,
+    variable_origins,
+)
+
+# A stand-in for ansible_rulebook/engine.py's start_source: same name, same file name, same locals.
+LOADER_SOURCE = """
+def start_source(source, source_dirs, variables, queue):
+    for source_filter in source.source_filters:
+        return load()
+"""
+
+
+def loader(load, filters, variables, filename="/x/site-packages/ansible_rulebook/engine.py"):
+    namespace = {"load": load}
+    exec(compile(LOADER_SOURCE, filename, "exec"), namespace)
+    source = types.SimpleNamespace(source_filters=filters)
+    return namespace["start_source"](source, [], variables, None)
+
+
+def test_outside_ansible_rulebook_nothing_is_found():
+    assert loading_filter() is None
+    assert loader(loading_filter, [types.SimpleNamespace(filter_name="f", filter_args={})], {},
+                  filename="/x/somewhere/engine.py") is None
+
+
+def test_the_filter_being_loaded_and_the_variables_are_found(monkeypatch):
+    monkeypatch.setattr(rulebook_context, "rulebook_version", lambda: (1, 3))
+    found = loader(loading_filter, [types.SimpleNamespace(filter_name="virtguard.console.classify",
+                                                          filter_args={"a": "{{ v }}"})], {"v": 1})
+    assert found == rulebook_context.FilterLoad("virtguard.console.classify", {"a": "{{ v }}"}, {"v": 1})
+
+
+def test_an_unknown_version_fails_loudly(monkeypatch):
+    monkeypatch.setattr(rulebook_context, "rulebook_version", lambda: (1, 9))
+    with pytest.raises(RulebookContextError, match="ansible-rulebook 1.9 is not a version"):
+        loader(loading_filter, [types.SimpleNamespace(filter_name="f", filter_args={})], {})
+    with pytest.raises(RulebookContextError, match="unknown"):
+        check_version(None)
+
+
+def test_an_unknown_shape_fails_loudly(monkeypatch):
+    monkeypatch.setattr(rulebook_context, "rulebook_version", lambda: (1, 3))
+    with pytest.raises(RulebookContextError, match="does not hold"):
+        loader(loading_filter, [object()], {})
+
+
+def test_the_installed_ansible_rulebook_is_known():
+    check_version(rulebook_context.rulebook_version())
+
+
+def test_rendering_names_the_argument_and_its_variable():
+    args = {"trusted_networks": "{{ vg_nets }}", "audit_log": "{{ vg_log | default('') }}", "n": 3}
+    assert variable_origins(args) == {"trusted_networks": "vg_nets", "audit_log": "vg_log"}
+    assert render_arguments("p", args, {"vg_nets": ["10.0.0.0/8"]}) == {
+        "trusted_networks": ["10.0.0.0/8"], "audit_log": "", "n": 3}
+    with pytest.raises(RulebookContextError, match=r"p: trusted_networks \(rulebook variable vg_nets\) cannot be rendered"):
+        render_arguments("p", args, {})
+    with pytest.raises(RulebookContextError, match="no ansible-rulebook activation variables"):
+        render_arguments("p", args, None)
+    assert render_arguments("p", {"n": 3}, None) == {"n": 3}
