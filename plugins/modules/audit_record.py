@@ -3,9 +3,7 @@
 # Copyright: virtguard.console contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 
-from __future__ import absolute_import, division, print_function
-
-__metaclass__ = type
+from __future__ import annotations
 
 DOCUMENTATION = r"""
 module: audit_record
@@ -14,9 +12,14 @@ version_added: 0.1.0
 description:
   - 'Appends one JSON object per entry of O(actions), each on one line, to O(path):
     C({"record": "remediation", "time", "action", "ok", ...context, "result"}).'
-  - The file is opened with C(O_APPEND), each line is one C(write()) and the file is synced,
-    so records of concurrent writers (the C(virtguard.console.classify) event filter, other
-    playbook runs) never mix and earlier lines are never rewritten.
+  - The file is opened with C(O_APPEND), the records are appended under an exclusive C(flock)
+    in one C(write()) (continued if the kernel writes less) and the file is synced, so records
+    of concurrent writers (the C(virtguard.console.classify) event filter, other playbook runs)
+    never mix and earlier lines are never rewritten.
+  - A record is written whole or not at all. If the write fails part-way (disk full, file size
+    limit), the records written whole stay, the rest is removed, the file still ends at a line
+    boundary, and the module fails, saying how many records were written.
+  - O(path) must be the file itself. A symlink there is refused, as is anything but a regular file.
   - The same file holds the C(event) records that the C(virtguard.console.classify) event
     filter writes; C(session_id) in O(context) ties a remediation to its session's events.
 author:
@@ -78,13 +81,20 @@ records:
   returned: always
   type: list
   elements: dict
+records_written:
+  description: How many of O(actions)' records are in the file (the first ones, in order).
+  returned: always
+  type: int
 """
+
+from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.virtguard.console.plugins.module_utils.audit_log import (
     AuditError,
     AuditLog,
+    encode_record,
     remediation_record,
 )
 
@@ -92,13 +102,13 @@ from ansible_collections.virtguard.console.plugins.module_utils.audit_log import
 _RESULT_NOISE = ("invocation", "_ansible_no_log", "_ansible_verbose_always", "ansible_facts")
 
 
-def _clean(result):
+def _clean(result: Any) -> Any:
     if isinstance(result, dict):
         return {k: v for k, v in result.items() if k not in _RESULT_NOISE}
     return result
 
 
-def main():
+def main() -> None:
     module = AnsibleModule(
         argument_spec=dict(
             path=dict(type="path", required=True),
@@ -114,17 +124,16 @@ def main():
     params = module.params
     records = [remediation_record(entry["action"], entry["ok"], _clean(entry["result"]), params["context"])
                for entry in params["actions"]]
-    if not module.check_mode:
-        log = AuditLog(params["path"], fsync="never")
-        try:
-            for record in records:
-                log.append(record)
-            log.sync()
-        except (AuditError, OSError) as exc:
-            module.fail_json(msg=str(exc), records=records)
-        finally:
-            log.close()
-    module.exit_json(changed=not module.check_mode, records=records)
+    if module.check_mode:
+        module.exit_json(changed=False, records=records, records_written=0)
+    log = AuditLog(params["path"], fsync="always")
+    try:
+        log.append_lines(b"".join(encode_record(record) for record in records))
+    except AuditError as exc:
+        module.fail_json(msg=str(exc), records=records, records_written=exc.lines_written)
+    finally:
+        log.close()
+    module.exit_json(changed=bool(records), records=records, records_written=len(records))
 
 
 if __name__ == "__main__":
