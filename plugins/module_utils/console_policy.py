@@ -5,25 +5,38 @@
 session is allowed, and why not.
 
 ``ConsolePolicy`` holds the configuration (trusted networks, allowed identities, brute-force
-threshold, ...) and ``Classifier`` applies it to ``event.graphics`` payloads, one after another,
-keeping the little state the policy needs: which addresses already have a remediation under
-way (so a reconnect storm from one address costs one playbook run, not one per connection)
-and the failed authentications per address (brute force).
+threshold, ...), built from the filter's checked arguments. ``Classifier`` applies it to
+``event.graphics`` payloads one after another, keeping the little state the policy needs: the
+failed authentications per network (brute force) and the offenders waiting for remediation
+(``remediation_batches``).
 
 The verdict it returns (``event.virtguard`` in the rulebooks) holds only values this module
-made or validated: reason codes, a normalised IP address, integers, a hex session id, an
-inventory host name. Text the console client chose (certificate DN, SASL user name) never goes
-into it, so playbooks that read only ``event.virtguard`` never see attacker-controlled text.
+made or validated: reason codes, normalised IP addresses and networks, integers, a hex session
+id, an inventory host name. Text the console client chose (certificate DN, SASL user name)
+never goes into it, so playbooks that read only ``event.virtguard`` never see
+attacker-controlled text.
 """
 
-from __future__ import absolute_import, division, print_function
-
-__metaclass__ = type
+from __future__ import annotations
 
 import collections
 import ipaddress
 import re
+from typing import Any, Mapping, Union
 from urllib.parse import urlsplit
+
+from ansible_collections.virtguard.console.plugins.module_utils.ip_addresses import (
+    block_network,
+    normalize_address,
+    parse_network,
+)
+from ansible_collections.virtguard.console.plugins.module_utils.remediation_batches import (
+    Offender,
+    RemediationBatches,
+)
+
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 # Reason codes, in the order they are checked.
 UNTRUSTED_NETWORK = "untrusted_network"
@@ -34,46 +47,18 @@ BRUTEFORCE = "bruteforce"
 
 # Subject types that name who the client is (libvirt's identity types).
 IDENTITY_TYPES = ("x509dname", "saslUsername")
+PHASES = ("connect", "initialize", "disconnect")
 
-DEFAULT_CONSOLE_PORTS = ("5900-5999",)
 _HOST_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:@-]*$")
-_IPV4_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+_SESSION_ID = re.compile(r"^[0-9a-f]{1,64}$")
+DEFAULT_MAX_TRACKED_NETWORKS = 100_000
 
 
 class PolicyError(ValueError):
     """The policy configuration is wrong; the message names the setting."""
 
 
-# -- addresses ------------------------------------------------------------------------------
-
-def normalize_address(node):
-    """A remote node as an ``ipaddress`` object: IPv4-mapped IPv6 as IPv4, no scope id.
-
-    Returns None when ``node`` is not an IP address."""
-    if not isinstance(node, str) or not node:
-        return None
-    try:
-        address = ipaddress.ip_address(node.split("%", 1)[0])
-    except ValueError:
-        return None
-    if address.version == 6 and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
-
-
-def parse_network(text):
-    """A CIDR (host bits allowed) as a network; IPv4-mapped IPv6 networks become IPv4."""
-    try:
-        network = ipaddress.ip_network(str(text).strip(), strict=False)
-    except ValueError as exc:
-        raise PolicyError("trusted_networks: %r is not a network (%s)" % (text, exc))
-    if network.version == 6 and network.subnet_of(_IPV4_MAPPED):
-        network = ipaddress.ip_network(
-            "%s/%d" % (network.network_address.ipv4_mapped, network.prefixlen - 96))
-    return network
-
-
-def parse_port(service):
+def parse_port(service: Any) -> int | None:
     """A service string as a TCP port number, or None."""
     text = str(service)
     if text.isdigit() and 0 < int(text) < 65536:
@@ -81,22 +66,7 @@ def parse_port(service):
     return None
 
 
-def parse_port_ranges(ports):
-    """``[5900, "5900-5999"]`` as a list of ``(first, last)`` pairs, checked."""
-    ranges = []
-    for item in ports:
-        text = str(item).strip()
-        first, sep, last = text.partition("-")
-        if not first.isdigit() or (sep and not last.isdigit()):
-            raise PolicyError("ports: %r is neither a port nor a range like 5900-5999" % (item,))
-        low, high = int(first), int(last) if sep else int(first)
-        if not 0 < low <= high < 65536:
-            raise PolicyError("ports: %r is out of range 1-65535" % (item,))
-        ranges.append((low, high))
-    return ranges
-
-
-def hypervisor_host(uri):
+def hypervisor_host(uri: str) -> str | None:
     """The host part of a libvirt URI (``qemu+ssh://root@kvm1/system`` -> ``kvm1``), or None
     for a local URI (``qemu:///system``, ``qemu+unix:///session?socket=...``)."""
     try:
@@ -105,7 +75,7 @@ def hypervisor_host(uri):
         return None
 
 
-def target_host_for(uri, host_map=None):
+def target_host_for(uri: str, host_map: Mapping[str, str] | None = None) -> str:
     """The inventory host that remediates sessions of the hypervisor at ``uri``.
 
     ``host_map`` maps a URI or a URI's host name to an inventory host and wins; otherwise the
@@ -114,78 +84,46 @@ def target_host_for(uri, host_map=None):
     host = hypervisor_host(uri)
     target = host_map.get(uri) or (host and host_map.get(host)) or host or "localhost"
     if not _HOST_NAME.match(target):
-        raise PolicyError("target host %r (for %s) is not a usable inventory host name" % (target, uri))
+        raise PolicyError(f"target host {target!r} (for {uri}) is not a usable inventory host name")
     return target
 
 
-def identities_of(graphics):
+def identities_of(graphics: Mapping[str, Any]) -> list[str]:
     """Every identity (certificate DN, SASL user name) the session carries, verbatim."""
     return [item["name"] for item in graphics.get("subject") or ()
-            if item.get("type") in IDENTITY_TYPES and item.get("name")]
-
-
-# -- configuration --------------------------------------------------------------------------
-
-def _as_list(name, value):
-    if value is None or value == "":
-        return []
-    if isinstance(value, (str, bytes)):
-        return [value]
-    if not isinstance(value, (list, tuple)):
-        raise PolicyError("%s must be a list, got %s" % (name, type(value).__name__))
-    return list(value)
-
-
-def _as_bool(name, value):
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1", "false", "no", "off", "0", ""):
-        return value.strip().lower() in ("true", "yes", "on", "1")
-    raise PolicyError("%s must be true or false, got %r" % (name, value))
-
-
-def _as_number(name, value, minimum=0.0):
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise PolicyError("%s must be a number, got %r" % (name, value))
-    if isinstance(value, bool) or number < minimum:
-        raise PolicyError("%s must be a number of at least %s, got %r" % (name, minimum, value))
-    return number
+            if isinstance(item, Mapping) and item.get("type") in IDENTITY_TYPES and item.get("name")]
 
 
 class ConsolePolicy:
-    """The configuration, checked once.
+    """The configuration, from the filter's checked arguments (``plugin_arguments``).
 
     ``trusted_networks`` None switches the network rule off (every address is trusted);
     an empty list trusts nothing."""
 
-    def __init__(self, trusted_networks=None, allowed_identities=None, require_identity=False,
-                 host_map=None, remediation_holdoff=60, block_seconds=600,
-                 bruteforce_threshold=0, bruteforce_window=60):
-        if trusted_networks is None:
-            self.trusted_networks = None
-        else:
-            self.trusted_networks = [parse_network(n) for n in _as_list("trusted_networks", trusted_networks)]
-        self.allowed_identities = frozenset(str(i) for i in _as_list("allowed_identities", allowed_identities))
-        self.require_identity = _as_bool("require_identity", require_identity)
-        if host_map in (None, ""):
-            host_map = {}
-        if not isinstance(host_map, dict):
-            raise PolicyError("host_map must be a mapping of URI or host name to inventory host")
-        self.host_map = {str(k): str(v) for k, v in host_map.items()}
+    def __init__(self, trusted_networks: list[str] | None = None, allowed_identities: list[str] | None = None,
+                 require_identity: bool = False, host_map: Mapping[str, str] | None = None,
+                 block_seconds: int = 600, ipv6_prefix: int = 64,
+                 bruteforce_threshold: int = 0, bruteforce_window: float = 60) -> None:
+        self.trusted_networks: list[IPNetwork] | None = None
+        if trusted_networks is not None:
+            self.trusted_networks = []
+            for text in trusted_networks:
+                try:
+                    self.trusted_networks.append(parse_network(text))
+                except ValueError as exc:
+                    raise PolicyError(f"trusted_networks: {exc}") from None
+        self.allowed_identities = frozenset(allowed_identities or ())
+        self.require_identity = require_identity
+        self.host_map = {str(k): str(v) for k, v in (host_map or {}).items()}
         for uri_or_host, target in self.host_map.items():
             if not _HOST_NAME.match(target):
-                raise PolicyError("host_map: %r -> %r is not a usable inventory host name" % (uri_or_host, target))
-        self.block_seconds = _as_number("block_seconds", block_seconds, minimum=1)
-        # A remediation covers its address this long; after it a new event may trigger another
-        # (self-healing if a playbook run failed), never longer than the block itself.
-        self.remediation_holdoff = min(_as_number("remediation_holdoff", remediation_holdoff, minimum=0),
-                                       self.block_seconds)
-        self.bruteforce_threshold = int(_as_number("bruteforce_threshold", bruteforce_threshold))
-        self.bruteforce_window = _as_number("bruteforce_window", bruteforce_window, minimum=1)
+                raise PolicyError(f"host_map: {uri_or_host!r} -> {target!r} is not a usable inventory host name")
+        self.block_seconds = block_seconds
+        self.ipv6_prefix = ipv6_prefix
+        self.bruteforce_threshold = bruteforce_threshold
+        self.bruteforce_window = bruteforce_window
 
-    def is_trusted(self, address):
+    def is_trusted(self, address: IPAddress | None) -> bool:
         """Whether a normalised address is in a trusted network (always, with no network rule)."""
         if self.trusted_networks is None:
             return True
@@ -193,7 +131,12 @@ class ConsolePolicy:
             return False
         return any(address in network for network in self.trusted_networks)
 
-    def identity_reasons(self, graphics):
+    def network_to_block(self, address: IPAddress) -> IPNetwork:
+        """The address's /ipv6_prefix (IPv6) or the address (IPv4); never a network that holds
+        a trusted address (then the address alone)."""
+        return block_network(address, self.ipv6_prefix, self.trusted_networks or ())
+
+    def identity_reasons(self, graphics: Mapping[str, Any]) -> list[str]:
         """The identity rule for an initialized session: reason codes, empty when allowed."""
         identities = identities_of(graphics)
         if not identities:
@@ -203,122 +146,107 @@ class ConsolePolicy:
         return []
 
 
-# -- verdicts over a stream of events -------------------------------------------------------
+class FailedLogins:
+    """Failed authentications per (host, network) within the window, for at most
+    ``max_networks`` networks (the least recently failing are forgotten first)."""
 
-class ExpiringKeys:
-    """Keys remembered until a deadline, with pruning so memory stays bounded under scans."""
+    def __init__(self, threshold: int, window: float, max_networks: int = DEFAULT_MAX_TRACKED_NETWORKS) -> None:
+        self.threshold = threshold
+        self.window = window
+        self.max_networks = max_networks
+        self.times: collections.OrderedDict[tuple[str, str], collections.deque[float]] = collections.OrderedDict()
 
-    def __init__(self):
-        self.deadlines = collections.OrderedDict()
-        self._next_prune = 0.0
+    def __len__(self) -> int:
+        return len(self.times)
 
-    def get(self, key, now):
-        entry = self.deadlines.get(key)
-        if entry is None or entry[0] <= now:
-            return None
-        return entry[1]
-
-    def put(self, key, value, until, now):
-        self.deadlines.pop(key, None)
-        self.deadlines[key] = (until, value)
-        self.prune(now)
-
-    def prune(self, now):
-        if now < self._next_prune:
-            return
-        self._next_prune = now + 1.0
-        for key in [k for k, (until, _v) in self.deadlines.items() if until <= now]:
-            del self.deadlines[key]
+    def failed(self, key: tuple[str, str], now: float) -> bool:
+        """Count one failure; True when it reaches the threshold (the count starts again)."""
+        times = self.times.pop(key, None)
+        if times is None:
+            times = collections.deque(maxlen=self.threshold)
+        self.times[key] = times
+        times.append(now)
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        if len(self.times) > self.max_networks:
+            self.times.popitem(last=False)
+        if len(times) >= self.threshold:
+            del self.times[key]
+            return True
+        return False
 
 
 class Classifier:
-    """Applies a ``ConsolePolicy`` to graphics payloads in arrival order."""
+    """Applies a ``ConsolePolicy`` to graphics payloads in arrival order and queues what must
+    be remediated."""
 
-    def __init__(self, policy):
+    def __init__(self, policy: ConsolePolicy, batches: RemediationBatches | None) -> None:
         self.policy = policy
-        # (target host, address) -> session id of the remediation that covers it
-        self.remediations = ExpiringKeys()
-        # session ids this classifier decided to cut: their disconnect is not a failed login
-        self.cut_sessions = ExpiringKeys()
-        # (target host, address) -> deque of failed-authentication times
-        self.failures = {}
-        self._next_failure_prune = 0.0
+        # None: verdicts only, nothing is queued for remediation (the console_audit rulebook)
+        self.batches = batches if batches is not None else RemediationBatches(lease=0, max_offenders=0)
+        self.remediating = batches is not None
+        self.failures = FailedLogins(policy.bruteforce_threshold, policy.bruteforce_window)
 
-    def classify(self, graphics, now):
+    def classify(self, graphics: Mapping[str, Any], now: float) -> dict[str, Any]:
         """The verdict for one ``event.graphics``; ``now`` is a monotonic time in seconds."""
         policy = self.policy
         phase = graphics.get("phase")
         remote = graphics.get("remote") or {}
         family = remote.get("family")
-        address = normalize_address(remote.get("node")) if family != "unix" else None
-        session_id = str((graphics.get("session") or {}).get("id", ""))
-        verdict = {
+        address = normalize_address(str(remote.get("node", ""))) if family != "unix" else None
+        raw_id = str((graphics.get("session") or {}).get("id", ""))
+        session_id = raw_id if _SESSION_ID.match(raw_id) else ""
+        session = graphics.get("session") or {}
+        verdict: dict[str, Any] = {
             "verdict": "allow",
             "reasons": [],
             "remediate": False,
-            "covered_by": None,
-            "session_id": session_id if re.match(r"^[0-9a-f]*$", session_id) else "",
-            "phase": phase if phase in ("connect", "initialize", "disconnect") else "unknown",
-            "snapshot": bool(graphics.get("snapshot")),
+            "queued": False,
+            "session_id": session_id,
+            "phase": phase if phase in PHASES else "unknown",
+            "snapshot": graphics.get("snapshot") is True,
             "remote": {
-                "family": "unix" if family == "unix" else ("ipv%d" % address.version if address else "unknown"),
+                "family": "unix" if family == "unix" else (f"ipv{address.version}" if address else "unknown"),
                 "address": str(address) if address else None,
                 "port": parse_port(remote.get("service", "")),
                 "trusted": None,
+                "network": None,
             },
             "local_port": parse_port((graphics.get("local") or {}).get("service", "")),
-            "target_host": None,
+            "target_host": target_host_for(str((graphics.get("hypervisor") or {}).get("uri", "")), policy.host_map),
             "block_seconds": policy.block_seconds,
         }
-        hypervisor_uri = str((graphics.get("hypervisor") or {}).get("uri", ""))
-        verdict["target_host"] = target_host_for(hypervisor_uri, policy.host_map)
-
-        reasons = verdict["reasons"]
+        host = verdict["target_host"]
+        reasons: list[str] = verdict["reasons"]
         if family != "unix":
             verdict["remote"]["trusted"] = policy.is_trusted(address)
-        if phase in ("connect", "initialize"):
+        network = policy.network_to_block(address) if address is not None else None
+        verdict["remote"]["network"] = str(network) if network is not None else None
+
+        if verdict["phase"] in ("connect", "initialize"):
             if family != "unix" and not verdict["remote"]["trusted"]:
                 reasons.append(UNTRUSTED_NETWORK if address is not None else UNPARSABLE_ADDRESS)
-            if phase == "initialize":
+            if verdict["phase"] == "initialize":
                 reasons.extend(policy.identity_reasons(graphics))
             if reasons:
                 verdict["verdict"] = "cut"
-        elif phase == "disconnect" and policy.bruteforce_threshold > 0 and address is not None:
-            if self._failed_login(graphics, session_id, verdict["target_host"], address, now):
-                reasons.append(BRUTEFORCE)
-                verdict["verdict"] = "block"
+                if address is not None and network is not None:
+                    self.batches.add(host, Offender(session_id, str(address), str(network), verdict["remote"]["port"],
+                                                    verdict["local_port"], list(reasons)))
+        elif verdict["phase"] == "disconnect":
+            was_offender = self.batches.ended(host, session_id)
+            failed_login = not (was_offender or verdict["snapshot"] or session.get("authenticated"))
+            if failed_login and policy.bruteforce_threshold > 0 and network is not None:
+                if self.failures.failed((host, str(network)), now):
+                    reasons.append(BRUTEFORCE)
+                    verdict["verdict"] = "block"
+                    self.batches.add(host, Offender("", str(address), str(network), None, verdict["local_port"],
+                                                    [BRUTEFORCE]))
 
-        if reasons and address is not None:
-            if verdict["verdict"] == "cut":
-                self.cut_sessions.put(session_id, True, now + 2 * policy.remediation_holdoff + 60, now)
-            key = (verdict["target_host"], str(address))
-            covering = self.remediations.get(key, now)
-            if covering is None:
-                self.remediations.put(key, session_id, now + policy.remediation_holdoff, now)
-                verdict["remediate"] = True
-            else:
-                verdict["covered_by"] = covering
+        batch = self.batches.take_batch(host, now) if self.remediating else []
+        if batch:
+            verdict["remediate"] = True
+            verdict["batch"] = [offender.as_batch_entry() for offender in batch]
+        elif reasons and address is not None and self.remediating:
+            verdict["queued"] = True
         return verdict
-
-    def _failed_login(self, graphics, session_id, target_host, address, now):
-        """Count a disconnect that never initialized; True when it reaches the threshold."""
-        policy = self.policy
-        session = graphics.get("session") or {}
-        if graphics.get("snapshot") or session.get("authenticated"):
-            return False
-        if self.cut_sessions.get(session_id, now):
-            return False  # we cut it: not the client failing to log in
-        key = (target_host, str(address))
-        times = self.failures.setdefault(key, collections.deque())
-        times.append(now)
-        horizon = now - policy.bruteforce_window
-        while times and times[0] <= horizon:
-            times.popleft()
-        if now >= self._next_failure_prune:
-            self._next_failure_prune = now + 1.0
-            for stale in [k for k, d in self.failures.items() if not d or d[-1] <= horizon]:
-                del self.failures[stale]
-        if len(times) >= policy.bruteforce_threshold:
-            times.clear()
-            return True
-        return False

@@ -1,23 +1,30 @@
 """classify: judge every console session event against the console policy, add the verdict
-to the event as ``event.virtguard`` and append the event to the audit log.
+to the event as ``event.virtguard``, batch what must be remediated and audit every event.
 
 An ansible-rulebook event filter for ``virtguard.console.libvirt_graphics`` events. The
-policy itself lives in ``plugins/module_utils/console_policy.py``; this file only wires it in.
+policy lives in ``plugins/module_utils/console_policy.py``, the batching in
+``remediation_batches.py``, the audit writer in ``audit_log.py``; this file declares the
+arguments and wires them in.
 """
+
+from __future__ import annotations
 
 DOCUMENTATION = r"""
 ---
-short_description: Judge console session events against the console policy and audit them.
+short_description: Judge console session events, batch their remediation and audit them.
 description:
   - An event filter for C(virtguard.console.libvirt_graphics) events. It adds the policy's
-    verdict to each graphics event as C(event.virtguard) and appends the event to the audit log.
-    Other events pass unchanged. docs/rulebooks.md describes the verdict and the audit records.
-  - Argument values may be written C("{{ rulebook_var }}") like source arguments. ansible-rulebook
-    1.3 renders the arguments of sources but not of filters, so this filter renders them itself,
-    with ansible-rulebook's own renderer, against the activation's variables (C(--vars),
-    C(--env-vars), or what the EDA server sent) the first time it runs.
-  - For an event that should start a remediation, C(event.meta.hosts) is set to the target
-    host, so ansible-rulebook limits the playbook or job run to it.
+    verdict to each graphics event as C(event.virtguard) and appends the event to the audit log
+    (on a thread of its own, never on the event loop). Other events pass unchanged.
+    docs/rulebooks.md describes the verdict, the batches and the audit records.
+  - Offending sessions are remediated in batches, one run at a time per hypervisor host. The
+    event that starts a run carries C(event.virtguard.remediate=true) and the whole batch in
+    C(event.virtguard.batch); C(event.meta.hosts) is set to the host that remediates, so
+    ansible-rulebook limits the playbook or job run to it.
+  - Argument values may be written C("{{ rulebook_var }}") like source arguments. They are
+    rendered with ansible-rulebook's own renderer against the activation's variables and checked
+    when ansible-rulebook loads the filter, so a wrong value stops the activation at start with
+    a message that names the argument and its variable.
 options:
   trusted_networks:
     description:
@@ -44,25 +51,56 @@ options:
     type: dict
     default: {}
   block_seconds:
-    description: How long remediation blocks an address, in seconds (copied into the verdict).
+    description: How long remediation blocks a network, in seconds (at most what nftables accepts).
     type: int
     default: 600
+  ipv6_prefix:
+    description:
+      - IPv6 clients are counted (brute force) and blocked per prefix of this length; C(128) means
+        per address. A prefix that holds a trusted address is never blocked (then the address alone).
+    type: int
+    default: 64
   remediation_holdoff:
     description:
-      - Seconds during which one remediation covers its address, so a storm of connections from
-        one address triggers one run. At most O(block_seconds).
+      - Seconds a remediation run is waited for. The next batch of a host is sent once every
+        session of the run in flight has disconnected, or after this long.
+    type: float
+    default: 30
+  max_batch:
+    description: At most this many offenders in one run; the rest go into the next.
     type: int
-    default: 60
+    default: 1000
+  console_ports:
+    description:
+      - Ports or ranges (C(5900-5999)) blocked and cut besides the ports QEMU listens on, which
+        remediation finds on the host itself. Default none.
+    type: list
+    elements: raw
+    default: []
+  nft_table:
+    description: The nftables table (family C(inet)) that holds the blocks on the hypervisor.
+    type: str
+    default: virtguard
+  block_set_size:
+    description: Elements each block set holds at most; a full set is reported, cutting goes on.
+    type: int
+    default: 65536
   bruteforce_threshold:
     description:
-      - This many sessions that disconnect without ever initializing, from one address within
-        O(bruteforce_window) seconds, block the address. C(0) switches the rule off.
+      - This many sessions that disconnect without ever initializing, from one network within
+        O(bruteforce_window) seconds, block the network. C(0) switches the rule off.
     type: int
     default: 0
   bruteforce_window:
     description: The brute-force window, in seconds.
-    type: int
+    type: float
     default: 60
+  remediation:
+    description:
+      - When false, events get their verdict and are audited, and nothing is sent to remediation
+        (C(remediate) stays false), as in the C(console_audit) rulebook.
+    type: bool
+    default: true
   audit_log:
     description: Path of the JSON Lines audit file. Empty or omitted, no audit.
     type: str
@@ -88,6 +126,7 @@ EXAMPLES = r"""
     - name: Cut and block
       condition: event.virtguard.remediate == true
       action:
+        # no extra_vars built from event.graphics: the playbook reads event.virtguard only
         run_playbook:
           name: virtguard.console.remediate_console
 """
@@ -100,7 +139,7 @@ virtguard:
   type: dict
   contains:
     verdict:
-      description: C(allow), C(cut) or C(block).
+      description: C(allow), C(cut), C(block), or C(error) for an event that could not be judged.
       type: str
     reasons:
       description: >-
@@ -109,13 +148,22 @@ virtguard:
       type: list
       elements: str
     remediate:
-      description: True for the event that should start a remediation (the first of its address within the hold-off).
+      description: True for the event that starts a remediation run; the run's offenders are in C(batch).
       type: bool
-    covered_by:
-      description: The session whose remediation covers this one.
-      type: str
+    queued:
+      description: True when this event's offender waits for a run (the next one of its host).
+      type: bool
+    batch:
+      description: >-
+        On C(remediate) events: the offenders of the run, each with C(session_id), C(address),
+        C(network) (what is blocked), C(client_port), C(console_port) and C(reasons).
+      type: list
+      elements: dict
+    remediation:
+      description: On C(remediate) events, the run's settings; C(networks), C(console_ports), C(nft_table), C(set_size), C(block_seconds), C(audit_log).
+      type: dict
     remote:
-      description: C(address) (normalised), C(family), C(port), C(trusted).
+      description: C(address) (normalised), C(network) (what a block would cover), C(family), C(port), C(trusted).
       type: dict
     local_port:
       description: The console port of the session.
@@ -130,18 +178,18 @@ virtguard:
       description: How long a block lasts.
       type: int
     audit_error:
-      description: True when the audit append failed.
+      description: True when records could not be appended to the audit log since the last event.
       type: bool
 """
 
-import asyncio
 import logging
 import os
 import sys
 import time
+from typing import Any
 
 
-def _import_collection_utils():
+def _import_collection_utils() -> None:
     """ansible-rulebook loads this file by path; make ``ansible_collections`` importable from
     the collection tree it was loaded from when it is not already."""
     try:
@@ -149,8 +197,7 @@ def _import_collection_utils():
             console_policy,
         )
     except ImportError:
-        here = os.path.abspath(__file__)
-        parts = here.split(os.sep)
+        parts = os.path.abspath(__file__).split(os.sep)
         if "ansible_collections" not in parts:
             raise
         top = os.sep.join(parts[: len(parts) - 1 - parts[::-1].index("ansible_collections")])
@@ -159,106 +206,38 @@ def _import_collection_utils():
 
 _import_collection_utils()
 
-from ansible_collections.virtguard.console.plugins.module_utils.audit_log import (  # noqa: E402
-    AuditError,
-    AuditLog,
-    event_record,
+from ansible_collections.virtguard.console.plugins.module_utils.classify_filter import (  # noqa: E402
+    FilterState,
+    classify_event,
 )
-from ansible_collections.virtguard.console.plugins.module_utils.console_policy import (  # noqa: E402
-    Classifier,
-    ConsolePolicy,
+from ansible_collections.virtguard.console.plugins.module_utils.rulebook_context import (  # noqa: E402
+    loading_filter,
 )
 
 LOGGER = logging.getLogger("virtguard.console.classify")
 
-POLICY_ARGUMENTS = ("trusted_networks", "allowed_identities", "require_identity", "host_map",
-                    "block_seconds", "remediation_holdoff", "bruteforce_threshold", "bruteforce_window")
-KNOWN_ARGUMENTS = POLICY_ARGUMENTS + ("audit_log", "audit_fsync")
-
-# One state per loaded copy of this file: ansible-rulebook runs the file once per source.
-_STATE = {}
+# One state per loaded copy of this file (ansible-rulebook loads it once per source), per arguments.
+_STATES: dict[str, FilterState] = {}
 
 
-def activation_variables():
-    """The variables of the running ansible-rulebook activation, or None outside one.
-
-    Filters are called from the source's task, whose coroutine is ansible-rulebook's
-    ``start_source(source, source_dirs, variables, ...)``."""
-    try:
-        task = asyncio.current_task()
-    except RuntimeError:
-        task = None
-    frame = getattr(task.get_coro(), "cr_frame", None) if task is not None else None
-    if frame is None:
-        frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name == "start_source" and "ansible_rulebook" in frame.f_code.co_filename:
-            variables = frame.f_locals.get("variables")
-            return variables if isinstance(variables, dict) else None
-        frame = frame.f_back
-    return None
-
-
-def render_arguments(kwargs, variables):
-    """Render ``{{ ... }}`` argument values as ansible-rulebook renders source arguments."""
-    if not any(isinstance(v, str) and "{{" in v for v in kwargs.values()):
-        return dict(kwargs)
-    if variables is None:
-        raise ValueError("virtguard.console.classify: arguments refer to rulebook variables but no "
-                         "ansible-rulebook activation variables were found")
-    from ansible_rulebook.util import substitute_variables
-
-    return {key: substitute_variables(value, variables) for key, value in kwargs.items()}
-
-
-class ClassifyState:
-    def __init__(self, kwargs):
-        unknown = sorted(set(kwargs) - set(KNOWN_ARGUMENTS))
-        if unknown:
-            raise ValueError("virtguard.console.classify: unknown argument(s) %s; known: %s"
-                             % (", ".join(unknown), ", ".join(KNOWN_ARGUMENTS)))
-        args = render_arguments(kwargs, activation_variables())
-        policy_args = {k: args[k] for k in POLICY_ARGUMENTS if k in args and args[k] is not None}
-        self.classifier = Classifier(ConsolePolicy(**policy_args))
-        path = args.get("audit_log") or ""
-        self.audit = AuditLog(str(path), fsync=args.get("audit_fsync") or "interval") if path else None
-        self._audit_failed_at = None
-
-    def audit_event(self, graphics, verdict):
-        if self.audit is None:
-            return
-        try:
-            self.audit.append(event_record(graphics, verdict))
-            self._audit_failed_at = None
-        except AuditError as exc:
-            verdict["audit_error"] = True
-            now = time.monotonic()
-            if self._audit_failed_at is None or now - self._audit_failed_at > 10:
-                self._audit_failed_at = now
-                LOGGER.error("%s", exc)
-
-
-def _state_for(kwargs):
+def _state_for(kwargs: dict[str, Any]) -> FilterState:
     key = repr(sorted(kwargs.items()))
-    state = _STATE.get(key)
+    state = _STATES.get(key)
     if state is None:
-        state = _STATE[key] = ClassifyState(kwargs)
+        state = _STATES[key] = FilterState.from_arguments(kwargs)
     return state
 
 
-def main(event, **kwargs):
+# Loaded by ansible-rulebook: render and check the arguments now, so that a wrong one stops the
+# activation when it starts instead of at the first console event.
+_LOADING = loading_filter()
+if _LOADING is not None:
+    _STATES[repr(sorted(_LOADING.filter_args.items()))] = FilterState.from_arguments(
+        _LOADING.filter_args, _LOADING.variables)
+
+
+def main(event: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
     """Add ``event.virtguard`` to a graphics event and audit it; other events pass unchanged."""
-    graphics = event.get("graphics") if isinstance(event, dict) else None
-    if not isinstance(graphics, dict):
+    if not isinstance(event, dict) or not isinstance(event.get("graphics"), dict):
         return event
-    state = _state_for(kwargs)
-    try:
-        verdict = state.classifier.classify(graphics, time.monotonic())
-    except Exception as exc:  # a malformed event must not stop the source; keep it on record
-        LOGGER.exception("cannot classify a graphics event")
-        verdict = {"verdict": "error", "reasons": [], "remediate": False, "error": type(exc).__name__}
-    event["virtguard"] = verdict
-    if verdict.get("remediate"):
-        event.setdefault("meta", {})["hosts"] = verdict["target_host"]
-    state.audit_event(graphics, verdict)
-    return event
+    return classify_event(_state_for(kwargs), event, time.monotonic())

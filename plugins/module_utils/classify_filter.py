@@ -1,0 +1,159 @@
+# -*- coding: utf-8 -*-
+# Copyright: virtguard.console contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The ``classify`` event filter's workings: its arguments (declared once), its state (policy,
+remediation batches, audit writer) and what it does to one event. The filter file
+(``extensions/eda/plugins/event_filter/classify.py``) holds the documentation and the entry
+point; tests use this module directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import Any, Mapping
+
+from ansible_collections.virtguard.console.plugins.module_utils.audit_log import (
+    FSYNC_POLICIES,
+    AuditError,
+    AuditLog,
+    AuditWriter,
+    event_record,
+)
+from ansible_collections.virtguard.console.plugins.module_utils.console_policy import (
+    Classifier,
+    ConsolePolicy,
+    PolicyError,
+)
+from ansible_collections.virtguard.console.plugins.module_utils.ip_addresses import (
+    DEFAULT_SET_SIZE,
+    MAX_BLOCK_SECONDS,
+    MAX_SET_SIZE,
+    format_port_ranges,
+    parse_port_ranges,
+)
+from ansible_collections.virtguard.console.plugins.module_utils.plugin_arguments import (
+    ArgumentError,
+    Option,
+    check_arguments,
+    where,
+)
+from ansible_collections.virtguard.console.plugins.module_utils.remediation_batches import (
+    RemediationBatches,
+)
+from ansible_collections.virtguard.console.plugins.module_utils.rulebook_context import (
+    render_arguments,
+    variable_origins,
+)
+
+PLUGIN = "virtguard.console.classify"
+LOGGER = logging.getLogger(PLUGIN)
+NFT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,30}$")
+AUDIT_ERROR_LOG_INTERVAL = 10.0
+
+OPTIONS = (
+    Option("trusted_networks", "list", elements="str"),
+    Option("allowed_identities", "list", elements="str", default=[]),
+    Option("require_identity", "bool", default=False),
+    Option("host_map", "dict", default={}),
+    Option("block_seconds", "int", default=600, minimum=1, maximum=MAX_BLOCK_SECONDS),
+    Option("ipv6_prefix", "int", default=64, minimum=32, maximum=128),
+    Option("remediation_holdoff", "float", default=30, minimum=1, maximum=3600),
+    Option("max_batch", "int", default=1000, minimum=1, maximum=10000),
+    Option("console_ports", "list", elements="raw", default=[]),
+    Option("nft_table", "str", default="virtguard"),
+    Option("block_set_size", "int", default=DEFAULT_SET_SIZE, minimum=1, maximum=MAX_SET_SIZE),
+    Option("bruteforce_threshold", "int", default=0, minimum=0, maximum=1_000_000),
+    Option("bruteforce_window", "float", default=60, minimum=1, maximum=7 * 86400),
+    Option("remediation", "bool", default=True),
+    Option("audit_log", "str", default=""),
+    Option("audit_fsync", "str", default="interval", choices=FSYNC_POLICIES),
+)
+
+
+class FilterState:
+    """The checked arguments and what they configure, for one filter of one source."""
+
+    def __init__(self, args: dict[str, Any], origins: Mapping[str, str]) -> None:
+        def fail(name: str, message: str) -> ArgumentError:
+            return ArgumentError(f"{where(PLUGIN, name, origins)} {message}")
+
+        try:
+            self.console_ports = format_port_ranges(parse_port_ranges(args["console_ports"]))
+        except ValueError as exc:
+            raise fail("console_ports", str(exc)) from None
+        if not NFT_NAME.match(args["nft_table"]):
+            raise fail("nft_table", f"must be a letter then letters, digits or _ (at most 31), got {args['nft_table']!r}")
+        try:
+            self.policy = ConsolePolicy(
+                trusted_networks=args["trusted_networks"], allowed_identities=args["allowed_identities"],
+                require_identity=args["require_identity"], host_map=args["host_map"],
+                block_seconds=args["block_seconds"], ipv6_prefix=args["ipv6_prefix"],
+                bruteforce_threshold=args["bruteforce_threshold"], bruteforce_window=args["bruteforce_window"])
+        except PolicyError as exc:
+            name = str(exc).split(":", 1)[0]
+            raise fail(name, str(exc).split(": ", 1)[-1]) from None
+        self.batches = RemediationBatches(lease=args["remediation_holdoff"], max_batch=args["max_batch"])
+        self.classifier = Classifier(self.policy, self.batches if args["remediation"] else None)
+        self.settings = {"nft_table": args["nft_table"], "set_size": args["block_set_size"],
+                         "block_seconds": args["block_seconds"], "audit_log": args["audit_log"]}
+        self.audit = self._audit_writer(args["audit_log"], args["audit_fsync"], fail) if args["audit_log"] else None
+        self._audit_failures_seen = 0
+        self._audit_logged_at: float | None = None
+
+    @staticmethod
+    def _audit_writer(path: str, fsync: str, fail: Any) -> AuditWriter:
+        """Open the audit log now, so that a path that cannot be written stops the start."""
+        log = AuditLog(path, fsync=fsync)
+        try:
+            log.open()
+        except AuditError as exc:
+            raise fail("audit_log", f"cannot be used: {exc}") from None
+        return AuditWriter(log)
+
+    @classmethod
+    def from_arguments(cls, raw: Mapping[str, Any], variables: Mapping[str, Any] | None = None) -> FilterState:
+        """Render (``{{ var }}``) and check the filter's arguments as the rulebook wrote them."""
+        origins = variable_origins(raw)
+        rendered = render_arguments(PLUGIN, raw, variables)
+        return cls(check_arguments(PLUGIN, OPTIONS, rendered, origins=origins), origins)
+
+    def remediation_settings(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        """What the remediation run needs besides the batch, all checked at start."""
+        networks = list(dict.fromkeys(entry["network"] for entry in batch))
+        own_ports = [str(entry["console_port"]) for entry in batch if entry["console_port"]]
+        ports = list(dict.fromkeys(self.console_ports + own_ports))
+        return dict(self.settings, networks=networks, console_ports=ports)
+
+    def audit_failed(self) -> bool:
+        """Whether audit records failed since the last event (logged at most every 10 s)."""
+        if self.audit is None or self.audit.failed == self._audit_failures_seen:
+            return False
+        self._audit_failures_seen = self.audit.failed
+        now = time.monotonic()
+        if self._audit_logged_at is None or now - self._audit_logged_at > AUDIT_ERROR_LOG_INTERVAL:
+            self._audit_logged_at = now
+            LOGGER.error("virtguard: %d audit record(s) could not be written: %s", self.audit.failed, self.audit.error)
+        return True
+
+
+def classify_event(state: FilterState, event: dict[str, Any], now: float) -> dict[str, Any]:
+    """Judge one graphics event, queue or send its remediation, audit it; never raises for a
+    malformed event (it is audited with the verdict ``error``)."""
+    graphics = event["graphics"]
+    try:
+        verdict = state.classifier.classify(graphics, now)
+    except Exception as exc:  # a malformed event must not stop the activation; keep it on record
+        LOGGER.exception("virtguard: cannot judge a graphics event")
+        verdict = {"verdict": "error", "reasons": [], "remediate": False, "queued": False,
+                   "error": type(exc).__name__}
+    if verdict.get("remediate"):
+        verdict["remediation"] = state.remediation_settings(verdict["batch"])
+        event.setdefault("meta", {})["hosts"] = verdict["target_host"]
+    if state.audit is not None:
+        if state.audit_failed():
+            verdict["audit_error"] = True
+        state.audit.submit(event_record(graphics, verdict))
+    event["virtguard"] = verdict
+    return event

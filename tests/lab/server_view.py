@@ -1,0 +1,52 @@
+"""What the hypervisor itself sees of console clients: its kernel's established TCP
+connections on the console ports (``ss`` in the hypervisor's network namespace) and QEMU's own
+client list (``query-vnc``). Tests judge a cut here, never by what a client socket reads: a
+client can hold a half-open socket that QEMU never accepted (its VNC backlog is 1)."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import subprocess
+from typing import Iterable
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _address(text: str) -> IPAddress:
+    address = ipaddress.ip_address(text.strip("[]").split("%", 1)[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _split(endpoint: str) -> tuple[IPAddress, int]:
+    host, _sep, port = endpoint.rpartition(":")
+    return _address(host), int(port)
+
+
+def established_peers(ports: Iterable[int], netns: str | None = None) -> set[tuple[IPAddress, int]]:
+    """(client address, client port) of every established connection to one of ``ports``,
+    as the hypervisor's kernel sees it (IPv4-mapped peers as IPv4)."""
+    peers: set[tuple[IPAddress, int]] = set()
+    ports = sorted(set(ports))
+    if not ports:
+        return peers
+    expression: list[str] = []
+    for port in ports:
+        expression += (["or"] if expression else []) + ["sport", "=", f":{port}"]
+    cmd = ["ss", "-t", "-n", "-H", "state", "established", "(", *expression, ")"]
+    if netns:
+        cmd = ["ip", "netns", "exec", netns, *cmd]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) >= 4:
+            peers.add(_split(fields[3]))
+    return peers
+
+
+def vnc_clients(query_vnc_output: str) -> set[tuple[IPAddress, int]]:
+    """(client address, client port) of every client in QEMU's ``query-vnc`` answer."""
+    answer = json.loads(query_vnc_output)["return"]
+    return {(_address(c["host"]), int(c["service"])) for c in answer.get("clients", [])}
