@@ -113,8 +113,9 @@ def test_events_the_filter_cannot_judge_are_audited_and_the_activation_goes_on(t
             records = read_jsonl(audit)
             return records if len(records) >= 5 else None
         records = wait_for(judged, 90, "five audit records")
-        assert [r["virtguard"]["verdict"] for r in records] == ["cut", "cut", "error", "error", "allow"]
+        assert [r["virtguard"]["verdict"] for r in records] == ["cut", "cut", "error", "allow", "allow"]
         assert [r["virtguard"]["reasons"] for r in records[:2]] == [["unparsable_address"]] * 2
+        assert records[3]["virtguard"]["phase"] == "unknown"  # a phase libvirt may add later: passed on
         time.sleep(2)
         assert proc.poll() is None, (tmp_path / "replay.log").read_text()[-3000:]
         assert "judged allow" in (tmp_path / "replay.log").read_text()
