@@ -42,7 +42,7 @@ HOSTILE = {
     "linesep": "line\u2028break\u2029para\u0085next",
 }
 NFT_TABLE = f"vg_t{os.getpid()}"
-ODD_PORT = 20000 + os.getpid() % 20000  # outside 5900-5999, as a fixed port or a websocket may be
+ODD_PORT = 45000 + os.getpid() % 10000  # outside 5900-5999, as a fixed port or a websocket may be
 
 
 def dname(common_name: str) -> str:
