@@ -20,6 +20,7 @@ attacker-controlled text.
 from __future__ import annotations
 
 import collections
+import functools
 import ipaddress
 import re
 from typing import Any, Mapping, Union
@@ -182,6 +183,10 @@ class Classifier:
 
     def __init__(self, policy: ConsolePolicy, batches: RemediationBatches | None) -> None:
         self.policy = policy
+        # parsing addresses and URIs is most of a verdict's cost; clients and hypervisors repeat
+        self.address_of = functools.lru_cache(maxsize=65536)(normalize_address)
+        self.network_of = functools.lru_cache(maxsize=65536)(policy.network_to_block)
+        self.target_of = functools.lru_cache(maxsize=4096)(functools.partial(target_host_for, host_map=policy.host_map))
         # None: verdicts only, nothing is queued for remediation (the console_audit rulebook)
         self.batches = batches if batches is not None else RemediationBatches(lease=0, max_offenders=0)
         self.remediating = batches is not None
@@ -193,7 +198,7 @@ class Classifier:
         phase = graphics.get("phase")
         remote = graphics.get("remote") or {}
         family = remote.get("family")
-        address = normalize_address(str(remote.get("node", ""))) if family != "unix" else None
+        address = self.address_of(str(remote.get("node", ""))) if family != "unix" else None
         raw_id = str((graphics.get("session") or {}).get("id", ""))
         session_id = raw_id if _SESSION_ID.match(raw_id) else ""
         session = graphics.get("session") or {}
@@ -213,14 +218,14 @@ class Classifier:
                 "network": None,
             },
             "local_port": parse_port((graphics.get("local") or {}).get("service", "")),
-            "target_host": target_host_for(str((graphics.get("hypervisor") or {}).get("uri", "")), policy.host_map),
+            "target_host": self.target_of(str((graphics.get("hypervisor") or {}).get("uri", ""))),
             "block_seconds": policy.block_seconds,
         }
         host = verdict["target_host"]
         reasons: list[str] = verdict["reasons"]
         if family != "unix":
             verdict["remote"]["trusted"] = policy.is_trusted(address)
-        network = policy.network_to_block(address) if address is not None else None
+        network = self.network_of(address) if address is not None else None
         verdict["remote"]["network"] = str(network) if network is not None else None
 
         if verdict["phase"] in ("connect", "initialize"):
