@@ -19,7 +19,7 @@ from bench import ROOT
 from bench.lab import Lab
 from bench.stats import load_average, mem_available_mib
 
-MEASUREMENTS = ("burst", "endtoend", "scale", "soak", "audit")
+MEASUREMENTS = ("burst", "endtoend", "scale", "soak", "audit", "storm")
 # Real resident memory of one tiny paused TCG domain here (MemAvailable drop per domain),
 # plus the daemons' share: the scale test is sized down when the machine has less to spare.
 MIB_PER_DOMAIN = 18
@@ -62,6 +62,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--soak-limit", type=int, default=100_000,
                         help="max_buffered_events in the soak (default 100,000, the source's default)")
     parser.add_argument("--audit-events", type=int, default=100_000, help="records for the audit writer (default 100,000)")
+    parser.add_argument("--storm-addresses", type=int, default=200,
+                        help="untrusted addresses in the storm, one held session each (default 200)")
+    parser.add_argument("--storm-consoles", type=int, default=10, help="consoles the storm spreads over (default 10)")
+    parser.add_argument("--storm-lone", type=int, default=5, help="lone untrusted sessions, one after another (default 5)")
+    parser.add_argument("--storm-sustained", type=int, default=5000,
+                        help="untrusted addresses over --storm-sustained-seconds (default 5000; 0: none)")
+    parser.add_argument("--storm-sustained-seconds", type=float, default=60, help="(default 60)")
+    parser.add_argument("--storm-ipv6", type=int, default=1000,
+                        help="addresses of one IPv6 /64 failing logins against the bruteforce rulebook (default 1000; 0: none)")
     parser.add_argument("--profile", metavar="DIR",
                         help="profile the source (cProfile) in the bursts, the real activation and the soak, into DIR; "
                              "profiled figures are slower and only for finding where time goes")
@@ -237,6 +246,49 @@ def report_audit(report: Report, r: dict) -> None:
     report.lost += r["lost"]
 
 
+def report_storm(report: Report, r: dict) -> None:
+    lone, storm = r["lone"], r["storm"]
+    report.line("  the shipped unauthorized_console rulebook through ansible-rulebook, one session daemon with "
+                f"{r['consoles']} consoles, clients with addresses of their own; times are libvirt's, from a "
+                "session's connect event to its disconnect event (the cut)")
+    report.figure("lone untrusted session, connect to cut (p50)",
+                  f"{lone['p50_s']:.2f} s over {lone['cut']} of {lone['runs']} sessions" if lone["p50_s"] else "none cut",
+                  "p50 <= 2 s", lone["p50_s"] is not None and lone["p50_s"] <= 2.0 and lone["cut"] == lone["runs"])
+    report.figure(f"storm of {r['addresses']} addresses: sessions opened / cut by a remediation / not cut",
+                  f"{storm['opened']} (in {storm['open_s']:.1f} s) / {storm['cut']} / {storm['not_cut']}",
+                  "every session cut", storm["not_cut"] == 0 and storm["cut"] == storm["opened"])
+    report.figure("storm, connect to cut: p50 / last (beside the lone session's p50)",
+                  f"{storm['p50_s']:.2f} s / {storm['max_s']:.2f} s (lone {lone['p50_s'] or 0:.2f} s)"
+                  if storm["max_s"] is not None else "none cut",
+                  "p50 <= 5 s, last <= 10 s",
+                  storm["max_s"] is not None and storm["p50_s"] <= 5.0 and storm["max_s"] <= 10.0)
+    report.figure("storm, playbook runs (batch sizes)", f"{storm['runs']} ({storm['batch_sizes']})", "<= 10",
+                  storm["runs"] <= 10)
+    report.lost += storm["not_cut"]
+    sustained = r.get("sustained")
+    if sustained:
+        report.figure(f"sustained, {sustained['addresses']} addresses over {sustained['open_s']:.0f} s: "
+                      "opened / cut / not cut / runs",
+                      f"{sustained['opened']} / {sustained['cut']} / {sustained['not_cut']} / {sustained['runs']}",
+                      "every session cut", sustained["not_cut"] == 0)
+        report.figure("sustained, activation alive at the end", str(sustained["alive"]), "True", sustained["alive"])
+        report.figure("sustained, activation RSS start / max / end",
+                      f"{sustained['rss_kib_start'] / 1024:.0f} / {sustained['rss_kib_max'] / 1024:.0f} / "
+                      f"{sustained['rss_kib_end'] / 1024:.0f} MiB")
+        within = all(s["size"] and s["elements"] <= s["size"] for s in sustained["sets"].values())
+        report.figure("sustained, block sets (elements / size)",
+                      ", ".join(f"{k} {v['elements']}/{v['size']}" for k, v in sustained["sets"].items()),
+                      "within their size", within)
+        report.lost += sustained["not_cut"]
+    ipv6 = r.get("ipv6")
+    if ipv6:
+        report.figure(f"IPv6 brute force, {ipv6['addresses']} addresses of {ipv6['prefix']}: "
+                      "logins through / refused / runs",
+                      f"{ipv6['attempts']} / {ipv6['refused']} / {ipv6['runs']} in {ipv6['seconds']:.1f} s")
+        report.figure("IPv6 brute force, the /64 blocked", f"{ipv6['blocked']} ({', '.join(ipv6['networks'])})",
+                      "True", ipv6["blocked"])
+
+
 def run_scale(lab, report: Report, options) -> dict:
     from lab import rfb
 
@@ -348,6 +400,16 @@ def main(argv=None) -> int:
                 report.section("6. The audit writer at its own rate")
                 results["audit"] = measure(options.audit_events)
                 report_audit(report, results["audit"])
+            if "storm" in chosen:
+                from bench.storm import measure as storm
+
+                report.section("7. Remediation under attack: a lone session, a storm, a sustained flow, IPv6 rotation")
+                results["storm"] = storm(lab, report.line, addresses=options.storm_addresses,
+                                         consoles=options.storm_consoles, lone_runs=options.storm_lone,
+                                         sustained=options.storm_sustained,
+                                         sustained_seconds=options.storm_sustained_seconds,
+                                         ipv6_failures=options.storm_ipv6)
+                report_storm(report, results["storm"])
         except KeyboardInterrupt:
             report.line("# interrupted: cleaning up")
             status = 130
