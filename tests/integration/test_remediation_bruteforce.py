@@ -1,18 +1,22 @@
 """The bruteforce and console_audit rulebooks end to end, with real ansible-rulebook, a real
-session daemon and clients in network namespaces."""
+dual-stack session daemon and clients in network namespaces; blocks judged in nftables and on
+the hypervisor's sockets."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 import subprocess
 import time
 
 import pytest
 
 from lab import rfb
-from lab.hypervisor import SessionHypervisor
+from lab.hypervisor import SessionHypervisor, wait_for
 from lab.netns import ClientNamespace
 from lab.rulebook_runner import RulebookRun, read_jsonl
+from lab.server_view import established_peers
 
 pytestmark = pytest.mark.slow
 
@@ -22,9 +26,9 @@ THRESHOLD = 4
 
 @pytest.fixture(scope="module")
 def plain_hypervisor():
-    hv = SessionHypervisor("rb", qemu_conf='vnc_listen = "0.0.0.0"\n').start()
+    hv = SessionHypervisor("rb", qemu_conf='vnc_listen = "::"\n').start()
     try:
-        hv.domain = hv.create_domain(f"{hv.user}-d0", listen="0.0.0.0")
+        hv.domain = hv.create_domain(f"{hv.user}-d0", listen="::")
         yield hv
     finally:
         hv.stop()
@@ -42,25 +46,36 @@ def namespaces():
         ns.delete()
 
 
-def failed_login(ns: ClientNamespace, port: int) -> None:
+def failed_login(ns: ClientNamespace, port: int, host: str | None = None, source: str | None = None) -> None:
     """Connect and leave before the handshake: a session that never initializes."""
-    sock = ns.connect(ns.host_ip, port)
-    sock.recv(12)  # the server's RFB version: QEMU has the client
-    sock.close()
+    def attempt() -> None:
+        sock = socket.create_connection((host or ns.host_ip, port), 5, (source, 0) if source else None)
+        sock.recv(12)  # the server's RFB version: QEMU has the client
+        sock.close()
+    ns.call(attempt)
 
 
-def test_repeated_failed_logins_block_the_address(plain_hypervisor, namespaces, tmp_path):
-    attacker, bystander = namespaces(0), namespaces(1)
-    port = plain_hypervisor.domain.vnc_port
-    audit = tmp_path / "audit.jsonl"
-    activation = RulebookRun("bruteforce", {
-        "virtguard_uri": plain_hypervisor.uri,
+def nft_holds(table: str, set_name: str, network: str) -> bool:
+    return subprocess.run(["nft", "get", "element", "inet", table, set_name, "{", network, "}"],
+                          capture_output=True, check=False).returncode == 0
+
+
+def activation_for(hv, audit, tmp_path) -> RulebookRun:
+    return RulebookRun("bruteforce", {
+        "virtguard_uri": hv.uri,
         "virtguard_bruteforce_threshold": THRESHOLD,
         "virtguard_bruteforce_window": 30,
         "virtguard_block_seconds": 30,
         "virtguard_audit_log": str(audit),
         "virtguard_nft_table": NFT_TABLE,
     }, tmp_path).start()
+
+
+def test_repeated_failed_logins_block_the_address(plain_hypervisor, namespaces, tmp_path):
+    attacker, bystander = namespaces(0), namespaces(1)
+    port = plain_hypervisor.domain.vnc_port
+    audit = tmp_path / "audit.jsonl"
+    activation = activation_for(plain_hypervisor, audit, tmp_path)
     try:
         # the bystander fails less often than the threshold and keeps its session
         failed_login(bystander, port)
@@ -71,30 +86,55 @@ def test_repeated_failed_logins_block_the_address(plain_hypervisor, namespaces, 
         assert not [r for r in read_jsonl(audit) if r["record"] == "remediation"], "blocked below the threshold"
         # one more failure reaches the threshold; meanwhile the attacker holds a real session
         held = attacker.call(rfb.open_session, attacker.host_ip, port)
+        held_client = (ipaddress.ip_address(attacker.client_ip), held.getsockname()[1])
         failed_login(attacker, port)
-        started = time.monotonic()
-        held.settimeout(15)
-        try:
-            while held.recv(4096):
-                pass
-        except ConnectionResetError:
-            pass
-        print(f"bruteforce: threshold reached -> address cut and blocked in {time.monotonic() - started:.2f}s")
+        wait_for(lambda: held_client not in established_peers([port]), 60, "the attacker's held session to be cut")
+        assert nft_holds(NFT_TABLE, "blocked_ipv4", attacker.client_ip)
         with pytest.raises(ConnectionRefusedError):
             attacker.connect(attacker.host_ip, port, timeout=3)
-        deadline = time.monotonic() + 15
-        while True:  # the audit step runs after the cut
-            records = [r for r in read_jsonl(audit) if r["record"] == "remediation"]
-            if len(records) >= 2 or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-        assert {r["action"] for r in records} == {"block", "cut"}
-        assert all(r["ok"] and r["reasons"] == ["bruteforce"] and r["address"] == attacker.client_ip
-                   for r in records)
-        kept.setblocking(False)
-        with pytest.raises(BlockingIOError):
-            kept.recv(1)  # still open
+
+        def both_records():
+            found = {r["action"]: r for r in read_jsonl(audit) if r["record"] == "remediation"}
+            return found if len(found) == 2 else None
+        records = wait_for(both_records, 20, "the block and cut records")
+        assert all(r["ok"] and r["reasons"] == ["bruteforce"] and r["addresses"] == [attacker.client_ip]
+                   for r in records.values())
+        assert held_client[1] in [c["peer_port"] for c in records["cut"]["result"]["cut"]]
+        bystander_client = (ipaddress.ip_address(bystander.client_ip), kept.getsockname()[1])
+        assert bystander_client in established_peers([port]), "the bystander's session was cut"
         kept.close()
+        held.close()
+    finally:
+        activation.stop()
+        subprocess.run(["nft", "delete", "table", "inet", NFT_TABLE], capture_output=True, check=False)
+
+
+def test_failed_logins_from_rotating_ipv6_addresses_block_their_prefix(plain_hypervisor, namespaces, tmp_path):
+    """Every attempt from a new address of one /64: counted and blocked per /64, while another
+    /64 (a bystander) keeps working."""
+    attacker, bystander = namespaces(3), namespaces(4)
+    port = plain_hypervisor.domain.vnc_port
+    prefix = ipaddress.ip_network(f"{attacker.client_ip6}/64", strict=False)
+    rotating = [str(prefix.network_address + 0x100 + n) for n in range(THRESHOLD * 3)]
+    for address in rotating:
+        attacker.run(["ip", "-6", "addr", "add", f"{address}/64", "dev", attacker.ns_link, "nodad"])
+    audit = tmp_path / "audit.jsonl"
+    activation = activation_for(plain_hypervisor, audit, tmp_path)
+    try:
+        refused = 0
+        for address in rotating:
+            try:
+                failed_login(attacker, port, attacker.host_ip6, address)
+            except ConnectionRefusedError:
+                refused += 1
+            time.sleep(0.1)
+        wait_for(lambda: nft_holds(NFT_TABLE, "blocked_ipv6", str(prefix)), 30, f"{prefix} to be blocked")
+        with pytest.raises(ConnectionRefusedError):
+            failed_login(attacker, port, attacker.host_ip6, str(prefix.network_address + 0x999))
+        failed_login(bystander, port, bystander.host_ip6, bystander.client_ip6)  # another /64: not blocked
+        blocks = [r for r in read_jsonl(audit) if r["record"] == "remediation" and r["action"] == "block"]
+        assert blocks and blocks[0]["networks"] == [str(prefix)] and blocks[0]["reasons"] == ["bruteforce"]
+        print(f"ipv6 rotation: {len(rotating)} addresses, {refused} refused once the /64 was blocked")
     finally:
         activation.stop()
         subprocess.run(["nft", "delete", "table", "inet", NFT_TABLE], capture_output=True, check=False)
@@ -117,7 +157,7 @@ def test_console_audit_records_every_event_and_remediates_nothing(plain_hypervis
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             events = [r for r in read_jsonl(audit)
-                      if r["record"] == "event" and r["graphics"]["remote"]["node"] == client.client_ip]
+                      if r["record"] == "event" and r["virtguard"]["remote"]["address"] == client.client_ip]
             if len(events) >= 9:
                 break
             time.sleep(0.2)

@@ -23,7 +23,7 @@ HOSTILE = {
 }
 
 
-def eda_extra_vars(dname: str, address: str) -> dict:
+def eda_extra_vars(dname: str, address: str, table: str = "virtguard_unused", audit_log: str = "") -> dict:
     graphics = {
         "phase": "initialize", "snapshot": False, "timestamp": "2025-01-01T00:00:00+00:00",
         "hypervisor": {"uri": "qemu:///system", "hostname": "h"},
@@ -35,10 +35,15 @@ def eda_extra_vars(dname: str, address: str) -> dict:
         "identity": {"x509dname": dname, "sasl_username": dname},
         "session": {"id": "0123abcd", "authenticated": True},
     }
-    virtguard = {"verdict": "cut", "reasons": ["identity_not_allowed"], "remediate": True, "covered_by": None,
+    entry = {"session_id": "0123abcd", "address": address, "network": f"{address}/32", "client_port": 40000,
+             "console_port": 5901, "reasons": ["identity_not_allowed"]}
+    virtguard = {"verdict": "cut", "reasons": ["identity_not_allowed"], "remediate": True, "queued": False,
                  "session_id": "0123abcd", "phase": "initialize", "snapshot": False,
-                 "remote": {"family": "ipv4", "address": address, "port": 40000, "trusted": True},
-                 "local_port": 5901, "target_host": "localhost", "block_seconds": 30}
+                 "remote": {"family": "ipv4", "address": address, "port": 40000, "trusted": True,
+                            "network": f"{address}/32"},
+                 "local_port": 5901, "target_host": "localhost", "block_seconds": 30, "batch": [entry],
+                 "remediation": {"networks": [f"{address}/32"], "console_ports": ["5901"], "nft_table": table,
+                                 "set_size": 1024, "block_seconds": 30, "audit_log": audit_log}}
     return {"ansible_eda": {"event": {"graphics": graphics, "virtguard": virtguard, "meta": {"hosts": "localhost"}},
                             "rule": f"rule {dname}", "ruleset": "r"}}
 
@@ -73,8 +78,7 @@ def test_the_hostile_input_is_live(tmp_path, table):
 @pytest.mark.parametrize("form", sorted(HOSTILE))
 def test_remediation_with_a_hostile_identity_renders_nothing_and_succeeds(tmp_path, table, form):
     audit = tmp_path / "audit.jsonl"
-    extra = eda_extra_vars(HOSTILE[form], "192.0.2.11")
-    extra.update(virtguard_nft_table=table, virtguard_audit_log=str(audit))
+    extra = eda_extra_vars(HOSTILE[form], "192.0.2.11", table, str(audit))
 
     check = run_playbook(tmp_path, "virtguard.console.remediate_console", extra, "--check")
     assert check.returncode == 0, check.stdout + check.stderr
@@ -86,7 +90,8 @@ def test_remediation_with_a_hostile_identity_renders_nothing_and_succeeds(tmp_pa
     assert not MARKER.exists()
     records = [json.loads(line) for line in audit.read_text().splitlines()]
     assert [(r["action"], r["ok"]) for r in records] == [("block", True), ("cut", True)]
-    assert records[0]["result"]["blocked"][0]["address"] == "192.0.2.11"
+    assert records[0]["result"]["blocked"][0]["network"] == "192.0.2.11/32"
+    assert records[0]["addresses"] == ["192.0.2.11"] and records[0]["sessions"] == ["0123abcd"]
     assert records[1]["result"]["cut"] == []  # nobody connected from there
     listing = subprocess.run(["nft", "list", "set", "inet", table, "blocked_ipv4"], capture_output=True, text=True, check=False)
     assert "192.0.2.11" in listing.stdout
