@@ -10,8 +10,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 COLLECTIONS = ROOT / "build" / "collections"
-SOURCE_PATH = (COLLECTIONS / "ansible_collections" / "virtguard" / "console" / "extensions" / "eda"
-               / "plugins" / "event_source" / "libvirt_graphics.py")
 for _path in (COLLECTIONS, ROOT / "tests"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))

@@ -21,13 +21,12 @@ import datetime
 import json
 import logging
 import os
-import runpy
 import sys
 import threading
 import time
 
-from bench import SOURCE_PATH
 from bench.stats import percentile, rss_kib, thread_cpu_s
+from lab.source_runner import source_plugin
 
 
 class Listener:
@@ -132,13 +131,12 @@ class SourceListener(Listener):
         self.profile_path = profile
 
     async def start(self) -> None:
-        module = runpy.run_path(str(SOURCE_PATH))
         ready = _ReadyHandler()
         logger = logging.getLogger("virtguard.console.libvirt_graphics")
         logger.setLevel(logging.INFO)
         logger.addHandler(ready)
         self.queue: asyncio.Queue = asyncio.Queue(maxsize=1)
-        self.task = asyncio.create_task(module["main"](self.queue, self.args))
+        self.task = asyncio.create_task(source_plugin().main(self.queue, self.args))
         self.consumer = asyncio.create_task(self.consume())
         while ready.watching < len(self.uris):
             ready.changed.clear()

@@ -13,23 +13,21 @@ import asyncio
 import json
 import logging
 import os
-import runpy
 import sys
 import time
 
-from bench import SOURCE_PATH
 from bench.listener import _ReadyHandler
+from lab.source_runner import source_plugin
 
 
 async def measure(uris: list[str]) -> dict:
-    module = runpy.run_path(str(SOURCE_PATH))
     ready = _ReadyHandler()
     logger = logging.getLogger("virtguard.console.libvirt_graphics")
     logger.setLevel(logging.INFO)
     logger.addHandler(ready)
     queue: asyncio.Queue = asyncio.Queue(maxsize=1)
     started = time.monotonic()
-    task = asyncio.create_task(module["main"](queue, {"uri": uris}))
+    task = asyncio.create_task(source_plugin().main(queue, {"uri": uris}))
     registered = None
     snapshot_uris = set()
     events = 0

@@ -19,27 +19,28 @@ import asyncio
 import gc
 import json
 import os
-import runpy
 import sys
 import time
 import tracemalloc
 import uuid
 
+from ansible_collections.virtguard.console.plugins.plugin_utils.event_buffer import EventBuffer
+from ansible_collections.virtguard.console.plugins.plugin_utils.hypervisor_watcher import HypervisorWatcher, feed
+from ansible_collections.virtguard.console.plugins.plugin_utils.source_arguments import SourceArguments
 from lab.source_runner import FakeDomain
 
-from bench import SOURCE_PATH
 from bench.stats import rss_kib
 
 URI = "qemu+unix:///session?socket=/nonexistent/bench-soak"
 
 
 class Soak:
-    def __init__(self, module: dict, limit: int):
-        config = module["SourceArguments"]({"uri": URI, "max_buffered_events": limit})
-        self.buffer = module["EventBuffer"](config.max_buffered_events, asyncio.get_running_loop())
-        self.watcher = module["HypervisorWatcher"](URI, config, self.buffer)
+    def __init__(self, limit: int):
+        config = SourceArguments({"uri": URI, "max_buffered_events": limit})
+        self.buffer = EventBuffer(config.max_buffered_events, asyncio.get_running_loop())
+        self.watcher = HypervisorWatcher(URI, config, self.buffer)
         self.watcher.hypervisor = {"uri": URI, "hostname": "bench-soak"}
-        self.feed = module["feed"]
+        self.feed = feed
         self.queue: asyncio.Queue = asyncio.Queue(maxsize=1)
         self.flowing = asyncio.Event()
         self.flowing.set()
@@ -85,8 +86,7 @@ class Soak:
 
 async def run(total: int, stall_events: int, flow_events: int, limit: int, sample_every: int,
               profile: str | None, trace_cycles: int = 3) -> dict:
-    module = runpy.run_path(str(SOURCE_PATH))
-    soak = Soak(module, limit)
+    soak = Soak(limit)
     feeder = asyncio.create_task(soak.feed(soak.queue, soak.buffer))
     consumer = asyncio.create_task(soak.consume())
     profiler = None

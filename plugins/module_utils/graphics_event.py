@@ -116,7 +116,7 @@ def graphics_payload(phase, timestamp, hypervisor, domain, local, remote, auth_s
     """The event put on the rulebook queue: ``{"graphics": {...}}``.
 
     ``phase`` is the phase name, ``local`` and ``remote`` payload addresses, ``subject`` libvirt's
-    list of ``(type, name)`` pairs and ``session`` the ``{id, authenticated, duration_s}`` mapping.
+    list of ``(type, name)`` pairs and ``session`` the mapping SessionTracker made (session_tracking).
     """
     return {
         "graphics": {

@@ -1,26 +1,44 @@
 """Runs the event source's ``main(queue, args)`` in the test's event loop and collects what it
-puts on a bounded queue, the way ansible-rulebook would feed it."""
+puts on a bounded queue, the way ansible-rulebook would feed it; and the pieces unit tests use to
+drive the source's callbacks without a daemon (FakeDomain, watcher_without_daemon)."""
 
 from __future__ import annotations
 
 import asyncio
-import runpy
+import importlib.util
+import json
+import os
+import queue
+import signal
+import subprocess
+import threading
 import time
 from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from ansible_collections.virtguard.console.plugins.plugin_utils.event_buffer import EventBuffer
+from ansible_collections.virtguard.console.plugins.plugin_utils.hypervisor_watcher import HypervisorWatcher
+from ansible_collections.virtguard.console.plugins.plugin_utils.source_arguments import SourceArguments
 
 SOURCE_PATH = (Path(__file__).resolve().parents[2] / "build" / "collections" / "ansible_collections"
                / "virtguard" / "console" / "extensions" / "eda" / "plugins" / "event_source"
                / "libvirt_graphics.py")
 
-_module = None
+_plugin: ModuleType | None = None
 
 
-def source_module() -> dict:
-    """The plugin, loaded by path as ansible-rulebook loads it (runpy), once per process."""
-    global _module
-    if _module is None:
-        _module = runpy.run_path(str(SOURCE_PATH))
-    return _module
+def source_plugin() -> ModuleType:
+    """The plugin file loaded from the collection's installed path, as a module (once per
+    process): its ``main``, DOCUMENTATION, EXAMPLES and RETURN."""
+    global _plugin
+    if _plugin is None:
+        spec = importlib.util.spec_from_file_location("virtguard_console_libvirt_graphics_plugin", SOURCE_PATH)
+        assert spec is not None and spec.loader is not None, SOURCE_PATH
+        plugin = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(plugin)
+        _plugin = plugin
+    return _plugin
 
 
 class SourceRun:
@@ -35,7 +53,7 @@ class SourceRun:
         self.draining.set()
 
     async def __aenter__(self) -> "SourceRun":
-        self.task = asyncio.create_task(source_module()["main"](self.queue, self.args))
+        self.task = asyncio.create_task(source_plugin().main(self.queue, self.args))
         self.consumer = asyncio.create_task(self._consume())
         return self
 
@@ -103,8 +121,77 @@ class FakeDomain:
         return self._uuid
 
 
-def watcher_without_daemon(loop: asyncio.AbstractEventLoop, limit: int = 100):
+def watcher_without_daemon(loop: asyncio.AbstractEventLoop, limit: int = 100) -> HypervisorWatcher:
     """A HypervisorWatcher and its EventBuffer, never connected: for driving its callbacks."""
-    module = source_module()
-    buffer = module["EventBuffer"](limit, loop)
-    return module["HypervisorWatcher"]("qemu:///system", module["SourceArguments"]({}), buffer)
+    return HypervisorWatcher("qemu:///system", SourceArguments({}), EventBuffer(limit, loop))
+
+
+class HandRun:
+    """The source run by hand from the clone, as docs/payload.md documents it:
+    ``.venv/bin/python extensions/eda/plugins/event_source/libvirt_graphics.py URI...`` from the
+    repository root, with no PYTHONPATH. Its stdout (one JSON event a line) and stderr (the log)
+    are read by threads; ``stop()`` sends SIGINT, as Ctrl-C would, and returns the exit code."""
+
+    ROOT = Path(__file__).resolve().parents[2]
+    SCRIPT = Path("extensions") / "eda" / "plugins" / "event_source" / "libvirt_graphics.py"
+
+    def __init__(self, *uris: str):
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        self.process = subprocess.Popen([".venv/bin/python", str(self.SCRIPT), *uris], cwd=self.ROOT, env=env, text=True,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.stdout: queue.Queue[str] = queue.Queue()
+        self.log: list[str] = []
+        self._log_changed = threading.Condition()
+        threading.Thread(target=self._read_stdout, daemon=True).start()
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+
+    def _read_stdout(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.stdout.put(line)
+
+    def _read_stderr(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            with self._log_changed:
+                self.log.append(line)
+                self._log_changed.notify_all()
+
+    def wait_for_log(self, text: str, timeout: float = 60) -> str:
+        """The first log line that contains ``text``; AssertionError after ``timeout`` or exit."""
+        deadline = time.monotonic() + timeout
+        with self._log_changed:
+            while True:
+                found = [line for line in self.log if text in line]
+                if found:
+                    return found[0]
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self.process.poll() is not None:
+                    raise AssertionError(f"no log line with {text!r} (exit {self.process.poll()}); "
+                                         f"log: {''.join(self.log[-20:])}")
+                self._log_changed.wait(min(remaining, 0.5))
+
+    def events(self, count: int, timeout: float = 30, **where: Any) -> list[dict]:
+        """The next ``count`` printed events that match ``where`` (as SourceRun.wait_for)."""
+        deadline = time.monotonic() + timeout
+        found: list[dict] = []
+        while len(found) < count:
+            try:
+                line = self.stdout.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"{len(found)} of {count} events matching {where} printed; "
+                                     f"log: {''.join(self.log[-20:])}") from None
+            graphics = json.loads(line)["graphics"]
+            if all(_get(graphics, k) == v for k, v in where.items()):
+                found.append(graphics)
+        return found
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError("the hand run did not stop on SIGINT") from None

@@ -10,10 +10,8 @@ import time
 
 import pytest
 
-from lab.source_runner import FakeDomain, source_module, watcher_without_daemon
-
-EventBuffer = source_module()["EventBuffer"]
-PackedChunk = source_module()["PackedChunk"]
+from ansible_collections.virtguard.console.plugins.plugin_utils.event_buffer import EventBuffer, PackedChunk
+from lab.source_runner import FakeDomain, watcher_without_daemon
 
 
 @pytest.fixture

@@ -62,7 +62,7 @@ def test_tracker_live_session():
     assert tracker.observe("s", "connect", 10.0, details()) == {"id": "s", "authenticated": False}
     assert tracker.observe("s", "initialize", 10.5, details()) == {"id": "s", "authenticated": True}
     assert tracker.observe("s", "disconnect", 12.25, details()) == {"id": "s", "authenticated": True,
-                                                                    "duration_s": 2.25}
+                                                                    "duration_s": 2.25, "duration_exact": True}
     assert len(tracker) == 0
 
 
@@ -71,7 +71,7 @@ def test_tracker_failed_authentication_and_unknown_disconnects():
     tracker.observe("s", "connect", 1.0, details())
     assert tracker.observe("s", "disconnect", 2.0, details())["authenticated"] is False
     assert tracker.observe("u", "disconnect", 3.0, details([("saslUsername", "x")])) == {
-        "id": "u", "authenticated": True, "duration_s": None}
+        "id": "u", "authenticated": True, "duration_s": None, "duration_exact": False}
 
 
 def test_reconcile_reports_present_and_gone_but_leaves_touched_sessions_to_live_events():
@@ -83,8 +83,56 @@ def test_reconcile_reports_present_and_gone_but_leaves_touched_sessions_to_live_
     initialized, gone = tracker.reconcile(present, 6.0, touched={"ended-live", "live-new"})
     assert [entry[0] for entry in initialized] == ["stays", "new"]
     assert all(entry[1]["authenticated"] for entry in initialized)
-    assert [(entry[0], entry[1]["duration_s"]) for entry in gone] == [("gone", 5.0)]
+    assert [(entry[0], entry[1]["duration_s"], entry[1]["duration_exact"]) for entry in gone] == [("gone", 5.0, False)]
     assert set(tracker.sessions) == {"stays", "new", "live-new"}
+
+
+def test_a_duration_is_exact_only_when_the_source_saw_the_session_begin_and_end():
+    tracker = SessionTracker()
+    tracker.observe("live", "connect", 1.0, details())
+    tracker.observe("missed-connect", "initialize", 1.0, details())  # the source started after its connect
+    tracker.reconcile({"live": details(), "missed-connect": details(), "from-snapshot": details()}, 2.0)
+    ends = {sid: tracker.observe(sid, "disconnect", 4.0, details())
+            for sid in ("live", "missed-connect", "from-snapshot")}
+    assert {sid: (end["duration_s"], end["duration_exact"]) for sid, end in ends.items()} == {
+        "live": (3.0, True),  # both ends seen
+        "missed-connect": (3.0, False),  # began before 1.0: a lower bound
+        "from-snapshot": (2.0, False),  # began before the snapshot at 2.0: a lower bound
+    }
+
+
+def test_a_disconnect_found_by_a_snapshot_is_an_upper_bound():
+    """The session ended while the source was not connected: at some moment before the
+    snapshot, which is all the source knows (issue: 58.7 s reported for a 9 s session)."""
+    tracker = SessionTracker()
+    tracker.observe("s", "connect", 10.0, details())
+    tracker.observe("s", "initialize", 10.5, details())
+    _initialized, [(session_id, session, _details)] = tracker.reconcile({}, 68.7)
+    assert session_id == "s"
+    assert session == {"id": "s", "authenticated": True, "duration_s": 58.7, "duration_exact": False}
+
+
+async def test_the_payload_of_a_disconnect_found_by_a_snapshot_says_its_duration_is_not_exact():
+    import asyncio
+
+    from ansible_collections.virtguard.console.plugins.plugin_utils.hypervisor_watcher import Snapshot
+    from lab.source_runner import FakeDomain, watcher_without_daemon
+
+    watcher = watcher_without_daemon(asyncio.get_running_loop())
+    client = {"family": 0, "node": "192.0.2.7", "service": "40000"}
+
+    def live_event(phase: int) -> dict:
+        """libvirt's callback, then the feeder's payload for what it buffered."""
+        watcher.on_graphics(None, FakeDomain("web", 1, "uuid-w"), phase, client, client, "none", [], None)
+        return watcher.live_payload(*watcher.buffer.take()[1:])["graphics"]
+
+    live_event(0)
+    assert live_event(2)["session"]["duration_exact"] is True  # a live session, both ends seen
+    live_event(0)  # connected; then the source loses the hypervisor, and the client leaves
+    watcher.snapshot_generation = 1  # the snapshot taken after the reconnection finds no client
+    [gone] = watcher.snapshot_payloads(Snapshot(watcher, {}, 1))
+    assert gone["graphics"]["phase"] == "disconnect" and gone["graphics"]["snapshot"] is True
+    assert gone["graphics"]["session"]["duration_exact"] is False
 
 
 def test_timestamps_are_what_datetime_writes_to_the_character():

@@ -1,11 +1,20 @@
-"""The event source's argument checks: bad input fails at start and names the argument."""
+"""The event source's arguments: bad input fails at start and names the argument; the checks
+are the ones every plugin of the collection shares; DOCUMENTATION says what is declared."""
+
+from __future__ import annotations
+
+import asyncio
 
 import pytest
+import yaml
 
-from lab.source_runner import source_module
-
-SourceArguments = source_module()["SourceArguments"]
-ArgumentError = source_module()["ArgumentError"]
+from ansible_collections.virtguard.console.plugins.module_utils import plugin_arguments
+from ansible_collections.virtguard.console.plugins.plugin_utils.source_arguments import (
+    SOURCE_OPTIONS,
+    ArgumentError,
+    SourceArguments,
+)
+from lab.source_runner import source_plugin
 
 
 def test_defaults():
@@ -13,8 +22,14 @@ def test_defaults():
     assert config.uris == ["qemu:///system"]
     assert config.domains is None
     assert (config.keepalive_interval, config.keepalive_count) == (5, 3)
+    assert (config.reconnect_delay, config.reconnect_max_delay) == (1.0, 60.0)
     assert config.snapshot is True
     assert config.max_buffered_events == 100000
+
+
+def test_defaults_are_not_shared_between_runs():
+    SourceArguments({}).uris.append("qemu+tls://changed/system")
+    assert SourceArguments({}).uris == ["qemu:///system"]
 
 
 def test_one_uri_or_a_list_and_rulebook_strings():
@@ -23,6 +38,11 @@ def test_one_uri_or_a_list_and_rulebook_strings():
                               "snapshot": "false", "domains": "web-*", "eda_feedback_queue": object()})
     assert config.uris == ["qemu:///system", "qemu+ssh://root@kvm1/system"]
     assert config.keepalive_interval == 10 and config.snapshot is False and config.domains == ["web-*"]
+
+
+def test_null_arguments_take_their_defaults():
+    config = SourceArguments({"uri": None, "keepalive_interval": None, "snapshot": None})
+    assert (config.uris, config.keepalive_interval, config.snapshot) == (["qemu:///system"], 5, True)
 
 
 @pytest.mark.parametrize("args, names", [
@@ -39,20 +59,27 @@ def test_one_uri_or_a_list_and_rulebook_strings():
     ({"keepalive_count": 2.5}, "keepalive_count"),
     ({"reconnect_delay": 0}, "reconnect_delay"),
     ({"reconnect_delay": True}, "reconnect_delay"),
+    ({"reconnect_delay": "nan"}, "reconnect_delay"),
+    ({"reconnect_max_delay": float("inf")}, "reconnect_max_delay"),
     ({"reconnect_delay": 10, "reconnect_max_delay": 5}, "reconnect_max_delay"),
     ({"snapshot": "maybe"}, "snapshot"),
+    ({"snapshot": "1"}, "snapshot"),
+    ({"snapshot": 0}, "snapshot"),
     ({"max_buffered_events": 0}, "max_buffered_events"),
     ({"uris": "qemu:///system"}, "uris"),
 ])
 def test_bad_arguments_name_what_is_wrong(args, names):
-    with pytest.raises(ArgumentError, match=names):
+    with pytest.raises(ArgumentError, match=f"virtguard.console.libvirt_graphics: .*{names}"):
         SourceArguments(args)
 
 
+def test_the_argument_error_is_the_one_every_plugin_raises():
+    assert ArgumentError is plugin_arguments.ArgumentError
+
+
 async def test_main_fails_at_start_on_bad_arguments():
-    import asyncio
     with pytest.raises(ArgumentError, match="keepalive_interval"):
-        await source_module()["main"](asyncio.Queue(), {"keepalive_interval": -5})
+        await source_plugin().main(asyncio.Queue(), {"keepalive_interval": -5})
 
 
 def test_domains_patterns_choose_the_domains_watched():
@@ -60,3 +87,17 @@ def test_domains_patterns_choose_the_domains_watched():
     config = SourceArguments({"domains": ["web-*", "db-0[12]"]})
     assert [config.watches_domain(n) for n in ("web-1", "db-01", "db-03", "WEB-1", "mail")] == [
         True, True, False, False, False]
+
+
+def test_documentation_states_the_declared_options():
+    """DOCUMENTATION (what ansible-doc and readers see) and SOURCE_OPTIONS (what is checked)
+    name the same options, with the same types, list elements and defaults."""
+    documented = yaml.safe_load(source_plugin().DOCUMENTATION)["options"]
+    declared = {option.name: option for option in SOURCE_OPTIONS}
+    assert sorted(documented) == sorted(declared)
+    for name, option in declared.items():
+        doc = documented[name]
+        assert doc["type"] == option.kind, name
+        assert doc.get("elements") == option.elements, name
+        assert doc.get("default") == option.default, name
+        assert doc.get("required", False) == option.required, name

@@ -1,0 +1,285 @@
+# -*- coding: utf-8 -*-
+# Copyright: virtguard.console contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""One hypervisor as the event source watches it: the connection's life cycle (connect with
+backoff, subscribe, snapshot, wait for close), libvirt's graphics callback (on libvirt's event
+thread, into the EventBuffer), the payloads built from what was buffered (on the loop, in
+arrival order), the snapshot of the clients QEMU already has, and the pause of a hypervisor
+that overflows the buffer. ``feed`` moves the buffered events of every watcher to the queue."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+from ansible_collections.virtguard.console.plugins.module_utils.graphics_event import (
+    address,
+    clients_from_query_spice,
+    clients_from_query_vnc,
+    graphics_payload,
+    iso_timestamp_utc,
+    phase_name,
+    session_id_for,
+)
+from ansible_collections.virtguard.console.plugins.module_utils.session_tracking import SessionTracker
+from ansible_collections.virtguard.console.plugins.plugin_utils.event_buffer import EventBuffer
+from ansible_collections.virtguard.console.plugins.plugin_utils.libvirt_binding import (
+    graphics_callback,
+    libvirt,
+    libvirt_qemu,
+)
+from ansible_collections.virtguard.console.plugins.plugin_utils.source_arguments import SourceArguments
+
+LOGGER = logging.getLogger("virtguard.console.libvirt_graphics")  # the source's one logger
+
+
+def now_iso() -> str:
+    return iso_timestamp_utc(time.time())
+
+
+class Snapshot:
+    """The clients QEMU reported on one hypervisor at one moment, to be merged in order."""
+
+    __slots__ = ("watcher", "present", "generation")
+
+    def __init__(self, watcher: HypervisorWatcher, present: dict[str, tuple], generation: int):
+        self.watcher = watcher
+        self.present = present
+        self.generation = generation
+
+
+class HypervisorWatcher:
+    """One libvirt connection: connect with backoff, subscribe, snapshot, wait for close."""
+
+    def __init__(self, uri: str, config: SourceArguments, buffer: EventBuffer):
+        self.uri = uri
+        self.config = config
+        self.buffer = buffer
+        self.index = buffer.add_watcher(self)
+        self.uuids: dict[tuple[str, int], str] = {}  # (name, id) -> UUID, this connection's
+        self.hypervisor: dict[str, str | None] = {"uri": uri, "hostname": None}
+        self.sessions = SessionTracker()
+        self.conn: Any = None  # libvirt.virConnect while connected
+        self.closed = asyncio.Event()
+        self.wakeup = asyncio.Event()  # closed, or the buffer overflowed
+        # live events seen since the snapshot in flight was taken (session ids)
+        self.snapshot_generation = 0
+        self.touched_since_snapshot: set[str] | None = None
+        self.overflowed = False
+        self.dropped = 0
+        self.callback_id = -1
+        self.on_libvirt_graphics = graphics_callback(self.on_graphics, uri)
+
+    # -- libvirt callbacks (libvirt's event thread: never block, never raise, and reach the
+    #    loop's objects through call_soon_threadsafe only). libvirt-python calls
+    #    on_libvirt_graphics (libvirt_binding.graphics_callback), which calls on_graphics. --
+    def on_graphics(self, _conn: Any, dom: Any, phase: int, local: dict, remote: dict, auth_scheme: str,
+                    subject: list, _opaque: Any) -> None:
+        wall = time.time()
+        if self.overflowed:
+            self.dropped += 1
+            return
+        if self.buffer.full():
+            self.overflowed = True
+            self.dropped += 1
+            self.buffer.call_on_loop(self.wakeup.set)
+            LOGGER.error("%s: %d events buffered; pausing this hypervisor until the queue drains, "
+                         "then resynchronising it by snapshot", self.uri, len(self.buffer))
+            return
+        try:
+            name = dom.name()
+            if not self.config.watches_domain(name):
+                return
+            dom_id = dom.ID()
+            uuid = self.uuids.get((name, dom_id))
+            if uuid is None:
+                uuid = self.remember_uuid(name, dom_id, dom.UUIDString())
+            self.buffer.append_event((self.index, wall, name, uuid, dom_id, phase, local, remote,
+                                      auth_scheme, subject))
+        except Exception:  # one malformed event must not stop the others
+            LOGGER.exception("%s: cannot take the event %r", self.uri, (phase, local, remote, auth_scheme, subject))
+
+    def remember_uuid(self, name: str, dom_id: int, uuid: str) -> str:
+        """The UUID of the running domain ``name`` with id ``dom_id``. ``UUIDString()`` lets
+        go of Python's lock, and taking it back on libvirt's thread costs the engine's thread a
+        hand-over per event; ``name()`` and ``ID()`` do not. A running domain cannot be renamed,
+        and libvirt gives every start a new id, so (name, id) names one domain until this
+        connection ends (the cache is emptied on every connection)."""
+        if len(self.uuids) >= 4096:
+            self.uuids = {}
+        self.uuids[(name, dom_id)] = uuid
+        return uuid
+
+    def on_close(self, _conn: Any, reason: int, _opaque: Any) -> None:
+        LOGGER.warning("%s: connection closed (reason %s)", self.uri, reason)
+        self.buffer.call_on_loop(self.on_closed)
+
+    def on_closed(self) -> None:
+        self.closed.set()
+        self.wakeup.set()
+
+    # -- payloads (called by the feeder, in arrival order) --------------------------------
+    def live_payload(self, wall: float, name: str, uuid: str, dom_id: int, phase: int, local: dict, remote: dict,
+                     auth_scheme: str, subject: list) -> dict:
+        domain = {"name": name, "uuid": uuid, "id": dom_id}
+        remote_address = address(remote)
+        local_address = address(local)
+        session_id = session_id_for(self.uri, domain["uuid"], remote_address)
+        if self.touched_since_snapshot is not None:
+            self.touched_since_snapshot.add(session_id)
+        phase_text = phase_name(phase)
+        session = self.sessions.observe(session_id, phase_text, time.monotonic(),
+                                        (domain, local_address, remote_address, auth_scheme, subject))
+        timestamp = iso_timestamp_utc(wall)
+        return graphics_payload(phase_text, timestamp, self.hypervisor, domain, local_address, remote_address,
+                                auth_scheme, subject, session)
+
+    def snapshot_payloads(self, snap: Snapshot) -> list[dict]:
+        if snap.generation != self.snapshot_generation:
+            return []  # superseded by a later snapshot of the same hypervisor
+        touched = self.touched_since_snapshot or set()
+        self.touched_since_snapshot = None
+        initialized, gone = self.sessions.reconcile(snap.present, time.monotonic(), touched)
+        timestamp = now_iso()
+        payloads = []
+        for phase, entries in (("initialize", initialized), ("disconnect", gone)):
+            for _sid, session, (domain, local, remote, auth_scheme, subject) in entries:
+                payloads.append(graphics_payload(phase, timestamp, self.hypervisor, domain, local, remote,
+                                                 auth_scheme, subject, session, snapshot=True))
+        return payloads
+
+    # -- connection life cycle --------------------------------------------------------------
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        delay = self.config.reconnect_delay
+        while True:
+            try:
+                self.conn = await loop.run_in_executor(None, libvirt.open, self.uri)
+            except libvirt.libvirtError as exc:
+                LOGGER.warning("%s: cannot connect (%s); retrying in %.1fs", self.uri, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.config.reconnect_max_delay)
+                continue
+            try:
+                await self.watch(loop)
+                delay = self.config.reconnect_delay
+            except libvirt.libvirtError as exc:
+                LOGGER.warning("%s: connection lost (%s)", self.uri, exc)
+            except Exception:  # never let one hypervisor's failure end its watch for good
+                LOGGER.exception("%s: unexpected error; reconnecting", self.uri)
+            finally:
+                await self.disconnect(loop)
+            LOGGER.info("%s: reconnecting in %.1fs", self.uri, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.config.reconnect_max_delay)
+
+    async def watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        conn = self.conn
+        self.closed.clear()
+        self.uuids = {}  # ids may start over with another daemon
+        if self.config.keepalive_interval:
+            conn.setKeepAlive(self.config.keepalive_interval, self.config.keepalive_count)
+        conn.registerCloseCallback(self.on_close, None)
+        self.callback_id = self.subscribe(conn)
+        self.hypervisor = {"uri": self.uri, "hostname": await loop.run_in_executor(None, conn.getHostname)}
+        LOGGER.info("%s: watching graphics events on %s", self.uri, self.hypervisor["hostname"])
+        if self.config.snapshot:
+            await self.take_snapshot(loop)
+        while True:
+            self.wakeup.clear()
+            if self.closed.is_set():
+                return
+            if self.overflowed:
+                await self.resume_after_overflow(loop)
+                continue
+            await self.wakeup.wait()
+
+    def subscribe(self, conn: Any) -> int:
+        """Register the graphics callback: once, then drop it and register it again.
+
+        libvirt (seen with 9.0; the race is in virObjectEventStateQueueRemote) can keep an event
+        stuck in a daemon's queue when the last listener leaves just as QEMU reports one, for
+        example an earlier run of this source stopped during a burst. Every listener after that
+        receives nothing until all of them have left at once. Dropping our only callback makes
+        this connection leave for a moment, which clears such a queue when no other program
+        listens. While the source stays subscribed the queue cannot get stuck, so this is needed
+        once per connection. The snapshot that follows reports the sessions that opened meanwhile."""
+        first = conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_GRAPHICS, self.on_libvirt_graphics, None)
+        conn.domainEventDeregisterAny(first)
+        return conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_GRAPHICS, self.on_libvirt_graphics, None)
+
+    async def resume_after_overflow(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Wait until the queue has drained the buffer to half, then listen again and let a
+        snapshot tell what the dropped events would have."""
+        while len(self.buffer) > self.buffer.limit // 2 and not self.closed.is_set():
+            await asyncio.sleep(0.05)
+        LOGGER.warning("%s: resuming after dropping %d events; resynchronising by snapshot",
+                       self.uri, self.dropped)
+        self.overflowed = False
+        self.dropped = 0
+        await self.take_snapshot(loop)
+
+    async def take_snapshot(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.snapshot_generation += 1
+        generation = self.snapshot_generation
+        # Live events from here on win over what the snapshot says about the same session.
+        self.touched_since_snapshot = set()
+        present = await loop.run_in_executor(None, self.query_clients, self.conn)
+        self.buffer.append(Snapshot(self, present, generation))
+
+    def query_clients(self, conn: Any) -> dict[str, tuple]:
+        """Blocking: every console client QEMU reports, keyed by session id (executor thread)."""
+        present: dict[str, tuple] = {}
+        for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+            domain = {"name": dom.name(), "uuid": dom.UUIDString(), "id": dom.ID()}
+            if not self.config.watches_domain(domain["name"]):
+                continue
+            for command, parse in (("query-vnc", clients_from_query_vnc), ("query-spice", clients_from_query_spice)):
+                try:
+                    answer = libvirt_qemu.qemuMonitorCommand(dom, json.dumps({"execute": command}), 0)
+                except libvirt.libvirtError as exc:
+                    if exc.get_error_code() == libvirt.VIR_ERR_OPERATION_DENIED:
+                        LOGGER.warning("%s: no snapshot of console clients: %s (the source needs a "
+                                       "read-write connection)", self.uri, exc)
+                        return present
+                    if command == "query-vnc" or "CommandNotFound" not in str(exc):
+                        LOGGER.debug("%s: %s on %s failed: %s", self.uri, command, domain["name"], exc)
+                    continue
+                for local, remote, auth_scheme, subject in parse(json.loads(answer).get("return")):
+                    session_id = session_id_for(self.uri, domain["uuid"], remote)
+                    present[session_id] = (domain, local, remote, auth_scheme, subject)
+        return present
+
+    async def disconnect(self, loop: asyncio.AbstractEventLoop) -> None:
+        conn, self.conn = self.conn, None
+        if conn is None:
+            return
+        for undo in (lambda: conn.domainEventDeregisterAny(self.callback_id), conn.unregisterCloseCallback):
+            try:
+                undo()
+            except (libvirt.libvirtError, AttributeError):
+                pass
+        try:
+            await loop.run_in_executor(None, conn.close)
+        except libvirt.libvirtError:
+            pass
+
+
+async def feed(queue: asyncio.Queue[dict], buffer: EventBuffer) -> None:
+    """Move events from the buffer to the queue in arrival order, waiting for room."""
+    while True:
+        item = await buffer.get()
+        if isinstance(item, Snapshot):
+            for payload in item.watcher.snapshot_payloads(item):
+                await queue.put(payload)
+            continue
+        watcher = buffer.watchers[item[0]]
+        try:
+            payload = watcher.live_payload(*item[1:])
+        except Exception:  # one malformed event must not stop the others
+            LOGGER.exception("%s: cannot build the event for %r", watcher.uri, item[5:])
+            continue
+        await queue.put(payload)

@@ -1,0 +1,90 @@
+# -*- coding: utf-8 -*-
+# Copyright: virtguard.console contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The event source's arguments: declared once (``SOURCE_OPTIONS``, which the source's
+DOCUMENTATION follows), checked once at start with the rules every plugin of the collection
+shares (``plugin_arguments.check_arguments``), plus what only a libvirt URI list needs."""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+from ansible_collections.virtguard.console.plugins.module_utils.plugin_arguments import (
+    ArgumentError,
+    Option,
+    check_arguments,
+    where,
+)
+
+__all__ = ["PLUGIN", "SOURCE_OPTIONS", "ArgumentError", "SourceArguments"]
+
+PLUGIN = "virtguard.console.libvirt_graphics"
+
+SOURCE_OPTIONS = (
+    Option("uri", "list", default=["qemu:///system"], elements="str",
+           description="One libvirt URI or a list of them; one connection per URI."),
+    Option("domains", "list", elements="str",
+           description="Only domains whose name matches one of these shell-style patterns (fnmatch)."),
+    Option("keepalive_interval", "int", default=5, minimum=0,
+           description="Seconds between libvirt keepalive messages; 0 disables keepalive."),
+    Option("keepalive_count", "int", default=3, minimum=0,
+           description="Keepalive messages without an answer after which the connection is closed."),
+    Option("reconnect_delay", "float", default=1.0,
+           description="Seconds before the first reconnection attempt (more than 0); doubled after each failure."),
+    Option("reconnect_max_delay", "float", default=60.0,
+           description="Upper bound of the reconnection delay in seconds (at least reconnect_delay)."),
+    Option("snapshot", "bool", default=True,
+           description="Report the clients already connected at every (re)connection."),
+    Option("max_buffered_events", "int", default=100000, minimum=1,
+           description="Events held between libvirt and the queue before a hypervisor is paused."),
+)
+
+
+class SourceArguments:
+    """The source's arguments, checked once at start; an ArgumentError names the argument."""
+
+    def __init__(self, args: Mapping[str, Any]):
+        given = dict(args)
+        for name in ("uri", "domains"):  # one string stands for a list of one
+            if isinstance(given.get(name), str):
+                given[name] = [given[name]]
+        checked = check_arguments(PLUGIN, SOURCE_OPTIONS, given)
+
+        def fail(name: str, problem: str) -> ArgumentError:
+            return ArgumentError(f"{where(PLUGIN, name, None)} {problem}")
+
+        def given_value(name: str) -> str:
+            return f"{type(given[name]).__name__} {given[name]!r}"
+
+        self.uris: list[str] = checked["uri"]
+        if not self.uris:
+            raise fail("uri", "must name at least one libvirt URI, got an empty list")
+        for uri in self.uris:
+            if not urlsplit(uri).scheme or "://" not in uri or any(ch.isspace() for ch in uri):
+                raise fail("uri", f"{uri!r} is not a libvirt URI (like qemu:///system)")
+        duplicates = sorted({uri for uri in self.uris if self.uris.count(uri) > 1})
+        if duplicates:
+            raise fail("uri", f"{', '.join(duplicates)} given more than once")
+
+        self.domains: list[str] | None = checked["domains"]
+        if self.domains is not None and (not self.domains or not all(self.domains)):
+            raise fail("domains", f"must be a non-empty list of name patterns, got {given_value('domains')}")
+
+        self.keepalive_interval: int = checked["keepalive_interval"]
+        self.keepalive_count: int = checked["keepalive_count"]
+        self.reconnect_delay: float = checked["reconnect_delay"]
+        self.reconnect_max_delay: float = checked["reconnect_max_delay"]
+        for name in ("reconnect_delay", "reconnect_max_delay"):
+            if checked[name] <= 0:
+                raise fail(name, f"must be greater than 0, got {given_value(name)}")
+        if self.reconnect_max_delay < self.reconnect_delay:
+            raise fail("reconnect_max_delay", f"({self.reconnect_max_delay:g}) must not be less than "
+                                              f"reconnect_delay ({self.reconnect_delay:g})")
+        self.snapshot: bool = checked["snapshot"]
+        self.max_buffered_events: int = checked["max_buffered_events"]
+
+    def watches_domain(self, name: str) -> bool:
+        """Whether ``domains`` lets the domain called ``name`` through (all, without patterns)."""
+        return not self.domains or any(fnmatch.fnmatchcase(name, p) for p in self.domains)
