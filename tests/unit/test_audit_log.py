@@ -1,27 +1,58 @@
-"""The audit log: one JSON object per line, appended, literal text, concurrent writers."""
+"""The audit log: one JSON object per line, appended, literal text, concurrent writers, whole
+records or nothing (with os.write stood in for where the kernel would fail), symlinks refused,
+and the AuditWriter that takes the filter's audit I/O off the event loop.
 
+Real file-size limits and a real full disk: tests/integration/test_audit_log_limits.py."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
 import json
 import multiprocessing
 import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, List
 
 import pytest
 
 from ansible_collections.virtguard.console.plugins.module_utils.audit_log import (
     AuditError,
     AuditLog,
+    AuditWriter,
     encode_record,
     event_record,
     remediation_record,
 )
 
 HOSTILE = "O=Evil\\, Inc,CN={{ lookup(*'pipe~touch /tmp/x'.split('~')) }}\n\"quoted\" \u00e9"
+# Every separator str.splitlines() knows (checked against Python below), "\r\n" included.
+SPLITLINES_SEPARATORS = ["\n", "\r", "\r\n", "\v", "\f", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]
+COLLECTIONS = Path(__file__).resolve().parents[2] / "build" / "collections"
 
 
-def lines(path):
+def lines(path: Path) -> List[Any]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def test_records_are_single_lines_and_keep_text_literally(tmp_path):
+def wait_until(condition: Callable[[], bool], what: str, limit: float = 30.0) -> None:
+    """Poll for something that must happen eventually (a generous bound, not a timing goal)."""
+    deadline = time.monotonic() + limit
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not after {limit}s")
+        time.sleep(0.01)
+
+
+# --- encoding -------------------------------------------------------------------------------
+
+
+def test_records_are_single_lines_and_keep_text_literally(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     log = AuditLog(str(path))
     log.append(event_record({"identity": {"x509dname": HOSTILE}}, {"verdict": "cut"}))
@@ -33,43 +64,85 @@ def test_records_are_single_lines_and_keep_text_literally(tmp_path):
     assert second["record"] == "remediation" and second["session_id"] == "ab" and second["ok"] is True
 
 
-def test_undecodable_bytes_survive_as_escapes():
-    text = b"CN=\xff\xfe".decode("utf-8", "surrogateescape")
+def test_undecodable_bytes_survive_as_escapes_and_other_text_stays_literal() -> None:
+    text = b"CN=\xff\xfe \xc3\xa9".decode("utf-8", "surrogateescape")
     data = encode_record({"dn": text})
     assert data.endswith(b"\n") and data.count(b"\n") == 1
     assert json.loads(data)["dn"] == text
+    assert b"\\udcff\\udcfe" in data and "\u00e9".encode() in data  # only the surrogates escaped
 
 
-def test_append_never_rewrites_earlier_lines(tmp_path):
+def test_the_separators_tested_are_all_that_splitlines_knows() -> None:
+    breaking = [chr(code) for code in range(0x110000) if len(f"a{chr(code)}b".splitlines()) > 1]
+    assert sorted(breaking) == sorted(s for s in SPLITLINES_SEPARATORS if len(s) == 1)
+
+
+@pytest.mark.parametrize("separator", SPLITLINES_SEPARATORS, ids=lambda s: f"U+{ord(s[-1]):04X}x{len(s)}")
+def test_a_dn_with_a_line_separator_stays_one_line_for_every_reader(tmp_path: Path, separator: str) -> None:
+    dn = f"CN=alice{separator}CN=mallory"
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(str(path))
+    log.append(event_record({"identity": {"x509dname": dn}}, {"verdict": "cut"}))
+    log.append({"next": 1})
+    log.close()
+    text = path.read_text(encoding="utf-8")
+    assert len(text.splitlines()) == 2  # Python's str.splitlines()
+    with open(path, encoding="utf-8") as stream:  # io's line iteration (universal newlines)
+        assert len(list(stream)) == 2
+    with open(path, "rb") as stream:
+        assert len(list(stream)) == 2
+    assert [json.loads(line) for line in text.splitlines()][0]["graphics"]["identity"]["x509dname"] == dn
+    assert not any(char in text for char in "\x85\u2028\u2029")  # escaped, not raw
+
+
+def test_nan_and_infinities_are_written_as_strings_strict_readers_accept() -> None:
+    data = encode_record({"a": float("nan"), "b": [float("inf"), -float("inf")], "c": 1.5})
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"non-JSON constant {constant} written")
+
+    assert json.loads(data, parse_constant=refuse) == {"a": "NaN", "b": ["Infinity", "-Infinity"], "c": 1.5}
+
+
+def test_a_record_json_cannot_hold_is_an_audit_error() -> None:
+    with pytest.raises(AuditError, match="cannot be written as JSON"):
+        encode_record({"x": object()})
+
+
+# --- the file ----------------------------------------------------------------------------------
+
+
+def test_append_never_rewrites_earlier_lines(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     path.write_text('{"earlier": 1}\n')
     log = AuditLog(str(path), fsync="always")
     log.append({"later": 2})
     log.close()
     assert lines(path) == [{"earlier": 1}, {"later": 2}]
-    assert oct(os.stat(path).st_mode & 0o777)  # exists, created earlier
 
 
-def test_new_file_mode(tmp_path):
+def test_new_file_mode(tmp_path: Path) -> None:
     path = tmp_path / "new.jsonl"
-    AuditLog(str(path)).append({"a": 1})
+    log = AuditLog(str(path))
+    log.append({"a": 1})
+    log.close()
     assert os.stat(path).st_mode & 0o777 == 0o640 & ~_umask()
 
 
-def _umask():
+def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
-def _writer(path, tag, count):
+def _writer(path: str, tag: int, count: int) -> None:
     log = AuditLog(path, fsync="never")
     for n in range(count):
         log.append({"writer": tag, "n": n, "pad": "x" * 3000})
     log.close()
 
 
-def test_concurrent_writers_never_mix_lines(tmp_path):
+def test_concurrent_writers_never_mix_lines(tmp_path: Path) -> None:
     path = str(tmp_path / "audit.jsonl")
     procs = [multiprocessing.Process(target=_writer, args=(path, tag, 300)) for tag in range(4)]
     for proc in procs:
@@ -82,7 +155,7 @@ def test_concurrent_writers_never_mix_lines(tmp_path):
         assert [r["n"] for r in records if r["writer"] == tag] == list(range(300))
 
 
-def test_follows_rotation(tmp_path, monkeypatch):
+def test_follows_rotation(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     log = AuditLog(str(path))
     log.append({"n": 1})
@@ -94,21 +167,401 @@ def test_follows_rotation(tmp_path, monkeypatch):
     assert lines(tmp_path / "audit.jsonl.1") == [{"n": 1}]
 
 
-def test_errors_name_the_file(tmp_path):
-    with pytest.raises(AuditError, match="cannot open audit log"):
-        AuditLog(str(tmp_path / "missing" / "audit.jsonl")).append({})
+def test_errors_name_the_file(tmp_path: Path) -> None:
+    missing = str(tmp_path / "missing" / "audit.jsonl")
+    with pytest.raises(AuditError, match=f"cannot open audit log {missing}"):
+        AuditLog(missing).append({})
     with pytest.raises(AuditError, match="fsync"):
         AuditLog("x", fsync="sometimes")
 
 
-def test_thousands_of_records_per_second(tmp_path):
-    import time
-
+def test_open_checks_the_path_before_any_record(tmp_path: Path) -> None:
     log = AuditLog(str(tmp_path / "audit.jsonl"))
-    record = event_record({"phase": "connect", "remote": {"node": "192.0.2.7"}}, {"verdict": "cut"})
-    started = time.perf_counter()
-    for _record in range(5000):
-        log.append(record)
-    rate = 5000 / (time.perf_counter() - started)
+    log.open()
+    assert log.fd is not None and (tmp_path / "audit.jsonl").exists()
     log.close()
-    assert rate > 2000, rate
+    with pytest.raises(AuditError, match="cannot open audit log"):
+        AuditLog(str(tmp_path / "missing" / "audit.jsonl")).open()
+
+
+def test_a_symlink_at_the_path_is_refused(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"")
+    (tmp_path / "audit.jsonl").symlink_to(target)
+    with pytest.raises(AuditError, match="is a symlink"):
+        AuditLog(str(tmp_path / "audit.jsonl")).append({"n": 1})
+    assert target.read_bytes() == b""
+
+
+def test_a_symlink_put_in_the_files_place_after_a_rotation_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"")
+    log = AuditLog(str(path))
+    log.append({"n": 1})
+    os.rename(path, tmp_path / "audit.jsonl.1")
+    path.symlink_to(target)
+    log._next_check = 0  # the once-a-second check is due
+    with pytest.raises(AuditError, match="is a symlink"):
+        log.append({"n": 2})
+    log.close()
+    assert target.read_bytes() == b""
+    assert lines(tmp_path / "audit.jsonl.1") == [{"n": 1}]
+
+
+def test_a_path_that_is_not_a_regular_file_is_refused(tmp_path: Path) -> None:
+    fifo = tmp_path / "audit.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(AuditError, match="not a regular file"):
+        AuditLog(str(fifo)).append({"n": 1})
+
+
+# --- whole records or nothing (os.write stood in) ---------------------------------------------
+
+
+def test_short_writes_are_continued_until_the_record_is_whole(tmp_path: Path) -> None:
+    calls = []
+
+    def seven_bytes_at_a_time(fd: int, data: memoryview) -> int:
+        calls.append(len(data))
+        return os.write(fd, data[:7])
+
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(str(path), write=seven_bytes_at_a_time)
+    log.append({"dn": HOSTILE})
+    log.append({"n": 2})
+    log.close()
+    assert lines(path) == [{"dn": HOSTILE}, {"n": 2}]
+    assert len(calls) > 2  # the stand-in did write less than asked
+
+
+def fail_after(written_bytes: int, error: int = errno.ENOSPC) -> Callable[[int, memoryview], int]:
+    """An os.write that writes ``written_bytes`` in all, then fails as a full disk does."""
+    left = [written_bytes]
+
+    def write(fd: int, data: memoryview) -> int:
+        if left[0] <= 0:
+            raise OSError(error, os.strerror(error))
+        done = os.write(fd, data[: left[0]])
+        left[0] -= done
+        return done
+
+    return write
+
+
+def test_a_record_failing_part_way_leaves_no_fragment(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    path.write_bytes(b'{"earlier":1}\n')
+    log = AuditLog(str(path), write=fail_after(10))
+    with pytest.raises(AuditError, match="No space left on device") as failure:
+        log.append({"lost": "x" * 100})
+    assert failure.value.lines_written == 0
+    assert path.read_bytes() == b'{"earlier":1}\n'
+    log.close()
+    AuditLog(str(path)).append({"later": 2})
+    assert lines(path) == [{"earlier": 1}, {"later": 2}]
+
+
+def test_a_file_size_limit_failing_part_way_leaves_no_fragment(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(str(path), write=fail_after(5, errno.EFBIG))
+    with pytest.raises(AuditError, match="File too large"):
+        log.append({"lost": 1})
+    log.close()
+    assert path.read_bytes() == b""
+
+
+def test_a_batch_failing_part_way_keeps_its_whole_lines(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    batch = b"".join(encode_record({"n": n, "pad": "y" * 20}) for n in range(3))
+    first_line = len(encode_record({"n": 0, "pad": "y" * 20}))
+    log = AuditLog(str(path), write=fail_after(first_line + 5))
+    with pytest.raises(AuditError) as failure:
+        log.append_lines(batch)
+    log.close()
+    assert failure.value.lines_written == 1
+    assert lines(path) == [{"n": 0, "pad": "y" * 20}]
+
+
+def test_bytes_another_writer_appended_after_a_fragment_are_never_truncated(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    other = b'{"other":1}\n'
+    calls = []
+
+    def half_then_a_lockless_writer_then_full(fd: int, data: memoryview) -> int:
+        calls.append(bytes(data))
+        if len(calls) == 1:
+            done = os.write(fd, data[: len(data) // 2])
+            with open(path, "ab") as lockless:  # a writer that ignores the lock
+                lockless.write(other)
+            return done
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    log = AuditLog(str(path), write=half_then_a_lockless_writer_then_full)
+    with pytest.raises(AuditError):
+        log.append({"mine": "m" * 40})
+    log.close()
+    assert path.read_bytes().endswith(other)  # kept, not truncated with the fragment
+    AuditLog(str(path)).append({"later": 2})
+    assert json.loads(path.read_text().splitlines()[-1]) == {"later": 2}
+
+
+def test_a_fragment_that_cannot_be_truncated_gets_its_line_ended(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "audit.jsonl"
+    path.write_bytes(b'{"earlier":1}\n')
+    calls = []
+
+    def fragment_then_full_but_a_newline_fits(fd: int, data: memoryview) -> int:
+        calls.append(len(data))
+        if len(calls) == 1:
+            return os.write(fd, data[:6])
+        if len(data) == 1:
+            return os.write(fd, data)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def append_only_file(fd: int, length: int) -> None:  # as with chattr +a
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(os, "ftruncate", append_only_file)
+    log = AuditLog(str(path), write=fragment_then_full_but_a_newline_fits)
+    with pytest.raises(AuditError):
+        log.append({"lost": "z" * 30})
+    log.close()
+    assert path.read_bytes() == b'{"earlier":1}\n{"lost\n'  # the fragment's line ended, nothing glued to it
+
+
+def test_a_fragment_another_writer_left_is_ended_before_the_next_record(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    path.write_bytes(b'{"earlier":1}\n{"killed": "mid-wri')
+    log = AuditLog(str(path))
+    log.append({"later": 2})
+    log.close()
+    earlier, fragment, later = path.read_text().splitlines()
+    assert json.loads(earlier) == {"earlier": 1} and json.loads(later) == {"later": 2}
+    assert fragment == '{"killed": "mid-wri'
+
+
+def test_the_lock_is_held_while_writing_and_while_undoing_a_fragment(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "audit.jsonl"
+    path.write_bytes(b"")
+    probe = os.open(path, os.O_RDONLY)  # another open file description: flock conflicts with it
+    seen = []
+
+    def lock_is_taken() -> bool:
+        try:
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(probe, fcntl.LOCK_UN)
+        return False
+
+    failing = fail_after(4)
+
+    def write(fd: int, data: memoryview) -> int:
+        seen.append(("write", lock_is_taken()))
+        return failing(fd, data)
+
+    real_ftruncate = os.ftruncate
+
+    def ftruncate(fd: int, length: int) -> None:
+        seen.append(("ftruncate", lock_is_taken()))
+        real_ftruncate(fd, length)
+
+    monkeypatch.setattr(os, "ftruncate", ftruncate)
+    log = AuditLog(str(path), write=write)
+    try:
+        with pytest.raises(AuditError):
+            log.append({"n": 1})
+    finally:
+        log.close()
+        os.close(probe)
+    assert seen == [("write", True), ("write", True), ("ftruncate", True)]
+    assert path.read_bytes() == b""
+
+
+# --- the writer thread ---------------------------------------------------------------------------
+
+
+class StuckDisk:
+    """An os.write that waits until released: the writer thread stays inside its first write."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, fd: int, data: memoryview) -> int:
+        self.entered.set()
+        self.release.wait()
+        return os.write(fd, data)
+
+
+@pytest.fixture
+def disk() -> Iterator[StuckDisk]:
+    """Released at teardown whatever the test did: a writer left stuck would hang the atexit drain."""
+    stuck = StuckDisk()
+    yield stuck
+    stuck.release.set()
+
+
+def test_writer_writes_every_submitted_record_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    with AuditWriter(AuditLog(str(path))) as writer:
+        for n in range(1000):
+            writer.submit({"n": n})
+        assert writer.flush() is True
+        assert (writer.written, writer.failed, writer.error) == (1000, 0, None)
+    assert [r["n"] for r in lines(path)] == list(range(1000))
+
+
+def test_submit_keeps_the_record_as_it_was_when_submitted(tmp_path: Path, disk: StuckDisk) -> None:
+    path = tmp_path / "audit.jsonl"
+    writer = AuditWriter(AuditLog(str(path), write=disk))
+    writer.submit({"n": 0})
+    assert disk.entered.wait(30)  # the thread is inside its write; the next record waits in the queue
+    graphics = {"identity": {"x509dname": "CN=alice"}}
+    writer.submit({"graphics": graphics})
+    del graphics["identity"]["x509dname"]  # what a later filter (json_filter) may do to the event
+    disk.release.set()
+    assert writer.close()
+    assert lines(path)[1] == {"graphics": {"identity": {"x509dname": "CN=alice"}}}
+
+
+def test_a_full_queue_makes_submit_wait_and_loses_nothing(tmp_path: Path, disk: StuckDisk) -> None:
+    path = tmp_path / "audit.jsonl"
+    writer = AuditWriter(AuditLog(str(path), write=disk), max_queued=2)
+    writer.submit({"n": 0})
+    assert disk.entered.wait(30)
+    writer.submit({"n": 1})  # two held: the one being written and this one
+    third = threading.Thread(target=writer.submit, args=({"n": 2},))
+    third.start()
+    third.join(0.5)
+    assert third.is_alive()  # waiting for room, not dropped, not queued beyond the bound
+    disk.release.set()
+    third.join(30)
+    assert not third.is_alive()
+    assert writer.close()
+    assert [r["n"] for r in lines(path)] == [0, 1, 2]
+    assert writer.failed == 0
+
+
+def test_write_failures_are_counted_not_raised_and_later_records_are_written(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+
+    def full_for_bad_records(fd: int, data: memoryview) -> int:
+        if b'"bad"' in bytes(data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return os.write(fd, data)
+
+    with AuditWriter(AuditLog(str(path), write=full_for_bad_records)) as writer:
+        for record in ({"n": 1}, {"n": "bad"}, {"n": 3}):
+            writer.submit(record)  # never raises
+            assert writer.flush(30)  # one record per write, so that only the bad one fails
+        assert (writer.written, writer.failed) == (2, 1)
+        assert writer.error is not None and "No space left on device" in writer.error
+    assert lines(path) == [{"n": 1}, {"n": 3}]
+
+
+def test_a_batch_failing_part_way_counts_its_whole_lines_as_written(tmp_path: Path, disk: StuckDisk) -> None:
+    path = tmp_path / "audit.jsonl"
+    record = {"pad": "q" * 50}
+    calls = []
+
+    def stuck_then_full_after_a_line_and_a_half(fd: int, data: memoryview) -> int:
+        calls.append(len(data))
+        if len(calls) == 1:
+            return disk(fd, data)
+        if len(calls) == 2:
+            return os.write(fd, data[: len(encode_record(record)) * 3 // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    writer = AuditWriter(AuditLog(str(path), write=stuck_then_full_after_a_line_and_a_half))
+    writer.submit(record)
+    assert disk.entered.wait(30)
+    for _record in range(3):  # queued while the thread is stuck: the next batch, one write
+        writer.submit(record)
+    disk.release.set()
+    assert writer.close()
+    assert (writer.written, writer.failed) == (2, 2)
+    assert lines(path) == [record, record]
+
+
+def test_a_record_json_cannot_hold_is_counted_as_failed(tmp_path: Path) -> None:
+    with AuditWriter(AuditLog(str(tmp_path / "audit.jsonl"))) as writer:
+        writer.submit({"x": object()})
+        writer.submit({"n": 1})
+        assert writer.flush(30)
+        assert (writer.written, writer.failed) == (1, 1)
+        assert writer.error is not None and "cannot be written as JSON" in writer.error
+
+
+def test_a_path_that_cannot_be_opened_is_counted_as_failed(tmp_path: Path) -> None:
+    with AuditWriter(AuditLog(str(tmp_path / "missing" / "audit.jsonl"))) as writer:
+        writer.submit({"n": 1})
+        assert writer.flush(30)
+        assert (writer.written, writer.failed) == (0, 1)
+        assert writer.error is not None and "cannot open audit log" in writer.error
+
+
+def test_a_record_submitted_after_close_is_counted_as_failed(tmp_path: Path) -> None:
+    writer = AuditWriter(AuditLog(str(tmp_path / "audit.jsonl")))
+    assert writer.close()
+    writer.submit({"n": 1})
+    assert writer.failed == 1 and writer.error is not None and "closed" in writer.error
+
+
+def test_flush_gives_up_after_its_timeout_while_the_disk_is_stuck(tmp_path: Path, disk: StuckDisk) -> None:
+    writer = AuditWriter(AuditLog(str(tmp_path / "audit.jsonl"), write=disk))
+    writer.submit({"n": 0})
+    assert writer.flush(timeout=0.2) is False
+    disk.release.set()
+    assert writer.flush(timeout=30) is True
+    assert writer.close()
+
+
+def test_close_writes_what_is_queued_and_stops_the_thread(tmp_path: Path, disk: StuckDisk) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(str(path), write=disk)
+    writer = AuditWriter(log)
+    for n in range(100):
+        writer.submit({"n": n})
+    disk.release.set()
+    assert writer.close()
+    assert [r["n"] for r in lines(path)] == list(range(100))
+    assert log.fd is None and not writer._thread.is_alive()
+
+
+def test_a_quiet_stream_is_synced_when_its_interval_ends(tmp_path: Path) -> None:
+    log = AuditLog(str(tmp_path / "audit.jsonl"), fsync="interval", fsync_interval=1.0)
+    with AuditWriter(log) as writer:
+        writer.submit({"n": 1})  # the first write syncs (none yet)
+        assert writer.flush(30)
+        writer.submit({"n": 2})  # within the interval: written, its sync owed
+        assert writer.flush(30)
+        # then nothing more comes: the thread syncs when the interval ends
+        wait_until(lambda: log.sync_due_in(time.monotonic()) is None, "the owed sync")
+
+
+def test_records_left_at_exit_are_written(tmp_path: Path) -> None:
+    """The process submits and exits without flush or close: atexit drains the queue. The
+    disk is slow (short writes with a pause), so the thread is far behind at exit."""
+    path = tmp_path / "audit.jsonl"
+    script = textwrap.dedent(f"""
+        import os, sys, time
+        sys.path.insert(0, {str(COLLECTIONS)!r})
+        from ansible_collections.virtguard.console.plugins.module_utils.audit_log import AuditLog, AuditWriter
+
+        def slow_disk(fd, data):
+            time.sleep(0.001)
+            return os.write(fd, data[:1024])
+
+        writer = AuditWriter(AuditLog({str(path)!r}, write=slow_disk))
+        for n in range(10_000):
+            writer.submit({{"n": n, "pad": "p" * 40}})
+        print(writer.written, flush=True)
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert int(run.stdout) < 10_000  # the control: the thread had not written everything at exit
+    assert [r["n"] for r in lines(path)] == list(range(10_000))
