@@ -13,7 +13,8 @@ import marshal
 import mmap
 import struct
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 class PackedChunk:

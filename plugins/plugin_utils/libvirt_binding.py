@@ -17,7 +17,8 @@ from __future__ import annotations
 import ctypes
 import importlib.metadata
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 try:
     import libvirt

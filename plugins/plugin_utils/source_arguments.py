@@ -8,7 +8,8 @@ shares (``plugin_arguments.check_arguments``), plus what only a libvirt URI list
 from __future__ import annotations
 
 import fnmatch
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 from ansible_collections.virtguard.console.plugins.module_utils.plugin_arguments import (

@@ -52,7 +52,7 @@ class SourceRun:
         self.draining = asyncio.Event()  # clear it to stall the consumer, as a busy engine would
         self.draining.set()
 
-    async def __aenter__(self) -> "SourceRun":
+    async def __aenter__(self) -> SourceRun:
         self.task = asyncio.create_task(source_plugin().main(self.queue, self.args))
         self.consumer = asyncio.create_task(self._consume())
         return self
@@ -137,8 +137,8 @@ class HandRun:
 
     def __init__(self, *uris: str):
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        self.process = subprocess.Popen([".venv/bin/python", str(self.SCRIPT), *uris], cwd=self.ROOT, env=env, text=True,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.process = subprocess.Popen([".venv/bin/python", str(self.SCRIPT), *uris], cwd=self.ROOT, env=env,
+                                        text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.stdout: queue.Queue[str] = queue.Queue()
         self.log: list[str] = []
         self._log_changed = threading.Condition()

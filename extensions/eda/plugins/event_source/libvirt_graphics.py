@@ -120,7 +120,9 @@ graphics:
       type: dict
       contains:
         id: {description: Stable per client session (32 hex digits)., type: str}
-        authenticated: {description: "True from C(initialize) on; on C(disconnect), whether the session ever initialized.", type: bool}
+        authenticated:
+          description: True from C(initialize) on; on C(disconnect), whether the session ever initialized.
+          type: bool
         duration_s:
           description:
             - On C(disconnect) only. Seconds from when the source first saw the session to its end;
