@@ -9,14 +9,20 @@ Everything that comes from the console client (remote address, certificate DN, S
 name) is copied verbatim as plain ``str``: it is data, never interpreted here.
 """
 
-from __future__ import absolute_import, division, print_function
-
-__metaclass__ = type
+from __future__ import annotations
 
 import datetime
 import hashlib
 import math
 import re
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
+
+# An address as the payload has it: family, node, service (all str).
+Address = Dict[str, str]
+# libvirt's subject: (type, name) pairs.
+Subject = Sequence[Tuple[str, str]]
+# What query-vnc / query-spice give per client: (local, remote, auth_scheme, subject).
+Client = Tuple[Address, Address, str, List[Tuple[str, str]]]
 
 # virDomainEventGraphicsPhase and virDomainEventGraphicsAddressType, as numbered by libvirt.
 PHASES = ("connect", "initialize", "disconnect")
@@ -25,22 +31,22 @@ FAMILIES = ("ipv4", "ipv6", "unix")
 _CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 
 
-def phase_name(phase):
+def phase_name(phase: int) -> str:
     """``0`` -> ``connect``; an unknown number is kept visible rather than dropped."""
     if 0 <= phase < len(PHASES):
         return PHASES[phase]
-    return "unknown-%d" % phase
+    return f"unknown-{phase}"
 
 
-def family_name(family):
+def family_name(family: int | str) -> str:
     if isinstance(family, str):
         return family
     if 0 <= family < len(FAMILIES):
         return FAMILIES[family]
-    return "unknown-%d" % family
+    return f"unknown-{family}"
 
 
-def address(raw):
+def address(raw: Mapping[str, Any]) -> Address:
     """libvirt's ``{family: int, node, service}`` (or QEMU's names) as the payload's address."""
     return {
         "family": family_name(raw.get("family", 0)),
@@ -49,13 +55,13 @@ def address(raw):
     }
 
 
-def qemu_address(raw):
+def qemu_address(raw: Mapping[str, Any]) -> Address:
     """An address as QEMU's monitor names it (``host``, ``service``, ``family``)."""
     return address({"family": raw.get("family", "ipv4"), "node": raw.get("host", ""),
                     "service": raw.get("service", "")})
 
 
-def identity_key(identity_type):
+def identity_key(identity_type: str) -> str:
     """``saslUsername`` -> ``sasl_username``, ``x509dname`` stays ``x509dname``."""
     key = _IDENTITY_KEYS.get(identity_type)
     if key is None:
@@ -65,23 +71,23 @@ def identity_key(identity_type):
     return key
 
 
-_IDENTITY_KEYS = {}
+_IDENTITY_KEYS: dict[str, str] = {}
 
 
-def subject_list(subject):
+def subject_list(subject: Subject) -> list[dict[str, str]]:
     """libvirt's subject (a list of ``(type, name)`` pairs) as a list of ``{type, name}``."""
     return [{"type": str(kind), "name": str(name)} for kind, name in subject]
 
 
-def identity_from_subject(subject):
+def identity_from_subject(subject: Subject) -> dict[str, str]:
     """The subject flattened for rule conditions; the first identity of a type wins."""
-    identity = {}
+    identity: dict[str, str] = {}
     for kind, name in subject:
         identity.setdefault(identity_key(str(kind)), str(name))
     return identity
 
 
-def iso_timestamp_utc(wall):
+def iso_timestamp_utc(wall: float) -> str:
     """``datetime.fromtimestamp(wall, timezone.utc).isoformat()``, to the character, at a third
     of its cost: the date and time of day are formatted once per second."""
     global _LAST_SECOND
@@ -95,14 +101,14 @@ def iso_timestamp_utc(wall):
         text = datetime.datetime.fromtimestamp(whole, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
         _LAST_SECOND = (whole, text)  # one assignment: safe to share between threads
     if micro:
-        return "%s.%06d+00:00" % (text, micro)
+        return "%s.%06d+00:00" % (text, micro)  # per event: cheaper than an f-string's {micro:06d}
     return text + "+00:00"
 
 
-_LAST_SECOND = (None, "")
+_LAST_SECOND: tuple[float | None, str] = (None, "")
 
 
-def session_id_for(hypervisor_uri, domain_uuid, remote):
+def session_id_for(hypervisor_uri: str, domain_uuid: str, remote: Address) -> str:
     """A stable id for one client session: the same for all its events, and the same when
     the source restarts, because it depends only on where the session is."""
     key = "\x1f".join(
@@ -111,8 +117,9 @@ def session_id_for(hypervisor_uri, domain_uuid, remote):
     return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:32]
 
 
-def graphics_payload(phase, timestamp, hypervisor, domain, local, remote, auth_scheme, subject,
-                     session, snapshot=False):
+def graphics_payload(phase: str, timestamp: str, hypervisor: Mapping[str, Any], domain: Mapping[str, Any],
+                     local: Address, remote: Address, auth_scheme: str, subject: Subject,
+                     session: Mapping[str, Any], snapshot: bool = False) -> dict[str, dict[str, Any]]:
     """The event put on the rulebook queue: ``{"graphics": {...}}``.
 
     ``phase`` is the phase name, ``local`` and ``remote`` payload addresses, ``subject`` libvirt's
@@ -135,8 +142,8 @@ def graphics_payload(phase, timestamp, hypervisor, domain, local, remote, auth_s
     }
 
 
-def _vnc_subject(client):
-    subject = []
+def _vnc_subject(client: Mapping[str, Any]) -> list[tuple[str, str]]:
+    subject: list[tuple[str, str]] = []
     if client.get("x509_dname"):
         subject.append(("x509dname", client["x509_dname"]))
     if client.get("sasl_username"):
@@ -144,7 +151,7 @@ def _vnc_subject(client):
     return subject
 
 
-def clients_from_query_vnc(result):
+def clients_from_query_vnc(result: Mapping[str, Any] | None) -> list[Client]:
     """QEMU's ``query-vnc`` answer as ``(local, remote, auth_scheme, subject)`` per client.
 
     The local address is the VNC listener, as libvirt reports it in live events."""
@@ -158,13 +165,13 @@ def clients_from_query_vnc(result):
     ]
 
 
-def clients_from_query_spice(result):
+def clients_from_query_spice(result: Mapping[str, Any] | None) -> list[Client]:
     """QEMU's ``query-spice`` answer as ``(local, remote, auth_scheme, subject)`` per channel
     (every SPICE channel is its own connection, with its own graphics events)."""
     if not result or not result.get("enabled"):
         return []
     auth_scheme = result.get("auth", "none")
-    clients = []
+    clients: list[Client] = []
     for channel in result.get("channels", []):
         port = result.get("tls-port") if channel.get("tls") else result.get("port")
         local = qemu_address({"family": channel.get("family", "ipv4"), "host": result.get("host", ""),

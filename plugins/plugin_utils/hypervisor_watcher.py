@@ -127,7 +127,7 @@ class HypervisorWatcher:
         domain = {"name": name, "uuid": uuid, "id": dom_id}
         remote_address = address(remote)
         local_address = address(local)
-        session_id = session_id_for(self.uri, domain["uuid"], remote_address)
+        session_id = session_id_for(self.uri, uuid, remote_address)
         if self.touched_since_snapshot is not None:
             self.touched_since_snapshot.add(session_id)
         phase_text = phase_name(phase)
