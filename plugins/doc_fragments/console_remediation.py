@@ -2,29 +2,51 @@
 # Copyright: virtguard.console contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 
-from __future__ import absolute_import, division, print_function
-
-__metaclass__ = type
+from __future__ import annotations
 
 
-class ModuleDocFragment(object):
-    # Options shared by the modules that act on one console client address.
+class ModuleDocFragment:
+    # Options shared by the modules that act on a batch of console clients (block and cut).
     DOCUMENTATION = r"""
 options:
-  address:
+  addresses:
     description:
-      - The client's IP address, IPv4 or IPv6. An IPv4-mapped IPv6 address
-        (C(::ffff:192.0.2.7)) means its IPv4 address, as it does on the wire.
-      - Checked with Python's C(ipaddress) before anything runs; never passed through a shell.
-    type: str
-    required: true
-  ports:
-    description:
-      - The console ports (VNC, SPICE) on this host, as port numbers or ranges such as
-        C(5900-5999). libvirt's automatic VNC ports start at 5900.
+      - The client addresses and networks (CIDR) of the batch, IPv4 or IPv6, for example
+        C(198.51.100.7), C(2001:db8:1:2::/64), C(::10.0.0.1).
+      - An IPv4-mapped IPv6 address or network (C(::ffff:192.0.2.7)) means its IPv4 form, as it
+        is on the wire. An IPv4-compatible address (C(::10.0.0.1)) is an IPv6 address of its own.
+      - Every item is checked with Python's C(ipaddress) before anything runs; nothing is ever
+        passed through a shell. Mutually exclusive with O(address).
     type: list
     elements: str
-    default: ["5900-5999"]
+  address:
+    description:
+      - One client address; the form of version 0.1.0, same as O(addresses) with one item.
+      - Deprecated, use O(addresses).
+    type: str
+  ports:
+    description:
+      - Console ports (VNC, VNC websocket, SPICE) to act on besides those found by
+        O(discover_ports), as port numbers or ranges such as C(5900-5999).
+    type: list
+    elements: str
+    default: []
+  discover_ports:
+    description:
+      - Add every TCP port on which a console process (O(console_processes)) of this host
+        listens, read from C(ss -t -l -n -p). That covers libvirt's VNC ports (5900 up to 65535),
+        VNC websockets (from 5700), SPICE plain and TLS ports, whatever the configuration.
+    type: bool
+    default: true
+  console_processes:
+    description:
+      - Advanced. The processes whose listening ports are console ports, as shell-style
+        patterns matched against the kernel's process name, which is cut to 15 characters
+        (C(qemu-system-x86) for C(qemu-system-x86_64)).
+    type: list
+    elements: str
+    default: ["qemu-system-*", "qemu-kvm"]
 requirements:
   - Linux, run as root (or with C(CAP_NET_ADMIN)) on the hypervisor host.
+  - C(ss) from iproute2.
 """

@@ -3,24 +3,38 @@
 # Copyright: virtguard.console contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 
-from __future__ import absolute_import, division, print_function
-
-__metaclass__ = type
+from __future__ import annotations
 
 DOCUMENTATION = r"""
 module: console_block
-short_description: Block a client address from the console ports for a while, with nftables
+short_description: Block a batch of client addresses and networks from the console ports for a while, with nftables
 version_added: 0.1.0
 description:
-  - Puts O(address) in an nftables set with a per-element timeout, so packets from it to the
-    console ports (O(ports)) are answered with a TCP reset until the timeout runs out; the
-    kernel then drops the element by itself, nothing has to come back to unblock.
-  - Keeps its own table (O(table), family C(inet)) with the sets C(console_ports),
-    C(blocked_ipv4) and C(blocked_ipv6) and an C(input) chain; creates or repairs it in the
-    same atomic C(nft -f -) transaction that adds the element. Other tables are not touched.
-  - An address that is already blocked gets the full O(timeout) again when O(refresh=true)
-    (nftables' C(add element) alone would keep the old expiry).
-  - With O(state=absent), removes O(address) from the block before its timeout.
+  - Puts every address and network of O(addresses) in an nftables set with a per-element
+    timeout, so packets from them to the console ports are answered with a TCP reset until the
+    timeout runs out; the kernel then drops the element by itself, nothing has to come back to
+    unblock. The whole batch is one atomic C(nft -f -) transaction.
+  - The console ports are those found on the host (O(discover_ports)) plus O(ports). They only
+    ever accumulate in the table's C(console_ports) set.
+  - Keeps its own table (O(table), family C(inet)); other tables are not touched. Single
+    addresses go to the sets C(blocked_ipv4) and C(blocked_ipv6); networks to a set per prefix
+    length, such as C(blocked_ipv6_p64) for /64 networks, matched through the source address
+    masked to that prefix. Each set holds at most O(set_size) elements and has a chain of the
+    same name with its rule; the base chain C(input) jumps to each. The table, sets, chains and
+    rules are created or repaired in the same transaction that adds the elements.
+  - An address inside a network that is already blocked counts as blocked, and that network's
+    timeout is restarted (O(refresh)). An element already there gets the full O(timeout) again
+    (nftables' C(add element) alone would keep the old expiry on older kernels).
+  - "When a set is full, the networks that found no room are not blocked: the module fails
+    with a message naming the set and its size, with RV(set_full=true), after writing the rest
+    of the batch. Block then cut: cut the connections even when the block failed."
+  - A table of version 0.1.0 (sets without size) is migrated in the same transaction, its
+    blocks carried over with the time they had left.
+  - Reads only the sets of the batch's address families and looks nothing else up; the whole
+    table is never listed. With nftables 1.0.6, reading a set of 65536 elements takes about a
+    second; a batch on small sets takes a few hundredths of a second.
+  - With O(state=absent), removes the elements equal to or inside O(addresses) before their
+    timeout.
 author:
   - virtguard.console developers (@virtguard)
 extends_documentation_fragment:
@@ -29,20 +43,22 @@ extends_documentation_fragment:
 attributes:
   check_mode:
     support: full
-    details: Reads the table and reports what it would add, refresh or remove.
+    details: Reads the sets and reports what it would add, refresh or remove.
   diff_mode:
     support: none
 options:
   timeout:
-    description: How long the address stays blocked, in seconds.
+    description:
+      - How long the addresses stay blocked, in seconds, from 1 to 86400000 (1000 days; nft
+        refuses 100000000 and more).
     type: int
     default: 600
   refresh:
-    description: Restart the timeout of an address that is already blocked.
+    description: Restart the timeout of an address or network that is already blocked.
     type: bool
     default: true
   state:
-    description: C(present) blocks O(address), C(absent) lifts its block.
+    description: V(present) blocks O(addresses), V(absent) lifts their block.
     type: str
     choices: [present, absent]
     default: present
@@ -50,17 +66,36 @@ options:
     description: The nftables table (family C(inet)) that holds the block.
     type: str
     default: virtguard
+  set_size:
+    description:
+      - The most elements each block set holds, from 1 to 2147483647 (larger values are stored
+        wrong by nftables 1.0.6). A set of another size is made anew with this size when a batch
+        of its address family comes, its elements carried over.
+    type: int
+    default: 65536
+requirements:
+  - C(nft) (nftables 1.0 or later).
+notes:
+  - Networks wider than /8 (IPv4) or /16 (IPv6) are refused.
 """
 
 EXAMPLES = r"""
-- name: Block a client from the VNC ports for ten minutes
+- name: Block a batch of clients and an IPv6 /64 for ten minutes
   virtguard.console.console_block:
-    address: 203.0.113.7
+    addresses:
+      - 198.51.100.7
+      - 203.0.113.9
+      - 2001:db8:1:2::/64
     timeout: 600
+
+- name: Also protect a port nothing listens on yet
+  virtguard.console.console_block:
+    addresses: [198.51.100.7]
+    ports: ["5900-5999", "6012"]
 
 - name: Lift the block early
   virtguard.console.console_block:
-    address: 203.0.113.7
+    addresses: [198.51.100.7]
     state: absent
 """
 
@@ -71,69 +106,140 @@ table:
   type: str
   sample: inet virtguard
 blocked:
-  description: The addresses added or refreshed, each with its family, timeout and the time (UTC) it ends.
+  description:
+    - One entry per address or network of the batch that is blocked now. RV(blocked[].network)
+      is the element that blocks it (a wider network already blocked, or the item itself),
+      RV(blocked[].set) its set, RV(blocked[].until) the time (UTC) the block ends.
+    - RV(blocked[].timeout) and RV(blocked[].until) are null for an element without timeout
+      (added by hand).
   returned: when O(state=present)
   type: list
   elements: dict
-  sample: [{"address": "203.0.113.7", "family": "ipv4", "timeout": 600,
-            "until": "2025-01-01T10:10:00+00:00", "already_blocked": false}]
+  sample: [{"requested": "2001:db8:1:2::7", "network": "2001:db8:1:2::/64", "set": "blocked_ipv6_p64",
+            "family": "ipv6", "timeout": 600, "until": "2025-01-01T10:10:00+00:00", "already_blocked": true}]
 unchanged:
-  description: Addresses already blocked and left as they were (O(refresh=false)), with the seconds left.
+  description: Items already blocked and left as they were (O(refresh=false)), with the seconds left.
   returned: when O(state=present)
   type: list
   elements: dict
+not_blocked:
+  description: The networks that found no room in their full set, with the set's name.
+  returned: when O(state=present)
+  type: list
+  elements: dict
+  sample: [{"network": "192.0.2.5", "set": "blocked_ipv4"}]
+set_full:
+  description: Whether a set was full, so RV(not_blocked) is not empty (the module then fails).
+  returned: when O(state=present)
+  type: bool
+set_size:
+  description: The size of the block sets.
+  returned: when O(state=present)
+  type: int
 ports:
-  description: The console ports the block applies to.
+  description: The console ports the table protects after the run (in check mode, would protect).
   returned: when O(state=present)
   type: list
   elements: str
-  sample: ["5900-5999"]
+  sample: ["5787", "5900-5999", "6012"]
+discovered_ports:
+  description: The ports console processes listen on, found on this host (empty without O(discover_ports)).
+  returned: when O(state=present)
+  type: list
+  elements: str
+  sample: ["5787", "5907", "5930"]
 ruleset_created:
   description: Whether the table did not exist before.
   returned: when O(state=present)
   type: bool
+migrated:
+  description: The sets made anew (version 0.1.0 shape or another size), their elements carried over.
+  returned: when O(state=present)
+  type: list
+  elements: str
+verified:
+  description: Whether every element written was found in its set afterwards (false in check mode or when nothing was written).
+  returned: when O(state=present)
+  type: bool
 unblocked:
-  description: The addresses whose block was lifted.
+  description: The elements whose block was lifted.
   returned: when O(state=absent)
   type: list
   elements: str
+still_blocked:
+  description: Items of O(addresses) that stay blocked because a wider blocked network holds them.
+  returned: when O(state=absent)
+  type: list
+  elements: dict
 """
+
+from typing import Any, Dict, List, Optional, Tuple
 
 from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.virtguard.console.plugins.module_utils.console_ports import (
+    DEFAULT_CONSOLE_PROCESSES,
+    PortDiscoveryError,
+    qemu_listening_ports,
+)
+from ansible_collections.virtguard.console.plugins.module_utils.ip_addresses import (
+    DEFAULT_SET_SIZE,
+    AddressError,
+    format_port_ranges,
+    parse_port_ranges,
+)
 from ansible_collections.virtguard.console.plugins.module_utils.nftables_block import (
     BlockTable,
     NftablesError,
+    SetFullError,
 )
 
 
-def main():
+def main() -> None:
     module = AnsibleModule(
         argument_spec=dict(
-            address=dict(type="str", required=True),
-            ports=dict(type="list", elements="str", default=["5900-5999"]),
+            addresses=dict(type="list", elements="str"),
+            address=dict(type="str", removed_in_version="1.0.0", removed_from_collection="virtguard.console"),
+            ports=dict(type="list", elements="str", default=[]),
+            discover_ports=dict(type="bool", default=True),
+            console_processes=dict(type="list", elements="str", default=list(DEFAULT_CONSOLE_PROCESSES)),
             timeout=dict(type="int", default=600),
             refresh=dict(type="bool", default=True),
             state=dict(type="str", choices=["present", "absent"], default="present"),
             table=dict(type="str", default="virtguard"),
+            set_size=dict(type="int", default=DEFAULT_SET_SIZE),
         ),
+        mutually_exclusive=[("addresses", "address")],
+        required_one_of=[("addresses", "address")],
         supports_check_mode=True,
     )
-    nft = module.get_bin_path("nft", required=True)
-
-    def run(argv, data=None):
-        return module.run_command([nft] + argv[1:], data=data, binary_data=True)
-
     params = module.params
+    addresses = params["addresses"] if params["addresses"] is not None else [params["address"]]
+    binaries: Dict[str, str] = {}
+
+    def run(argv: List[str], data: Optional[str] = None) -> Tuple[int, str, str]:
+        # argv[0] is a command name; the module runs it from the PATH it resolved, never a shell.
+        if argv[0] not in binaries:
+            binaries[argv[0]] = module.get_bin_path(argv[0], required=True)
+        return module.run_command([binaries[argv[0]]] + argv[1:], data=data, binary_data=True)
+
     try:
-        table = BlockTable(run, table=params["table"])
-        if params["state"] == "present":
-            result = table.block([params["address"]], params["timeout"], params["ports"],
-                                 refresh=params["refresh"], check_mode=module.check_mode)
-        else:
-            result = table.unblock([params["address"]], check_mode=module.check_mode)
-    except NftablesError as exc:
+        table = BlockTable(run, table=params["table"], set_size=params["set_size"])
+        if params["state"] == "absent":
+            module.exit_json(**table.unblock(addresses, check_mode=module.check_mode))
+        discovered = (qemu_listening_ports(run, params["console_processes"])
+                      if params["discover_ports"] else set())
+        configured = format_port_ranges(parse_port_ranges(params["ports"]))
+        ports = configured + [str(port) for port in sorted(discovered)]
+        result = table.block(addresses, params["timeout"], ports, refresh=params["refresh"],
+                             check_mode=module.check_mode)
+    except SetFullError as exc:
+        module.fail_json(msg=str(exc), **exc.result)
+    except (NftablesError, PortDiscoveryError, AddressError) as exc:
         module.fail_json(msg=str(exc))
+    result["discovered_ports"] = format_port_ranges(parse_port_ranges(sorted(discovered)))
+    for warning in result.pop("warnings", []):
+        module.warn(warning)
     module.exit_json(**result)
 
 

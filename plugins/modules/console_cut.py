@@ -3,24 +3,29 @@
 # Copyright: virtguard.console contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 
-from __future__ import absolute_import, division, print_function
-
-__metaclass__ = type
+from __future__ import annotations
 
 DOCUMENTATION = r"""
 module: console_cut
-short_description: Cut console (VNC, SPICE) connections of one client address on the hypervisor host
+short_description: Cut the console (VNC, SPICE) connections of a batch of client addresses on the hypervisor host
 version_added: 0.1.0
 description:
-  - Destroys the established TCP connections from O(address) to the console ports
-    (O(ports)) of this host with C(ss -K); the kernel closes the socket under QEMU, the client
-    gets a reset at once and libvirt reports the session's C(disconnect).
-  - Only connections accepted by a listening console port are cut, never this host's own
-    outgoing connections. With O(client_port), only that one connection.
-  - "C(ss -K) exits 0 even when it closed nothing, so the module lists the connections again
-    and fails unless they are gone."
-  - Block the address first (M(virtguard.console.console_block)), or the client can reconnect
-    between the cut and the block.
+  - Destroys, with C(ss -K), every established TCP connection whose peer lies in one of
+    O(addresses) (addresses or networks, compared as IP address values) and whose local port is
+    a console port of this host; the kernel closes the socket under QEMU, the client gets a
+    reset at once and libvirt reports the session's C(disconnect).
+  - The console ports are those a console process listens on (O(discover_ports)) and the
+    O(ports) on which something listens; never this host's own outgoing connections. With
+    O(client_port), only the connection from that client port.
+  - Connections still waiting in QEMU's accept queue (QEMU's VNC listener has a backlog of 1)
+    are established sockets on the listening port and are cut too.
+  - One listing for the whole batch; the C(ss -K) commands name each connection exactly, a
+    bounded number per command.
+  - "C(ss -K) exits 0 even when it closed nothing, so the module lists the connections again,
+    cuts what is still there (a connection that came in meanwhile included) and fails, naming
+    them, unless they are gone after O(verify_attempts)."
+  - Block the addresses first (M(virtguard.console.console_block)), or a client can reconnect
+    between the cut and the block; cut even when the block failed.
 author:
   - virtguard.console developers (@virtguard)
 extends_documentation_fragment:
@@ -34,24 +39,26 @@ attributes:
     support: none
 options:
   client_port:
-    description: Cut only the connection from this client port; default, every console connection of O(address).
+    description: Cut only the connections from this client port; default, every console connection of O(addresses).
     type: int
   verify_attempts:
     description: How many times to destroy and re-check before failing.
     type: int
     default: 3
 requirements:
-  - C(ss) from iproute2, and a kernel with C(CONFIG_INET_DIAG_DESTROY).
+  - A kernel with C(CONFIG_INET_DIAG_DESTROY).
 """
 
 EXAMPLES = r"""
-- name: Cut every console connection of a client (after blocking it)
+- name: Cut every console connection of a batch of clients (after blocking them)
   virtguard.console.console_cut:
-    address: 203.0.113.7
+    addresses:
+      - 203.0.113.7
+      - 2001:db8:1:2::/64
 
-- name: Cut one session only
+- name: Cut one session only, on its console port even if no QEMU process is found
   virtguard.console.console_cut:
-    address: 2001:db8::7
+    addresses: [2001:db8::7]
     client_port: 51234
     ports: ["5901"]
 """
@@ -62,47 +69,80 @@ cut:
   returned: always
   type: list
   elements: dict
-  sample: [{"local_address": "0.0.0.0", "local_port": 5901, "peer_address": "203.0.113.7", "peer_port": 51234}]
-address:
-  description: The client address, normalised (IPv4-mapped IPv6 as IPv4).
+  sample: [{"local_address": "::ffff:192.0.2.1", "local_port": 5901, "peer_address": "::ffff:203.0.113.7", "peer_port": 51234}]
+remaining:
+  description: The connections still established after the last attempt (the module then fails).
   returned: always
+  type: list
+  elements: dict
+addresses:
+  description: The client networks acted on, normalised (IPv4-mapped IPv6 as IPv4; a single address without its prefix length).
+  returned: always
+  type: list
+  elements: str
+address:
+  description: With O(address), that address normalised.
+  returned: when O(address) is given
   type: str
+client_port:
+  description: The client port given, or null.
+  returned: always
+  type: int
+ports:
+  description: The console ports considered (listening console-process ports and listening O(ports)).
+  returned: always
+  type: list
+  elements: str
+  sample: ["5787", "5907", "5930"]
 verified:
   description: Whether the connections were checked to be gone afterwards (false in check mode).
   returned: always
   type: bool
 """
 
+from typing import List, Optional, Tuple
+
 from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.virtguard.console.plugins.module_utils.console_ports import DEFAULT_CONSOLE_PROCESSES
 from ansible_collections.virtguard.console.plugins.module_utils.tcp_cut import (
     ConnectionCutter,
     CutError,
 )
 
 
-def main():
+def main() -> None:
     module = AnsibleModule(
         argument_spec=dict(
-            address=dict(type="str", required=True),
-            ports=dict(type="list", elements="str", default=["5900-5999"]),
+            addresses=dict(type="list", elements="str"),
+            address=dict(type="str", removed_in_version="1.0.0", removed_from_collection="virtguard.console"),
+            ports=dict(type="list", elements="str", default=[]),
+            discover_ports=dict(type="bool", default=True),
+            console_processes=dict(type="list", elements="str", default=list(DEFAULT_CONSOLE_PROCESSES)),
             client_port=dict(type="int"),
             verify_attempts=dict(type="int", default=3),
         ),
+        mutually_exclusive=[("addresses", "address")],
+        required_one_of=[("addresses", "address")],
         supports_check_mode=True,
     )
     ss = module.get_bin_path("ss", required=True)
 
-    def run(argv, data=None):
+    def run(argv: List[str], data: Optional[str] = None) -> Tuple[int, str, str]:
         return module.run_command([ss] + argv[1:], data=data)
 
     params = module.params
+    addresses = params["addresses"] if params["addresses"] is not None else [params["address"]]
     try:
-        result = ConnectionCutter(run).cut(params["address"], params["ports"], params["client_port"],
+        result = ConnectionCutter(run).cut(addresses, params["ports"], params["client_port"],
+                                           discover_ports=params["discover_ports"],
+                                           console_processes=params["console_processes"],
                                            check_mode=module.check_mode,
                                            verify_attempts=max(1, params["verify_attempts"]))
     except CutError as exc:
-        module.fail_json(msg=str(exc))
+        module.fail_json(msg=str(exc), **exc.result)
+    if params["address"] is not None:
+        result["address"] = result["addresses"][0]
     module.exit_json(**result)
 
 
