@@ -1,0 +1,244 @@
+"""The audit log against the kernel's real limits: a file size limit (RLIMIT_FSIZE, EFBIG) and
+a full file system (a 64 KiB tmpfs, ENOSPC), where a write stops part-way; and jq as a reader.
+
+Each limit is set in a child process or on a file system of the test's own, so the test runner
+itself is never limited."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, Dict, Iterator, List
+
+import pytest
+
+from ansible_collections.virtguard.console.plugins.module_utils.audit_log import (
+    AuditError,
+    AuditLog,
+    AuditWriter,
+    encode_record,
+)
+
+COLLECTIONS = Path(__file__).resolve().parents[2] / "build" / "collections"
+RECORD = {"record": "event", "dn": "CN=" + "r" * 200}
+LINE = len(encode_record(RECORD))
+
+# Imports, RECORD and LINE, and an os.write that counts the writes the kernel cut short (the
+# control that a test did reach the part-way failure it is about).
+CHILD_PRELUDE = f"""
+import json, os, resource, signal, sys
+sys.path.insert(0, {str(COLLECTIONS)!r})
+from ansible_collections.virtguard.console.plugins.module_utils.audit_log import (
+    AuditError, AuditLog, AuditWriter, encode_record)
+RECORD = {RECORD!r}
+LINE = {LINE}
+short_writes = 0
+
+def counting_write(fd, data):
+    global short_writes
+    done = os.write(fd, data)
+    if done < len(data):
+        short_writes += 1
+    return done
+"""
+
+
+def run_child(body: str, *args: str) -> Dict[str, Any]:
+    """Runs CHILD_PRELUDE + body in a new Python; the body prints one JSON object."""
+    run = subprocess.run([sys.executable, "-c", CHILD_PRELUDE + textwrap.dedent(body), *args],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, f"child ended with {run.returncode}: {run.stderr}"
+    result: Dict[str, Any] = json.loads(run.stdout)
+    return result
+
+
+def whole_lines(path: Path) -> List[Any]:
+    """The file's records; fails if it does not end at a line boundary or a line is not JSON."""
+    data = path.read_bytes()
+    assert data == b"" or data.endswith(b"\n"), f"{path} ends with a fragment: {data[-80:]!r}"
+    return [json.loads(line) for line in data.decode("utf-8").splitlines()]
+
+
+def test_a_file_size_limit_leaves_only_whole_records(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    result = run_child("""
+        limit = 10 * LINE + LINE // 2
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        log = AuditLog(sys.argv[1], fsync="never", write=counting_write)
+        written, error = 0, None
+        for _record in range(20):
+            try:
+                log.append(RECORD)
+                written += 1
+            except AuditError as exc:
+                error = str(exc)
+                break
+        print(json.dumps({"written": written, "error": error, "short_writes": short_writes,
+                          "sigxfsz_ignored": signal.getsignal(signal.SIGXFSZ) == signal.SIG_IGN}))
+    """, str(path))
+    # The child was not killed by SIGXFSZ: CPython ignores it, so the write fails with EFBIG.
+    assert result["sigxfsz_ignored"] is True
+    assert result["short_writes"] == 1  # the 11th record was cut at the limit
+    assert result["written"] == 10 and "File too large" in result["error"]
+    assert whole_lines(path) == [RECORD] * 10
+    # A writer without the limit goes on from the line boundary.
+    AuditLog(str(path)).append({"after": 1})
+    assert whole_lines(path)[-1] == {"after": 1}
+
+
+def test_the_writer_counts_what_a_file_size_limit_refused(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    result = run_child("""
+        limit = 10 * LINE + LINE // 2
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        writer = AuditWriter(AuditLog(sys.argv[1], fsync="never", write=counting_write))
+        for _record in range(20):
+            writer.submit(RECORD)  # never raises
+        writer.flush()
+        print(json.dumps({"written": writer.written, "failed": writer.failed, "error": writer.error,
+                          "short_writes": short_writes}))
+        writer.close()
+    """, str(path))
+    assert result["short_writes"] >= 1
+    assert (result["written"], result["failed"]) == (10, 10)
+    assert "File too large" in result["error"]
+    assert whole_lines(path) == [RECORD] * 10
+
+
+def test_writers_failing_at_their_size_limits_beside_another_leave_its_records_and_every_line_whole(
+        tmp_path: Path) -> None:
+    """Processes append at once. Four have file size limits that the file passes one after the
+    other, so their writes fail, part-way when the file's end is just below a limit, and they
+    undo their fragments. The fifth has no limit: all its records are in the file, in order, and
+    every line is whole."""
+    path = tmp_path / "audit.jsonl"
+    limited = [subprocess.Popen([sys.executable, "-c", CHILD_PRELUDE + textwrap.dedent("""
+        limit = int(sys.argv[2])
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        log = AuditLog(sys.argv[1], fsync="never", write=counting_write)
+        written = failed = 0
+        print("ready", flush=True)
+        sys.stdin.readline()  # all start together
+        for n in range(400):
+            try:
+                log.append({"writer": limit, "n": n, "pad": "l" * 2000})
+                written += 1
+            except AuditError:
+                failed += 1
+        print(json.dumps({"written": written, "failed": failed, "short_writes": short_writes}))
+    """), str(path), str(limit)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for limit in (30_000, 45_000, 60_000, 75_000)]
+    free = AuditLog(str(path), fsync="never")
+    free.open()
+    for child in limited:
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"
+    for child in limited:
+        assert child.stdin is not None
+        child.stdin.write("go\n")
+        child.stdin.flush()
+    for n in range(3000):
+        free.append({"writer": "free", "n": n, "pad": "f" * 150})
+    free.close()
+    results = []
+    for child in limited:
+        out, _ = child.communicate("", timeout=300)
+        assert child.returncode == 0
+        results.append(json.loads(out))
+    records = whole_lines(path)
+    assert [r["n"] for r in records if r["writer"] == "free"] == list(range(3000))
+    assert len(records) == 3000 + sum(result["written"] for result in results)
+    # the controls: every limit was reached, and some write was cut short and undone
+    assert all(result["failed"] > 0 for result in results)
+    assert sum(result["short_writes"] for result in results) > 0, results
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs of the test's own (16 pages), unmounted at teardown."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    run = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(mount)],
+                         capture_output=True, text=True)
+    if run.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {run.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_leaves_only_whole_records(tiny_fs: Path) -> None:
+    path = tiny_fs / "audit.jsonl"
+    record = {"dn": "CN=" + "d" * 1480}  # about 1500 bytes: lines straddle the 4 KiB pages
+    short = []
+
+    def counting_write(fd: int, data: memoryview) -> int:
+        done = os.write(fd, data)
+        if done < len(data):
+            short.append(done)
+        return done
+
+    log = AuditLog(str(path), fsync="never", write=counting_write)
+    written = 0
+    with pytest.raises(AuditError, match="No space left on device"):
+        for _record in range(100):
+            log.append(record)
+            written += 1
+    log.close()
+    assert short, "the control: the kernel wrote part of a record before running out of space"
+    assert whole_lines(path) == [record] * written
+    assert path.stat().st_size == written * len(encode_record(record))
+
+
+def test_the_writer_counts_what_a_full_disk_refused_and_writes_once_there_is_room(tiny_fs: Path) -> None:
+    filler = tiny_fs / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    path = tiny_fs / "audit.jsonl"
+    with AuditWriter(AuditLog(str(path), fsync="never")) as writer:
+        for n in range(5):
+            writer.submit({"n": n})
+        assert writer.flush(60)
+        assert (writer.written, writer.failed) == (0, 5)
+        assert writer.error is not None and "No space left on device" in writer.error
+        filler.unlink()
+        for n in range(5, 10):
+            writer.submit({"n": n})
+        assert writer.flush(60)
+        assert (writer.written, writer.failed) == (5, 5)
+    assert whole_lines(path) == [{"n": n} for n in range(5, 10)]
+
+
+SEPARATORS = ["\n", "\r", "\r\n", "\v", "\f", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]
+
+
+def test_jq_reads_every_record_back_whatever_line_separator_a_dn_holds(tmp_path: Path) -> None:
+    jq = shutil.which("jq")
+    if jq is None:
+        pytest.skip("jq is not installed")
+    path = tmp_path / "audit.jsonl"
+    dns = [f"CN=alice{separator}CN=mallory" for separator in SEPARATORS]
+    log = AuditLog(str(path))
+    for dn in dns:
+        log.append({"dn": dn})
+    log.close()
+    # line by line, as a log shipper would hand lines to jq
+    for line, dn in zip(path.read_text(encoding="utf-8").splitlines(), dns):
+        run = subprocess.run([jq, "--ascii-output", "-c", ".dn"], input=line, capture_output=True, text=True,
+                             check=True)
+        assert json.loads(run.stdout) == dn
+    assert len(path.read_text(encoding="utf-8").splitlines()) == len(dns)
