@@ -60,7 +60,7 @@ import os
 import stat
 import threading
 import time
-from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Mapping
 
 FSYNC_POLICIES = ("always", "interval", "never")
 DEFAULT_MAX_QUEUED = 100_000
@@ -137,15 +137,15 @@ def encode_record(record: Mapping[str, Any]) -> bytes:
 
 
 def event_record(graphics: Mapping[str, Any], verdict: Mapping[str, Any],
-                 time_iso: Optional[str] = None) -> Dict[str, Any]:
+                 time_iso: str | None = None) -> dict[str, Any]:
     return {"record": "event", "time": time_iso or utc_now(), "graphics": graphics, "virtguard": verdict}
 
 
-def remediation_record(action: str, ok: bool, result: Any, context: Optional[Mapping[str, Any]] = None,
-                       time_iso: Optional[str] = None) -> Dict[str, Any]:
+def remediation_record(action: str, ok: bool, result: Any, context: Mapping[str, Any] | None = None,
+                       time_iso: str | None = None) -> dict[str, Any]:
     """``result`` says what was done (addresses blocked until when, connections cut, errors);
     ``context`` ties it to the session (session id, reasons, hypervisor)."""
-    record: Dict[str, Any] = {"record": "remediation", "time": time_iso or utc_now(), "action": action,
+    record: dict[str, Any] = {"record": "remediation", "time": time_iso or utc_now(), "action": action,
                               "ok": bool(ok)}
     record.update(context or {})
     record["result"] = result
@@ -166,9 +166,9 @@ class AuditLog:
         self.fsync = fsync
         self.fsync_interval = fsync_interval
         self.mode = mode
-        self.fd: Optional[int] = None
+        self.fd: int | None = None
         self._write = write
-        self._identity: Optional[Tuple[int, int]] = None
+        self._identity: tuple[int, int] | None = None
         self._last_sync = 0.0
         self._unsynced = False
         self._next_check = 0.0
@@ -296,7 +296,7 @@ class AuditLog:
                 pass  # the next append ends it
         return lines
 
-    def sync_due_in(self, now: float) -> Optional[float]:
+    def sync_due_in(self, now: float) -> float | None:
         """Seconds until the ``interval`` policy owes a sync of written lines (0 when overdue),
         or None when none is owed."""
         if self.fsync != "interval" or not self._unsynced or self.fd is None:
@@ -344,10 +344,10 @@ class AuditWriter:
             raise ValueError(f"max_queued must be at least 1, got {max_queued}")
         self.log = log
         self.max_queued = max_queued
-        self.error: Optional[str] = None
+        self.error: str | None = None
         self.failed = 0
         self.written = 0
-        self._lines: Deque[bytes] = collections.deque()
+        self._lines: collections.deque[bytes] = collections.deque()
         self._submitted = 0
         self._handled = 0  # written or failed, of those submitted
         self._closing = False
@@ -384,7 +384,7 @@ class AuditWriter:
                 self._writer_waiting = False
                 self._work.notify()
 
-    def flush(self, timeout: Optional[float] = None) -> bool:
+    def flush(self, timeout: float | None = None) -> bool:
         """Wait until every record submitted before the call is handled (written, or counted
         in ``failed``); False if ``timeout`` seconds passed first. Blocks: not for the loop."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -399,7 +399,7 @@ class AuditWriter:
                 self._progress.wait(remaining if remaining is not None else 1.0)
             return True
 
-    def close(self, timeout: Optional[float] = None) -> bool:
+    def close(self, timeout: float | None = None) -> bool:
         """Write what is queued, sync, close the file and stop the thread; True once done,
         False if ``timeout`` seconds passed first (the thread then goes on draining)."""
         if os.getpid() != self._owner_pid:  # a forked child: the thread and its lines are the parent's
@@ -455,11 +455,11 @@ class AuditWriter:
         with self._lock:
             self._progress.notify_all()
 
-    def _write_batch(self, batch: Deque[bytes]) -> Tuple[int, int, Optional[str]]:
+    def _write_batch(self, batch: collections.deque[bytes]) -> tuple[int, int, str | None]:
         """Write the lines in writes of up to BATCH_BYTES; returns (written, failed, last error)."""
         written = failed = 0
-        error: Optional[str] = None
-        chunks: List[List[bytes]] = [[]]
+        error: str | None = None
+        chunks: list[list[bytes]] = [[]]
         size = 0
         for line in batch:
             if chunks[-1] and size + len(line) > BATCH_BYTES:
@@ -475,7 +475,7 @@ class AuditWriter:
                 written += exc.lines_written
                 failed += len(chunk) - exc.lines_written
                 error = str(exc)
-            except Exception as exc:  # never let the thread die: the records are counted
+            except Exception as exc:  # noqa: BLE001 (never let the thread die: the records are counted)
                 failed += len(chunk)
                 error = f"cannot append to audit log {self.log.path}: {type(exc).__name__}: {exc}"
         return written, failed, error

@@ -13,11 +13,11 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any
 
 import pytest
-
 from ansible_collections.virtguard.console.plugins.module_utils.audit_log import (
     AuditError,
     AuditLog,
@@ -49,16 +49,16 @@ def counting_write(fd, data):
 """
 
 
-def run_child(body: str, *args: str) -> Dict[str, Any]:
+def run_child(body: str, *args: str) -> dict[str, Any]:
     """Runs CHILD_PRELUDE + body in a new Python; the body prints one JSON object."""
     run = subprocess.run([sys.executable, "-c", CHILD_PRELUDE + textwrap.dedent(body), *args],
-                         capture_output=True, text=True, timeout=300)
+                         check=False, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, f"child ended with {run.returncode}: {run.stderr}"
-    result: Dict[str, Any] = json.loads(run.stdout)
+    result: dict[str, Any] = json.loads(run.stdout)
     return result
 
 
-def whole_lines(path: Path) -> List[Any]:
+def whole_lines(path: Path) -> list[Any]:
     """The file's records; fails if it does not end at a line boundary or a line is not JSON."""
     data = path.read_bytes()
     assert data == b"" or data.endswith(b"\n"), f"{path} ends with a fragment: {data[-80:]!r}"
@@ -165,7 +165,7 @@ def tiny_fs(tmp_path: Path) -> Iterator[Path]:
         pytest.skip("mounting a tmpfs needs root")
     mount = tmp_path / "tiny"
     mount.mkdir()
-    run = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(mount)],
+    run = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(mount)], check=False,
                          capture_output=True, text=True)
     if run.returncode:
         pytest.skip(f"cannot mount a tmpfs here: {run.stderr.strip()}")
