@@ -122,7 +122,7 @@ def encode_record(record: Mapping[str, Any]) -> bytes:
             if not str(exc).startswith("Out of range float"):
                 raise
             text = _dumps(_finite(record))
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:  # RecursionError: nested too deep
         raise AuditError(f"a record cannot be written as JSON: {exc}") from None
     for char in RAW_LINE_BREAKS:
         if char in text:  # only ever inside a JSON string, where \\uXXXX means the same

@@ -107,6 +107,15 @@ def test_nan_and_infinities_are_written_as_strings_strict_readers_accept() -> No
 def test_a_record_json_cannot_hold_is_an_audit_error() -> None:
     with pytest.raises(AuditError, match="cannot be written as JSON"):
         encode_record({"x": object()})
+    circular: dict[str, Any] = {}
+    circular["self"] = circular
+    with pytest.raises(AuditError, match="cannot be written as JSON"):
+        encode_record(circular)
+    deep: dict[str, Any] = {}
+    for _level in range(100_000):
+        deep = {"d": deep}
+    with pytest.raises(AuditError, match="cannot be written as JSON"):
+        encode_record(deep)
 
 
 # --- the file ----------------------------------------------------------------------------------
