@@ -30,7 +30,7 @@ from lab import rfb
 from lab.hypervisor import SessionHypervisor, run
 from lab.netns import _enter_netns
 from lab.rulebook_runner import RulebookRun, read_jsonl
-from lab.server_view import established_peers
+from lab.server_view import established_peers, nft_blocks
 
 from bench import ROOT
 from bench.stats import median, percentile, rss_kib
@@ -309,7 +309,7 @@ def sustained_flow(activation: Activation, attacker: AttackerHost, ports: list[i
     for sock, _source in opened:
         sock.close()
     sets = {}
-    for name in ("blocked_ipv4", "blocked_ipv6"):
+    for name in ("blocked_ipv4", "blocked_ipv6", "blocked_ipv6_p64"):
         listing = subprocess.run(["nft", "-j", "list", "set", "inet", table, name], capture_output=True, text=True)
         data = json.loads(listing.stdout)["nftables"] if listing.returncode == 0 else []
         for item in data:
@@ -348,8 +348,7 @@ def ipv6_bruteforce(activation: Activation, attacker: AttackerHost, ports: list[
     started = time.monotonic()
     counts = attacker.call(fail_logins)
     elapsed = time.monotonic() - started
-    blocked = subprocess.run(["nft", "get", "element", "inet", table, "blocked_ipv6", "{", prefix, "}"],
-                             capture_output=True, text=True).returncode == 0
+    blocked = nft_blocks(table, prefix)
     runs = activation.remediations("block")
     networks = sorted({n for r in runs for n in r.get("networks", [])})
     log(f"#   ipv6 brute force: {counts['attempts']} logins got through, {counts['refused']} refused, "

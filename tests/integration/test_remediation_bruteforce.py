@@ -16,7 +16,7 @@ from lab import rfb
 from lab.hypervisor import SessionHypervisor, wait_for
 from lab.netns import ClientNamespace
 from lab.rulebook_runner import RulebookRun, read_jsonl
-from lab.server_view import established_peers
+from lab.server_view import established_peers, nft_blocks
 
 pytestmark = pytest.mark.slow
 
@@ -55,11 +55,6 @@ def failed_login(ns: ClientNamespace, port: int, host: str | None = None, source
     ns.call(attempt)
 
 
-def nft_holds(table: str, set_name: str, network: str) -> bool:
-    return subprocess.run(["nft", "get", "element", "inet", table, set_name, "{", network, "}"],
-                          capture_output=True, check=False).returncode == 0
-
-
 def activation_for(hv, audit, tmp_path) -> RulebookRun:
     return RulebookRun("bruteforce", {
         "virtguard_uri": hv.uri,
@@ -89,7 +84,7 @@ def test_repeated_failed_logins_block_the_address(plain_hypervisor, namespaces, 
         held_client = (ipaddress.ip_address(attacker.client_ip), held.getsockname()[1])
         failed_login(attacker, port)
         wait_for(lambda: held_client not in established_peers([port]), 60, "the attacker's held session to be cut")
-        assert nft_holds(NFT_TABLE, "blocked_ipv4", attacker.client_ip)
+        assert nft_blocks(NFT_TABLE, attacker.client_ip)
         with pytest.raises(ConnectionRefusedError):
             attacker.connect(attacker.host_ip, port, timeout=3)
 
@@ -128,7 +123,7 @@ def test_failed_logins_from_rotating_ipv6_addresses_block_their_prefix(plain_hyp
             except ConnectionRefusedError:
                 refused += 1
             time.sleep(0.1)
-        wait_for(lambda: nft_holds(NFT_TABLE, "blocked_ipv6", str(prefix)), 30, f"{prefix} to be blocked")
+        wait_for(lambda: nft_blocks(NFT_TABLE, str(prefix)), 30, f"{prefix} to be blocked")
         with pytest.raises(ConnectionRefusedError):
             failed_login(attacker, port, attacker.host_ip6, str(prefix.network_address + 0x999))
         failed_login(bystander, port, bystander.host_ip6, bystander.client_ip6)  # another /64: not blocked

@@ -37,10 +37,11 @@ def _enter_netns(name: str) -> None:
 
 def _subnet_base(index: int) -> tuple[str, str]:
     """A /24 and a /64 unique to this process and index (100.64.0.0/10 is shared address
-    space, never routed here)."""
+    space, never routed here). The subnet depends on the index only: one process must not use
+    one index twice at a time, whatever the tags."""
     pid = os.getpid()
     second = 64 + pid % 64
-    third = (pid // 64) % 32 * 8 + index % 8
+    third = (pid // 64) % 8 * 32 + index % 32
     return f"100.{second}.{third}", f"fd7a:{pid % 65536:x}:{index}"
 
 
@@ -48,8 +49,8 @@ class ClientNamespace:
     """``ClientNamespace(index).create()``: host side ``host_ip``, client ``client_ip``."""
 
     def __init__(self, index: int, tag: str = "n"):
-        if not 0 <= index < 8:
-            raise ValueError("index must be 0..7")
+        if not 0 <= index < 32:
+            raise ValueError("index must be 0..31")
         self.name = f"{PREFIX}{tag}{index}"
         self.host_link = f"{PREFIX}h{tag}{index}"[:15]
         self.ns_link = f"{PREFIX}c{tag}{index}"[:15]

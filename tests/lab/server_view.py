@@ -50,3 +50,16 @@ def vnc_clients(query_vnc_output: str) -> set[tuple[IPAddress, int]]:
     """(client address, client port) of every client in QEMU's ``query-vnc`` answer."""
     answer = json.loads(query_vnc_output)["return"]
     return {(_address(c["host"]), int(c["service"])) for c in answer.get("clients", [])}
+
+
+def nft_blocks(table: str, network: str, netns: str | None = None) -> bool:
+    """Whether the block table holds ``network`` (an address or a CIDR), asked of nft itself:
+    single addresses are in ``blocked_ipv4``/``blocked_ipv6``, a /N network's address in
+    ``blocked_ipv4_pN``/``blocked_ipv6_pN``."""
+    net = ipaddress.ip_network(network, strict=False)
+    full = 32 if net.version == 4 else 128
+    name = f"blocked_ipv{net.version}" + ("" if net.prefixlen == full else f"_p{net.prefixlen}")
+    cmd = ["nft", "get", "element", "inet", table, name, "{", str(net.network_address), "}"]
+    if netns:
+        cmd = ["ip", "netns", "exec", netns, *cmd]
+    return subprocess.run(cmd, capture_output=True, check=False).returncode == 0
