@@ -117,6 +117,28 @@ blocked:
   elements: dict
   sample: [{"requested": "2001:db8:1:2::7", "network": "2001:db8:1:2::/64", "set": "blocked_ipv6_p64",
             "family": "ipv6", "timeout": 600, "until": "2025-01-01T10:10:00+00:00", "already_blocked": true}]
+  contains:
+    requested:
+      description: The item of O(addresses), normalised (IPv4-mapped as IPv4, a single address without prefix length).
+      type: str
+    network:
+      description: The element that blocks it, as a network (a single address without prefix length).
+      type: str
+    set:
+      description: The set that holds RV(blocked[].network).
+      type: str
+    family:
+      description: V(ipv4) or V(ipv6).
+      type: str
+    timeout:
+      description: The block's timeout in seconds; null for an element without timeout.
+      type: int
+    until:
+      description: When the block ends (UTC, ISO 8601); null for an element without timeout.
+      type: str
+    already_blocked:
+      description: Whether RV(blocked[].network) was blocked before this run.
+      type: bool
 unchanged:
   description: Items already blocked and left as they were (O(refresh=false)), with the seconds left.
   returned: when O(state=present)
@@ -173,7 +195,7 @@ still_blocked:
   elements: dict
 """
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 from ansible.module_utils.basic import AnsibleModule
 
@@ -215,27 +237,35 @@ def main() -> None:
     )
     params = module.params
     addresses = params["addresses"] if params["addresses"] is not None else [params["address"]]
-    binaries: Dict[str, str] = {}
+    binaries: Dict[str, Optional[str]] = {}
 
     def run(argv: List[str], data: Optional[str] = None) -> Tuple[int, str, str]:
-        # argv[0] is a command name; the module runs it from the PATH it resolved, never a shell.
+        # argv[0] is a command name (nft or ss), run from the path resolved here, never a shell.
         if argv[0] not in binaries:
-            binaries[argv[0]] = module.get_bin_path(argv[0], required=True)
+            binaries[argv[0]] = module.get_bin_path(argv[0])
+        if binaries[argv[0]] is None:
+            return 127, "", f"{argv[0]} not found on this host"
         return module.run_command([binaries[argv[0]]] + argv[1:], data=data, binary_data=True)
 
+    discovered: Set[int] = set()
     try:
         table = BlockTable(run, table=params["table"], set_size=params["set_size"])
         if params["state"] == "absent":
             module.exit_json(**table.unblock(addresses, check_mode=module.check_mode))
-        discovered = (qemu_listening_ports(run, params["console_processes"])
-                      if params["discover_ports"] else set())
+        if params["discover_ports"]:
+            try:
+                discovered = qemu_listening_ports(run, params["console_processes"])
+            except PortDiscoveryError as exc:
+                # The block matters more than the ports list: block with what is known.
+                module.warn(f"console ports not discovered, blocking from the configured and already "
+                            f"protected ports only: {exc}")
         configured = format_port_ranges(parse_port_ranges(params["ports"]))
         ports = configured + [str(port) for port in sorted(discovered)]
         result = table.block(addresses, params["timeout"], ports, refresh=params["refresh"],
                              check_mode=module.check_mode)
     except SetFullError as exc:
         module.fail_json(msg=str(exc), **exc.result)
-    except (NftablesError, PortDiscoveryError, AddressError) as exc:
+    except (NftablesError, AddressError) as exc:
         module.fail_json(msg=str(exc))
     result["discovered_ports"] = format_port_ranges(parse_port_ranges(sorted(discovered)))
     for warning in result.pop("warnings", []):

@@ -233,6 +233,11 @@ def established(port: int) -> List[Any]:
     return peers
 
 
+def listening_ports() -> set:
+    """The ports something listens on in the hypervisor namespace."""
+    return {int(line.split()[3].rpartition(":")[2]) for line in in_host("ss", "-t", "-l", "-n", "-H").stdout.splitlines()}
+
+
 def refused(source: str, host: str, port: int) -> bool:
     """Whether a connection from ``source`` (in the client namespace) gets a reset."""
     script = ("import socket,sys\n"
@@ -435,8 +440,7 @@ def test_a_real_qemu_s_console_ports_are_found_and_its_vnc_client_cut(table: str
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         vnc = 5900 + display
-        assert wait_for(lambda: {vnc, websocket, spice} <= {int(line.split()[3].rpartition(":")[2]) for line in
-                                                           in_host("ss", "-t", "-l", "-n", "-H").stdout.splitlines()})
+        assert wait_for(lambda: {vnc, websocket, spice} <= listening_ports())
         procs.clients(CLIENT_IP, HOST_IP, vnc, 1)
         assert wait_for(lambda: established(vnc) == [ipaddress.ip_address(CLIENT_IP)])
 
