@@ -35,6 +35,11 @@ DEFAULT_SET_SIZE: int = 65536
 # at all, i.e. unbounded; 3000000000 as 852516352). `size 0` also means unbounded.
 MAX_SET_SIZE: int = 2**31 - 1
 
+# The widest networks a block may take: console_block refuses wider ones (blocking 0.0.0.0/0 or
+# ::/8 from the consoles locks everyone out), so block_network's ipv6_prefix starts here too.
+MIN_IPV4_PREFIX: int = 8
+MIN_IPV6_PREFIX: int = 16
+
 # IPv6 ranges whose addresses embed an IPv4 address (or are special): a /64 there spans many
 # unrelated hosts (``::/64`` holds ::1 and every IPv4-compatible address, 64:ff9b::/96 every
 # IPv4 host behind NAT64), so a client there is blocked as its own /128.
@@ -113,7 +118,8 @@ def block_network(address: "str | IPAddress", ipv6_prefix: int = 64,
                   trusted: Sequence["str | IPNetwork"] = ()) -> IPNetwork:
     """The network that remediation blocks for a client ``address``.
 
-    IPv4: the address's /32. IPv6: its /``ipv6_prefix`` (128 = the address alone), but only the
+    IPv4: the address's /32. IPv6: its /``ipv6_prefix`` (MIN_IPV6_PREFIX to 128; 128 = the
+    address alone), but only the
     address's /128 when that prefix overlaps a trusted network (a trusted address is never
     blocked as a side effect) or one of the ranges that embed IPv4 addresses (``::/96``,
     ``::ffff:0:0/96``, NAT64 ``64:ff9b::/96`` and ``64:ff9b:1::/48``, Teredo ``2001::/32``),
@@ -121,8 +127,9 @@ def block_network(address: "str | IPAddress", ipv6_prefix: int = 64,
     client = normalize_address(address)
     if client is None:
         raise AddressError(f"{address!r} is not an IP address")
-    if isinstance(ipv6_prefix, bool) or not isinstance(ipv6_prefix, int) or not 1 <= ipv6_prefix <= 128:
-        raise AddressError(f"ipv6_prefix must be an integer from 1 to 128, got {ipv6_prefix!r}")
+    if (isinstance(ipv6_prefix, bool) or not isinstance(ipv6_prefix, int)
+            or not MIN_IPV6_PREFIX <= ipv6_prefix <= 128):
+        raise AddressError(f"ipv6_prefix must be an integer from {MIN_IPV6_PREFIX} to 128, got {ipv6_prefix!r}")
     own = ipaddress.ip_network(client)
     if client.version == 4 or ipv6_prefix == 128:
         return own

@@ -71,6 +71,8 @@ from ansible_collections.virtguard.console.plugins.module_utils.ip_addresses imp
     DEFAULT_SET_SIZE,
     MAX_BLOCK_SECONDS,
     MAX_SET_SIZE,
+    MIN_IPV4_PREFIX,
+    MIN_IPV6_PREFIX,
     AddressError,
     IPNetwork,
     format_port_ranges,
@@ -84,7 +86,7 @@ HOST_SET: Dict[int, str] = {4: "blocked_ipv4", 6: "blocked_ipv6"}
 ADDRESS_TYPE: Dict[int, str] = {4: "ipv4_addr", 6: "ipv6_addr"}
 MAX_PREFIX: Dict[int, int] = {4: 32, 6: 128}
 # Shorter prefixes are refused: blocking 0.0.0.0/0 or ::/8 from the consoles locks everyone out.
-MIN_PREFIX: Dict[int, int] = {4: 8, 6: 16}
+MIN_PREFIX: Dict[int, int] = {4: MIN_IPV4_PREFIX, 6: MIN_IPV6_PREFIX}
 _SET_NAME = re.compile(r"^blocked_ipv(4|6)(?:_p(\d{1,3}))?$")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,30}$")
 _SET_FULL = "Too many open files in system"

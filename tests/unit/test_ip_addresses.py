@@ -76,6 +76,8 @@ def test_parse_network_refuses_with_the_value_named(text):
     ("::ffff:192.0.2.7", 64, (), "192.0.2.7/32"),
     ("2001:db8:1:2::5", 64, (), "2001:db8:1:2::/64"),
     ("2001:db8:1:2::5", 56, (), "2001:db8:1::/56"),
+    ("2a00:db8:1:2::5", 16, (), "2a00::/16"),
+    ("2001:db8:1:2::5", 16, (), "2001:db8:1:2::5/128"),  # its /16 holds Teredo
     ("2001:db8:1:2::5", 128, (), "2001:db8:1:2::5/128"),
     # a trusted network inside the /64: only the offender's own address
     ("2001:db8:1:2::5", 64, ["2001:db8:1:2::10/128"], "2001:db8:1:2::5/128"),
@@ -91,7 +93,7 @@ def test_block_network(address, prefix, trusted, expected):
     assert block_network(address, prefix, trusted) == N(expected)
 
 
-@pytest.mark.parametrize("address, prefix", [("nonsense", 64), ("2001:db8::1", 0), ("2001:db8::1", 129),
+@pytest.mark.parametrize("address, prefix", [("nonsense", 64), ("2001:db8::1", 0), ("2001:db8::1", 15), ("2001:db8::1", 129),
                                              ("2001:db8::1", True), ("2001:db8::1", "64")])
 def test_block_network_refuses(address, prefix):
     with pytest.raises(AddressError):
