@@ -30,6 +30,12 @@ except ImportError as exc:  # reported when the source starts, with what to inst
 else:
     LIBVIRT_IMPORT_ERROR = None
 
+__all__ = [
+    "GRAPHICS_REFERENCES_LEAK_IN", "LIBVIRT_IMPORT_ERROR", "LIBVIRT_PYTHON_VERSION", "RELEASE_GRAPHICS_REFERENCES",
+    "graphics_callback", "graphics_references_leak", "libvirt", "libvirt_qemu", "release_leaked_references",
+    "warn_if_unchecked",
+]
+
 LOGGER = logging.getLogger("virtguard.console.libvirt_graphics")  # the source's one logger
 
 GRAPHICS_REFERENCES_LEAK_IN = ("1.2.21", "12.8.0")
