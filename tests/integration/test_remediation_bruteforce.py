@@ -111,7 +111,8 @@ def test_failed_logins_from_rotating_ipv6_addresses_block_their_prefix(plain_hyp
     port = plain_hypervisor.domain.vnc_port
     prefix = ipaddress.ip_network(f"{attacker.client_ip6}/64", strict=False)
     rotating = [str(prefix.network_address + 0x100 + n) for n in range(THRESHOLD * 3)]
-    for address in rotating:
+    probe = str(prefix.network_address + 0x999)  # an address of the /64 that never failed
+    for address in rotating + [probe]:
         attacker.run(["ip", "-6", "addr", "add", f"{address}/64", "dev", attacker.ns_link, "nodad"])
     audit = tmp_path / "audit.jsonl"
     activation = activation_for(plain_hypervisor, audit, tmp_path)
@@ -125,10 +126,11 @@ def test_failed_logins_from_rotating_ipv6_addresses_block_their_prefix(plain_hyp
             time.sleep(0.1)
         wait_for(lambda: nft_blocks(NFT_TABLE, str(prefix)), 30, f"{prefix} to be blocked")
         with pytest.raises(ConnectionRefusedError):
-            failed_login(attacker, port, attacker.host_ip6, str(prefix.network_address + 0x999))
+            failed_login(attacker, port, attacker.host_ip6, probe)
         failed_login(bystander, port, bystander.host_ip6, bystander.client_ip6)  # another /64: not blocked
-        blocks = [r for r in read_jsonl(audit) if r["record"] == "remediation" and r["action"] == "block"]
-        assert blocks and blocks[0]["networks"] == [str(prefix)] and blocks[0]["reasons"] == ["bruteforce"]
+        blocks = wait_for(lambda: [r for r in read_jsonl(audit) if r["record"] == "remediation"
+                                   and r["action"] == "block"], 20, "the block record")
+        assert blocks[0]["networks"] == [str(prefix)] and blocks[0]["reasons"] == ["bruteforce"]
         print(f"ipv6 rotation: {len(rotating)} addresses, {refused} refused once the /64 was blocked")
     finally:
         activation.stop()

@@ -4,6 +4,7 @@ forms (Jinja that would run a command, and text with ``{{`` that is not valid Ji
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import subprocess
@@ -90,7 +91,7 @@ def test_remediation_with_a_hostile_identity_renders_nothing_and_succeeds(tmp_pa
     assert not MARKER.exists()
     records = [json.loads(line) for line in audit.read_text().splitlines()]
     assert [(r["action"], r["ok"]) for r in records] == [("block", True), ("cut", True)]
-    assert records[0]["result"]["blocked"][0]["network"] == "192.0.2.11/32"
+    assert ipaddress.ip_network(records[0]["result"]["blocked"][0]["network"]) == ipaddress.ip_network("192.0.2.11/32")
     assert records[0]["addresses"] == ["192.0.2.11"] and records[0]["sessions"] == ["0123abcd"]
     assert records[1]["result"]["cut"] == []  # nobody connected from there
     listing = subprocess.run(["nft", "list", "set", "inet", table, "blocked_ipv4"], capture_output=True, text=True, check=False)
