@@ -16,14 +16,9 @@ options:
       - An IPv4-mapped IPv6 address or network (C(::ffff:192.0.2.7)) means its IPv4 form, as it
         is on the wire. An IPv4-compatible address (C(::10.0.0.1)) is an IPv6 address of its own.
       - Every item is checked with Python's C(ipaddress) before anything runs; nothing is ever
-        passed through a shell. Mutually exclusive with O(address).
+        passed through a shell.
     type: list
     elements: str
-  address:
-    description:
-      - One client address; the form of version 0.1.0, same as O(addresses) with one item.
-      - Deprecated, use O(addresses).
-    type: str
   ports:
     description:
       - Console ports (VNC, VNC websocket, SPICE) to act on besides those found by
@@ -49,4 +44,17 @@ options:
 requirements:
   - Linux, run as root (or with C(CAP_NET_ADMIN)) on the hypervisor host.
   - C(ss) from iproute2.
+"""
+
+    # The single-address form of version 0.1.0, kept by console_block and console_cut.
+    SINGLE_ADDRESS = r"""
+options:
+  addresses:
+    description:
+      - Mutually exclusive with O(address); one of them is required.
+  address:
+    description:
+      - One client address; the form of version 0.1.0, same as O(addresses) with one item.
+      - Deprecated, use O(addresses).
+    type: str
 """

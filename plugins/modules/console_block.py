@@ -40,6 +40,7 @@ author:
 extends_documentation_fragment:
   - virtguard.console.attributes
   - virtguard.console.console_remediation
+  - virtguard.console.console_remediation.single_address
 attributes:
   check_mode:
     support: full

@@ -1,0 +1,163 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: virtguard.console contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: console_remediate
+short_description: Block a batch of client networks from the console ports, then cut their console connections
+version_added: 0.2.0
+description:
+  - What M(virtguard.console.console_block) and then M(virtguard.console.console_cut) do, in one
+    module run on the hypervisor host. The console ports are found once, the batch is blocked
+    in one C(nft -f -) transaction, then every console connection from it is destroyed with
+    C(ss -K) and checked to be gone.
+  - One module run instead of two saves a module start (most of a task's cost) between the
+    block and the cut, which is the time an offending client keeps its session.
+  - The cut runs even when the block failed (a full set, no C(nft)); both results are returned
+    separately (RV(block), RV(cut)) for the audit, and the module fails when either failed.
+author:
+  - virtguard.console developers (@virtguard)
+extends_documentation_fragment:
+  - virtguard.console.attributes
+  - virtguard.console.console_remediation
+attributes:
+  check_mode:
+    support: full
+    details: Reports what the block would add and which connections the cut would destroy.
+  diff_mode:
+    support: none
+options:
+  addresses:
+    required: true
+  timeout:
+    description: How long the networks stay blocked, in seconds, from 1 to 86400000.
+    type: int
+    default: 600
+  table:
+    description: The nftables table (family C(inet)) that holds the block.
+    type: str
+    default: virtguard
+  set_size:
+    description: Elements each block set holds at most.
+    type: int
+    default: 65536
+  verify_attempts:
+    description: How many times to destroy and re-check the connections before failing.
+    type: int
+    default: 3
+"""
+
+EXAMPLES = r"""
+- name: Block and cut a batch of console clients
+  virtguard.console.console_remediate:
+    addresses: [203.0.113.7, "2001:db8:1:2::/64"]
+    timeout: 600
+"""
+
+RETURN = r"""
+block:
+  description: C(ok), C(msg) when it failed, and the block's result as M(virtguard.console.console_block) returns it.
+  returned: always
+  type: dict
+cut:
+  description: C(ok), C(msg) when it failed, and the cut's result as M(virtguard.console.console_cut) returns it.
+  returned: always
+  type: dict
+ports:
+  description: The console ports blocked and cut (found on the host, plus O(ports)).
+  returned: always
+  type: list
+  elements: str
+"""
+
+from typing import Any, Dict, List, Optional, Tuple
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.virtguard.console.plugins.module_utils.console_ports import (
+    DEFAULT_CONSOLE_PROCESSES,
+    PortDiscoveryError,
+    qemu_listening_ports,
+)
+from ansible_collections.virtguard.console.plugins.module_utils.ip_addresses import (
+    DEFAULT_SET_SIZE,
+    AddressError,
+    format_port_ranges,
+    parse_port_ranges,
+)
+from ansible_collections.virtguard.console.plugins.module_utils.nftables_block import (
+    BlockTable,
+    NftablesError,
+    SetFullError,
+)
+from ansible_collections.virtguard.console.plugins.module_utils.tcp_cut import ConnectionCutter, CutError
+
+
+def main() -> None:
+    module = AnsibleModule(
+        argument_spec=dict(
+            addresses=dict(type="list", elements="str", required=True),
+            ports=dict(type="list", elements="str", default=[]),
+            discover_ports=dict(type="bool", default=True),
+            console_processes=dict(type="list", elements="str", default=list(DEFAULT_CONSOLE_PROCESSES)),
+            timeout=dict(type="int", default=600),
+            table=dict(type="str", default="virtguard"),
+            set_size=dict(type="int", default=DEFAULT_SET_SIZE),
+            verify_attempts=dict(type="int", default=3),
+        ),
+        supports_check_mode=True,
+    )
+    params = module.params
+    binaries: Dict[str, Optional[str]] = {}
+
+    def run(argv: List[str], data: Optional[str] = None) -> Tuple[int, str, str]:
+        # argv[0] is a command name (nft or ss), run from the path resolved here, never a shell.
+        if argv[0] not in binaries:
+            binaries[argv[0]] = module.get_bin_path(argv[0])
+        if binaries[argv[0]] is None:
+            return 127, "", f"{argv[0]} not found on this host"
+        return module.run_command([binaries[argv[0]]] + argv[1:], data=data, binary_data=True)
+
+    try:
+        ports = format_port_ranges(parse_port_ranges(params["ports"]))
+    except AddressError as exc:
+        module.fail_json(msg=f"ports: {exc}")
+    if params["discover_ports"]:
+        try:
+            ports += [str(port) for port in sorted(qemu_listening_ports(run, params["console_processes"]))]
+        except PortDiscoveryError as exc:
+            module.warn(f"console ports not discovered, using the configured ones only: {exc}")
+
+    block: Dict[str, Any] = {"ok": True}
+    try:
+        table = BlockTable(run, table=params["table"], set_size=params["set_size"])
+        block.update(table.block(params["addresses"], params["timeout"], ports, check_mode=module.check_mode))
+    except SetFullError as exc:
+        block.update(exc.result, ok=False, msg=str(exc))
+    except (NftablesError, AddressError) as exc:
+        block.update(ok=False, msg=str(exc))
+    for warning in block.pop("warnings", []):
+        module.warn(warning)
+
+    # the cut runs whatever became of the block: a failed block must never leave a session open
+    cut: Dict[str, Any] = {"ok": True}
+    try:
+        cut.update(ConnectionCutter(run).cut(params["addresses"], ports, discover_ports=False,
+                                             check_mode=module.check_mode,
+                                             verify_attempts=max(1, params["verify_attempts"])))
+    except CutError as exc:
+        cut.update(exc.result, ok=False, msg=str(exc))
+
+    changed = bool(block.get("changed") or cut.get("changed"))
+    result = {"changed": changed, "block": block, "cut": cut, "ports": ports}
+    if not (block["ok"] and cut["ok"]):
+        failed = [f"{name}: {part['msg']}" for name, part in (("block", block), ("cut", cut)) if not part["ok"]]
+        module.fail_json(msg="; ".join(failed), **result)
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()
