@@ -165,6 +165,15 @@ def heal_event_delivery(uri: str, domain: str, attempts: int = 3) -> None:
     raise RuntimeError(f"{uri} delivers no domain events, even to a new listener")
 
 
+def console_holds(console_port: int, client_port: int) -> bool:
+    """Whether the hypervisor's end of a console connection (from 127.0.0.1) is still open, as
+    its kernel sees it: ESTABLISHED, or CLOSE-WAIT from the client's close until QEMU has
+    closed its own socket too (and so has raised the disconnect)."""
+    out = run(["ss", "-H", "-t", "-n", "state", "established", "state", "close-wait",
+               f"( sport = :{console_port} and dport = :{client_port} )"]).stdout
+    return bool(out.strip())
+
+
 @dataclass
 class Domain:
     name: str
