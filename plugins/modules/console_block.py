@@ -1,5 +1,4 @@
 #!/usr/bin/python
-# -*- coding: utf-8 -*-
 # Copyright: virtguard.console contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 
@@ -181,7 +180,8 @@ migrated:
   type: list
   elements: str
 verified:
-  description: Whether every element written was found in its set afterwards (false in check mode or when nothing was written).
+  description:
+    - Whether every element written was found in its set afterwards (false in check mode or when nothing was written).
   returned: when O(state=present)
   type: bool
 unblocked:
@@ -195,8 +195,6 @@ still_blocked:
   type: list
   elements: dict
 """
-
-from typing import Dict, List, Optional, Set, Tuple
 
 from ansible.module_utils.basic import AnsibleModule
 
@@ -238,17 +236,19 @@ def main() -> None:
     )
     params = module.params
     addresses = params["addresses"] if params["addresses"] is not None else [params["address"]]
-    binaries: Dict[str, Optional[str]] = {}
+    binaries: dict[str, str | None] = {}
 
-    def run(argv: List[str], data: Optional[str] = None) -> Tuple[int, str, str]:
+    def run(argv: list[str], data: str | None = None) -> tuple[int, str, str]:
         # argv[0] is a command name (nft or ss), run from the path resolved here, never a shell.
         if argv[0] not in binaries:
             binaries[argv[0]] = module.get_bin_path(argv[0])
-        if binaries[argv[0]] is None:
+        binary = binaries[argv[0]]
+        if binary is None:
             return 127, "", f"{argv[0]} not found on this host"
-        return module.run_command([binaries[argv[0]]] + argv[1:], data=data, binary_data=True)
+        rc, out, err = module.run_command([binary, *argv[1:]], data=data, binary_data=True)
+        return rc, out, err
 
-    discovered: Set[int] = set()
+    discovered: set[int] = set()
     try:
         table = BlockTable(run, table=params["table"], set_size=params["set_size"])
         if params["state"] == "absent":

@@ -1,5 +1,4 @@
 #!/usr/bin/python
-# -*- coding: utf-8 -*-
 # Copyright: virtguard.console contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 
@@ -70,14 +69,17 @@ cut:
   returned: always
   type: list
   elements: dict
-  sample: [{"local_address": "::ffff:192.0.2.1", "local_port": 5901, "peer_address": "::ffff:203.0.113.7", "peer_port": 51234}]
+  sample:
+    - {"local_address": "::ffff:192.0.2.1", "local_port": 5901,
+       "peer_address": "::ffff:203.0.113.7", "peer_port": 51234}
 remaining:
   description: The connections still established after the last attempt (the module then fails).
   returned: always
   type: list
   elements: dict
 addresses:
-  description: The client networks acted on, normalised (IPv4-mapped IPv6 as IPv4; a single address without its prefix length).
+  description:
+    - The client networks acted on, normalised (IPv4-mapped IPv6 as IPv4; a single address without its prefix length).
   returned: always
   type: list
   elements: str
@@ -100,8 +102,6 @@ verified:
   returned: always
   type: bool
 """
-
-from typing import List, Optional, Tuple
 
 from ansible.module_utils.basic import AnsibleModule
 
@@ -129,8 +129,9 @@ def main() -> None:
     )
     ss = module.get_bin_path("ss", required=True)
 
-    def run(argv: List[str], data: Optional[str] = None) -> Tuple[int, str, str]:
-        return module.run_command([ss] + argv[1:], data=data)
+    def run(argv: list[str], data: str | None = None) -> tuple[int, str, str]:
+        rc, out, err = module.run_command([ss, *argv[1:]], data=data)
+        return rc, out, err
 
     params = module.params
     addresses = params["addresses"] if params["addresses"] is not None else [params["address"]]
