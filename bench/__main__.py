@@ -284,7 +284,9 @@ def report_storm(report: Report, r: dict) -> None:
     if ipv6:
         report.figure(f"IPv6 brute force, {ipv6['addresses']} addresses of {ipv6['prefix']}: "
                       "logins through / refused / runs",
-                      f"{ipv6['attempts']} / {ipv6['refused']} / {ipv6['runs']} in {ipv6['seconds']:.1f} s")
+                      f"{ipv6['attempts']} / {ipv6['refused']} / {ipv6['runs']}; refused from "
+                      f"{ipv6['refused_from_s'] if ipv6['refused_from_s'] is None else round(ipv6['refused_from_s'], 1)} s "
+                      "after the first attempt")
         report.figure("IPv6 brute force, the /64 blocked", f"{ipv6['blocked']} ({', '.join(ipv6['networks'])})",
                       "True", ipv6["blocked"])
 

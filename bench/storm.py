@@ -86,7 +86,7 @@ class AttackerHost:
     def addresses6(self, count: int) -> list[str]:
         made = [str(self.prefix6.network_address + self._next6 + n) for n in range(count)]
         self._next6 += count
-        self._batch([f"-6 addr add {a}/64 dev {self.ns_link} nodad" for a in made])
+        self._batch([f"addr add {a}/64 dev {self.ns_link} nodad" for a in made])
         return made
 
     def _batch(self, lines: list[str]) -> None:
@@ -330,12 +330,15 @@ def ipv6_bruteforce(activation: Activation, attacker: AttackerHost, ports: list[
 
     def fail_logins() -> dict:
         attempts = refused = 0
+        first_refused: float | None = None
         for index, source in enumerate(sources):
             port = ports[index % len(ports)]
+            time.sleep(0.01)  # about 100 addresses a second, each a new one
             try:
                 sock = socket.create_connection((attacker.host_ip6, port), 5, (source, 0))
             except OSError:
                 refused += 1
+                first_refused = first_refused or time.monotonic()
                 continue
             attempts += 1
             try:
@@ -343,15 +346,21 @@ def ipv6_bruteforce(activation: Activation, attacker: AttackerHost, ports: list[
             except OSError:
                 pass
             sock.close()
-        return {"attempts": attempts, "refused": refused}
+        return {"attempts": attempts, "refused": refused, "first_refused": first_refused}
 
     started = time.monotonic()
     counts = attacker.call(fail_logins)
-    elapsed = time.monotonic() - started
+    deadline = time.monotonic() + 60
+    while not nft_blocks(table, prefix) and time.monotonic() < deadline:
+        time.sleep(0.2)
     blocked = nft_blocks(table, prefix)
+    first_refused = counts.pop("first_refused")
+    refused_after = None if first_refused is None else first_refused - started
+    elapsed = time.monotonic() - started
+    time.sleep(3)  # the run's audit records
     runs = activation.remediations("block")
     networks = sorted({n for r in runs for n in r.get("networks", [])})
     log(f"#   ipv6 brute force: {counts['attempts']} logins got through, {counts['refused']} refused, "
         f"{prefix} blocked: {blocked}, networks blocked: {networks}")
     return {"addresses": count, "prefix": prefix, "blocked": blocked, "networks": networks, "runs": len(runs),
-            "seconds": elapsed, **counts}
+            "seconds": elapsed, "refused_from_s": refused_after, **counts}
