@@ -2,7 +2,7 @@
 certificates with any subject (hostile ones included), a sasldb, the qemu.conf keys that turn
 VNC TLS (x509verify) and SASL (SCRAM-SHA-256) on for a session daemon, and the real client
 ``gvnccapture`` run as a unix user of its own (it reads its certificates from the passwd home
-of the user it runs as) inside a network namespace, answering its prompts on a pty.
+of the user it runs as), in a network namespace if asked, answering its prompts on a pty.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import pty
 import pwd
 import select
 import shutil
+import signal
 import tempfile
 import termios
 import time
@@ -91,32 +92,16 @@ class TlsSaslLab:
     def add_sasl_user(self, name: str, password: str) -> None:
         run(["saslpasswd2", "-p", "-c", "-a", "qemu", "-f", str(self.sasldb), name], input=password)
 
-    def make_readable_by(self, user: str) -> None:
-        for path in [self.base, *self.base.rglob("*")]:
-            shutil.chown(path, user)
-
     def client(self, tag: str, common_name: str, organization: str = "virtguard lab") -> "ConsoleClient":
         """A unix user whose gvnccapture presents a certificate for ``CN=common_name``."""
-        user = f"{PREFIX}{tag}"[:31]
-        home = self.homes / user
-        try:
-            pwd.getpwnam(user)
-        except KeyError:
-            create_user(user, home=str(home), groups="users")
-            self.users.append(user)
+        console_client = ConsoleClient.create(tag, self.homes)
+        self.users.append(console_client.user)
         key = _key()
         name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization),
                           x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-        (home / ".pki" / "CA").mkdir(parents=True, exist_ok=True)
-        (home / ".pki" / "gvnccapture" / "private").mkdir(parents=True, exist_ok=True)
-        (home / ".pki" / "CA" / "cacert.pem").write_bytes(self.ca_pem)
-        (home / ".pki" / "gvnccapture" / "clientcert.pem").write_bytes(
-            _cert(name, self.ca_name, key, self.ca_key, client=True))
-        (home / ".pki" / "gvnccapture" / "private" / "clientkey.pem").write_bytes(_pem_key(key))
-        for path in [home, *home.rglob("*")]:
-            shutil.chown(path, user)
-        os.chmod(home / ".pki" / "gvnccapture" / "private" / "clientkey.pem", 0o600)
-        return ConsoleClient(user, home, name.rfc4514_string())
+        console_client.install_identity(self.ca_pem, _cert(name, self.ca_name, key, self.ca_key, client=True),
+                                        _pem_key(key))
+        return console_client
 
     def cleanup(self) -> None:
         for user in self.users:
@@ -125,62 +110,103 @@ class TlsSaslLab:
         shutil.rmtree(self.homes, ignore_errors=True)
 
 
-def _wait_for_echo_off(fd: int, timeout: float = 3.0) -> None:
+def run_gvnccapture(user: str, target: str, shot: Path, username: str, password: str,
+                    netns: str | None = None, timeout: float = 30) -> tuple[int, str]:
+    """One whole session of gvnccapture as ``user`` (connect to ``target``, HOST:DISPLAY, TLS,
+    SASL, first frame saved to ``shot``, disconnect), in the network namespace ``netns`` if
+    given; returns its exit status and what it printed (the password masked).
+
+    gvnccapture prints its password prompt, then turns the terminal's echo off with TCSAFLUSH,
+    which throws away whatever was typed in between: the password is typed only once echo is
+    off (the pty master reports the terminal's modes). A gvnccapture still running after
+    ``timeout`` is killed and reported as an error (TimeoutError), never as a status."""
+    command = ["runuser", "-u", user, "--", "gvnccapture",
+               *(["-d"] if os.environ.get("VGT_GVNC_DEBUG") else []), target, str(shot)]
+    if netns:
+        command = ["ip", "netns", "exec", netns, *command]
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: nothing but exec
+        os.execvp(command[0], command)
+    output, answered = b"", set()
     deadline = time.monotonic() + timeout
-    while termios.tcgetattr(fd)[3] & termios.ECHO and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.05)
+    timed_out = False
+    try:
+        while True:
+            if time.monotonic() >= deadline:
+                timed_out = True
+                os.kill(pid, signal.SIGKILL)
+                break
+            lowered = output.lower()
+            if b"username:" in lowered and "user" not in answered:
+                os.write(fd, username.encode() + b"\n")
+                answered.add("user")
+            if (b"password:" in lowered and "password" not in answered
+                    and not termios.tcgetattr(fd)[3] & termios.ECHO):
+                os.write(fd, password.encode() + b"\n")
+                answered.add("password")
+            waiting_for_echo_off = b"password:" in lowered and "password" not in answered
+            if not select.select([fd], [], [], 0.02 if waiting_for_echo_off else 0.5)[0]:
+                continue
+            try:
+                data = os.read(fd, 1024)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            output += data
+        status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    finally:
+        os.close(fd)
+    text = output.decode(errors="replace").replace(password, "<password>")
+    if timed_out:
+        raise TimeoutError(f"gvnccapture {target} still running after {timeout:g}s (killed); it printed:\n{text}")
+    return status, text
 
 
 class ConsoleClient:
-    def __init__(self, user: str, home: Path, dname: str):
+    """gvnccapture under a unix user of its own, holding one client identity: it reads
+    ``~/.pki`` from its passwd home (not $HOME), and the SASL user name and password from a
+    terminal, so it runs on a pty."""
+
+    def __init__(self, user: str, home: Path) -> None:
         self.user = user
         self.home = home
-        self.dname = dname  # RFC 4514, most significant last as OpenSSL/GnuTLS print it varies
 
-    def capture(self, netns_name: str, host: str, display: int, username: str, password: str,
-                timeout: float = 30) -> tuple[int, str]:
-        """One whole session with gvnccapture (connect, TLS, SASL, first frame, disconnect).
-
-        Returns gvnccapture's exit status and what it printed."""
-        out_file = self.home / "capture.png"
-        pid, fd = pty.fork()
-        if pid == 0:  # child: the pty is its terminal
-            os.execvp("ip", ["ip", "netns", "exec", netns_name, "runuser", "-u", self.user, "--",
-                             "gvnccapture", *(["-d"] if os.environ.get("VGT_GVNC_DEBUG") else []), f"{host}:{display}", str(out_file)])
-        output = b""
-        answered = set()
-        deadline = time.monotonic() + timeout
-        status = None
+    @classmethod
+    def create(cls, tag: str, homes: Path) -> "ConsoleClient":
+        """A new unix user (per-process name), its home in ``homes`` (which the user must be
+        able to traverse); ``remove()`` deletes it."""
+        user = f"{PREFIX}{tag}"[:31]
+        home = homes / user
         try:
-            while time.monotonic() < deadline:
-                ready = select.select([fd], [], [], 0.2)[0]
-                if ready:
-                    try:
-                        chunk = os.read(fd, 4096)
-                    except OSError:
-                        chunk = b""
-                    if not chunk:
-                        break
-                    output += chunk
-                    lower = output.lower()
-                    if b"username" in lower and "user" not in answered:
-                        answered.add("user")
-                        os.write(fd, username.encode() + b"\n")
-                    if b"password" in lower and "password" not in answered:
-                        answered.add("password")
-                        # it turns echo off and flushes pending input after printing the
-                        # prompt: a password typed before that would be thrown away
-                        _wait_for_echo_off(fd)
-                        os.write(fd, password.encode() + b"\n")
-                done, waited = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    status = waited
-                    break
-        finally:
-            if status is None:
-                if time.monotonic() >= deadline:
-                    os.kill(pid, 9)
-                status = os.waitpid(pid, 0)[1]
-            os.close(fd)
-        return os.waitstatus_to_exitcode(status), output.decode(errors="replace")
+            pwd.getpwnam(user)
+        except KeyError:
+            create_user(user, home=str(home), groups="users")
+        home.mkdir(parents=True, exist_ok=True)
+        shutil.chown(home, user)
+        return cls(user, home)
+
+    def install_identity(self, ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> None:
+        """The CA certificate it trusts, and its client certificate and key (replacing any)."""
+        pki = self.home / ".pki"
+        shutil.rmtree(pki, ignore_errors=True)
+        for sub, content, mode in (("CA/cacert.pem", ca_pem, 0o644),
+                                   ("gvnccapture/clientcert.pem", cert_pem, 0o644),
+                                   ("gvnccapture/private/clientkey.pem", key_pem, 0o600)):
+            target = pki / sub
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(content)
+            os.chmod(target, mode)
+        for path in [pki, *pki.rglob("*")]:
+            shutil.chown(path, self.user)
+
+    def capture(self, netns_name: str | None, host: str, display: int, username: str, password: str,
+                timeout: float = 30) -> tuple[int, str]:
+        """One whole session (run_gvnccapture) to ``host:display`` from the network namespace
+        ``netns_name`` (None: this one); gvnccapture's exit status and what it printed."""
+        return run_gvnccapture(self.user, f"{host}:{display}", self.home / "capture.png", username, password,
+                               netns=netns_name, timeout=timeout)
+
+    def remove(self) -> None:
+        delete_user(self.user)
+        shutil.rmtree(self.home, ignore_errors=True)
