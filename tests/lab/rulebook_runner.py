@@ -25,8 +25,10 @@ def local_inventory() -> dict:
 
 
 class RulebookRun:
-    def __init__(self, rulebook: str, variables: dict, workdir: Path, inventory: dict | None = None):
+    def __init__(self, rulebook: str, variables: dict, workdir: Path, inventory: dict | None = None,
+                 extra_args: list[str] | None = None):
         self.rulebook = rulebook
+        self.extra_args = extra_args or []
         self.variables = variables
         self.workdir = Path(workdir)
         self.inventory = inventory or local_inventory()
@@ -46,7 +48,7 @@ class RulebookRun:
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [str(VENV_BIN / "ansible-rulebook"), "-r", f"virtguard.console.{self.rulebook}",
-             "-i", str(inventory_file), "--vars", str(vars_file), "-v"],
+             "-i", str(inventory_file), "--vars", str(vars_file), "-v", *self.extra_args],
             cwd=self.workdir, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         self.wait_for_log(ready_text, timeout)
         return self
