@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 # Copyright: virtguard.console contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """The ``classify`` event filter's workings: its arguments (declared once), its state (policy,
@@ -84,7 +83,8 @@ class FilterState:
         except ValueError as exc:
             raise fail("console_ports", str(exc)) from None
         if not NFT_NAME.match(args["nft_table"]):
-            raise fail("nft_table", f"must be a letter then letters, digits or _ (at most 31), got {args['nft_table']!r}")
+            raise fail("nft_table",
+                       f"must be a letter then letters, digits or _ (at most 31), got {args['nft_table']!r}")
         try:
             self.policy = ConsolePolicy(
                 trusted_networks=args["trusted_networks"], allowed_identities=args["allowed_identities"],

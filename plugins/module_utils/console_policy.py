@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 # Copyright: virtguard.console contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """The authorization policy for console sessions: the one place that decides whether a
@@ -21,12 +20,13 @@ from __future__ import annotations
 
 import collections
 import functools
-import ipaddress
 import re
-from typing import Any, Mapping, Union
+from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 from ansible_collections.virtguard.console.plugins.module_utils.ip_addresses import (
+    IPAddress,
+    IPNetwork,
     block_network,
     normalize_address,
     parse_network,
@@ -35,9 +35,6 @@ from ansible_collections.virtguard.console.plugins.module_utils.remediation_batc
     Offender,
     RemediationBatches,
 )
-
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
-IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 # Reason codes, in the order they are checked.
 UNTRUSTED_NETWORK = "untrusted_network"
@@ -241,12 +238,13 @@ class Classifier:
         elif verdict["phase"] == "disconnect":
             was_offender = self.batches.ended(host, session_id)
             failed_login = not (was_offender or verdict["snapshot"] or session.get("authenticated"))
-            if failed_login and policy.bruteforce_threshold > 0 and network is not None:
-                if self.failures.failed((host, str(network)), now):
-                    reasons.append(BRUTEFORCE)
-                    verdict["verdict"] = "block"
-                    self.batches.add(host, Offender("", str(address), str(network), None, verdict["local_port"],
-                                                    [BRUTEFORCE]))
+            # failed() counts this failure: only a failed login of a network that has one is counted.
+            if (failed_login and policy.bruteforce_threshold > 0 and network is not None
+                    and self.failures.failed((host, str(network)), now)):
+                reasons.append(BRUTEFORCE)
+                verdict["verdict"] = "block"
+                self.batches.add(host, Offender("", str(address), str(network), None, verdict["local_port"],
+                                                [BRUTEFORCE]))
 
         batch = self.batches.take_batch(host, now) if self.remediating else []
         if batch:

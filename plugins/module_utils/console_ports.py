@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 # Copyright: virtguard.console contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """The TCP ports this host's QEMU processes listen on: the real console ports.
@@ -22,15 +21,15 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple
+from typing import Iterable, NamedTuple, Sequence
 
-DEFAULT_CONSOLE_PROCESSES: Tuple[str, ...] = ("qemu-system-*", "qemu-kvm")
-SS_LISTENING: List[str] = ["ss", "-t", "-l", "-n", "-p", "-H"]
+from ansible_collections.virtguard.console.plugins.module_utils.host_commands import Run
+
+DEFAULT_CONSOLE_PROCESSES: tuple[str, ...] = ("qemu-system-*", "qemu-kvm")
+SS_LISTENING: list[str] = ["ss", "-t", "-l", "-n", "-p", "-H"]
 
 # One process of the users:((...)) column: ("name",pid=123,fd=4)
 _USER = re.compile(r'\("((?:[^"\\]|\\.)*)",pid=(\d+),fd=(\d+)\)')
-
-Run = Callable[..., Tuple[int, str, str]]
 
 
 class PortDiscoveryError(Exception):
@@ -43,10 +42,10 @@ class Listener(NamedTuple):
 
     address: str
     port: int
-    processes: Tuple[str, ...]
+    processes: tuple[str, ...]
 
 
-def split_endpoint(text: str) -> Tuple[str, Optional[int]]:
+def split_endpoint(text: str) -> tuple[str, int | None]:
     """``1.2.3.4:5900``, ``[::ffff:1.2.3.4]:5900``, ``*:5900``, ``[fe80::1%eth0]:22`` ->
     (address as ss prints it, without brackets; port, or None for ``*``)."""
     host, _sep, port = text.rpartition(":")
@@ -55,9 +54,9 @@ def split_endpoint(text: str) -> Tuple[str, Optional[int]]:
     return host, int(port) if port.isascii() and port.isdigit() else None
 
 
-def parse_listening(output: str) -> List[Listener]:
+def parse_listening(output: str) -> list[Listener]:
     """The lines of ``ss -t -l -n -p -H`` (State Recv-Q Send-Q Local Peer [Process])."""
-    listeners: List[Listener] = []
+    listeners: list[Listener] = []
     for line in output.splitlines():
         fields = line.split()
         if len(fields) < 5 or fields[0] != "LISTEN":
@@ -77,13 +76,13 @@ def is_console_process(name: str, patterns: Sequence[str] = DEFAULT_CONSOLE_PROC
 
 
 def console_ports_of(listeners: Iterable[Listener],
-                     patterns: Sequence[str] = DEFAULT_CONSOLE_PROCESSES) -> Set[int]:
+                     patterns: Sequence[str] = DEFAULT_CONSOLE_PROCESSES) -> set[int]:
     """The ports of the listeners held by a console process."""
     return {listener.port for listener in listeners
             if any(is_console_process(name, patterns) for name in listener.processes)}
 
 
-def read_listeners(run: Run) -> List[Listener]:
+def read_listeners(run: Run) -> list[Listener]:
     """This host's listening TCP sockets, through ``run(argv) -> (rc, out, err)``."""
     rc, out, err = run(list(SS_LISTENING))
     if rc != 0:
@@ -91,6 +90,6 @@ def read_listeners(run: Run) -> List[Listener]:
     return parse_listening(out)
 
 
-def qemu_listening_ports(run: Run, processes: Sequence[str] = DEFAULT_CONSOLE_PROCESSES) -> Set[int]:
+def qemu_listening_ports(run: Run, processes: Sequence[str] = DEFAULT_CONSOLE_PROCESSES) -> set[int]:
     """The TCP ports on which this host's QEMU processes (or ``processes``) listen."""
     return console_ports_of(read_listeners(run), processes)

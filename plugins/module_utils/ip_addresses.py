@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 # Copyright: virtguard.console contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Client addresses, blocked networks and console ports as values, never as text.
@@ -17,7 +16,7 @@ Pure functions, standard library only, Python 3.8+ (the module_utils run on mana
 from __future__ import annotations
 
 import ipaddress
-from typing import Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Iterable, Sequence, Union
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -50,15 +49,16 @@ _IPV6_NO_PREFIX_BLOCK = tuple(ipaddress.ip_network(text) for text in (
     "64:ff9b:1::/48",   # NAT64 local-use prefix (RFC 8215)
     "2001::/32",        # Teredo: the /64 is one relay's clients
 ))
-_IPV4_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+_IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 
 
 class AddressError(ValueError):
     """An address, network or port that is not valid; the message names the value."""
 
 
-def normalize_address(text: "str | IPAddress") -> Optional[IPAddress]:
-    """``text`` as an address value, or None when it is not an IP address.
+def normalize_address(text: object) -> IPAddress | None:
+    """``text`` (an address value or a string) as an address value, or None when it is not an IP
+    address.
 
     ``[::1]`` and ``fe80::1%eth0`` are read without brackets and scope; an IPv4-mapped address
     (``::ffff:192.0.2.7``) becomes its IPv4 address, as it is on the wire for a dual-stack
@@ -88,7 +88,7 @@ def normalize_address(text: "str | IPAddress") -> Optional[IPAddress]:
     return address
 
 
-def parse_network(text: "str | IPAddress | IPNetwork") -> IPNetwork:
+def parse_network(text: object) -> IPNetwork:
     """An address or a CIDR network as a network value (host bits allowed: ``10.1.2.3/8`` is
     10.0.0.0/8); a bare address is its /32 or /128. IPv4-mapped networks (subnets of
     ``::ffff:0:0/96``) become IPv4 networks. Raises AddressError."""
@@ -108,14 +108,14 @@ def parse_network(text: "str | IPAddress | IPNetwork") -> IPNetwork:
     else:
         raise AddressError(f"{text!r} is neither an IP address nor a network "
                            f"(a {type(text).__name__}, not a string)")
-    if network.version == 6 and network.subnet_of(_IPV4_MAPPED):
+    if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_IPV4_MAPPED):
         mapped = network.network_address.ipv4_mapped
         return ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
     return network
 
 
-def block_network(address: "str | IPAddress", ipv6_prefix: int = 64,
-                  trusted: Sequence["str | IPNetwork"] = ()) -> IPNetwork:
+def block_network(address: str | IPAddress, ipv6_prefix: object = 64,
+                  trusted: Sequence[str | IPNetwork] = ()) -> IPNetwork:
     """The network that remediation blocks for a client ``address``.
 
     IPv4: the address's /32. IPv6: its /``ipv6_prefix`` (MIN_IPV6_PREFIX to 128; 128 = the
@@ -144,7 +144,7 @@ def block_network(address: "str | IPAddress", ipv6_prefix: int = 64,
     return prefix
 
 
-def covering_network(address: "str | IPAddress", networks: Iterable[IPNetwork]) -> Optional[IPNetwork]:
+def covering_network(address: str | IPAddress, networks: Iterable[IPNetwork]) -> IPNetwork | None:
     """The first of ``networks`` that holds ``address`` (normalised), or None."""
     value = normalize_address(address)
     if value is None:
@@ -155,24 +155,32 @@ def covering_network(address: "str | IPAddress", networks: Iterable[IPNetwork]) 
     return None
 
 
-def drop_covered(networks: Iterable[IPNetwork]) -> List[IPNetwork]:
+def drop_covered(networks: Iterable[IPNetwork]) -> list[IPNetwork]:
     """``networks`` in their order without duplicates and without those inside another one of
     them (a /128 inside a /64 of the same list goes: blocking the /64 blocks it)."""
-    unique: List[IPNetwork] = []
+    unique: list[IPNetwork] = []
     for network in networks:
         if network not in unique:
             unique.append(network)
     return [network for network in unique
-            if not any(other != network and other.version == network.version
-                       and network.subnet_of(other) for other in unique)]
+            if not any(other != network and network_within(network, other) for other in unique)]
 
 
-def parse_port_ranges(ports: "Iterable[int | str] | int | str") -> List[Tuple[int, int]]:
+def network_within(inner: IPNetwork, outer: IPNetwork) -> bool:
+    """Whether ``inner`` lies in ``outer`` (never across IP versions, where ``subnet_of`` raises)."""
+    if isinstance(inner, ipaddress.IPv4Network) and isinstance(outer, ipaddress.IPv4Network):
+        return inner.subnet_of(outer)
+    if isinstance(inner, ipaddress.IPv6Network) and isinstance(outer, ipaddress.IPv6Network):
+        return inner.subnet_of(outer)
+    return False
+
+
+def parse_port_ranges(ports: Iterable[int | str] | int | str) -> list[tuple[int, int]]:
     """Ports and ranges (``5900``, ``"5900"``, ``"5900-5999"``) as ``(first, last)`` pairs from 1
     to 65535, sorted, with overlapping and adjacent ranges merged. A single int or string is
     one item. Raises AddressError naming the item."""
     items = [ports] if isinstance(ports, (int, str)) else list(ports)
-    ranges: List[Tuple[int, int]] = []
+    ranges: list[tuple[int, int]] = []
     for item in items:
         if isinstance(item, bool) or not isinstance(item, (int, str)):
             raise AddressError(f"ports: {item!r} is neither a port nor a range like 5900-5999")
@@ -186,7 +194,7 @@ def parse_port_ranges(ports: "Iterable[int | str] | int | str") -> List[Tuple[in
         if not 1 <= low <= high <= 65535:
             raise AddressError(f"ports: {item!r} is not within 1-65535 (first port <= last port)")
         ranges.append((low, high))
-    merged: List[Tuple[int, int]] = []
+    merged: list[tuple[int, int]] = []
     for low, high in sorted(ranges):
         if merged and low <= merged[-1][1] + 1:
             merged[-1] = (merged[-1][0], max(high, merged[-1][1]))
@@ -195,11 +203,11 @@ def parse_port_ranges(ports: "Iterable[int | str] | int | str") -> List[Tuple[in
     return merged
 
 
-def format_port_ranges(ranges: Iterable[Tuple[int, int]]) -> List[str]:
+def format_port_ranges(ranges: Iterable[tuple[int, int]]) -> list[str]:
     """``[(5900, 5999), (6012, 6012)]`` -> ``["5900-5999", "6012"]``."""
     return [str(low) if low == high else f"{low}-{high}" for low, high in ranges]
 
 
-def port_in_ranges(port: int, ranges: Iterable[Tuple[int, int]]) -> bool:
+def port_in_ranges(port: int, ranges: Iterable[tuple[int, int]]) -> bool:
     """Whether ``port`` lies in one of ``ranges``."""
     return any(low <= port <= high for low, high in ranges)

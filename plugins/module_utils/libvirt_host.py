@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """The system libvirt daemon and its running domains, driven through the host's own tools
 (``systemctl``, ``libvirtd``, ``virsh``): no libvirt Python binding is needed on the host.
@@ -13,6 +12,9 @@ import json
 import os
 import signal
 import time
+from typing import Any, Callable
+
+from ansible_collections.virtguard.console.plugins.module_utils.host_commands import GetBinPath, Run
 
 SYSTEMD_RUNTIME_DIR = "/run/systemd/system"
 
@@ -65,7 +67,7 @@ def daemon_read_config(pid: int | None, config_files: list[str]) -> bool:
     return started is not None and changed is not None and started > changed
 
 
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.5) -> None:
+def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.5) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -77,7 +79,7 @@ class Libvirtd:
     """Restart the system daemon the way the host runs it: through systemd when the host
     boots with it, else as the plain ``libvirtd -d`` process its pidfile names."""
 
-    def __init__(self, run_command, get_bin_path, *, pidfile: str, uri: str,
+    def __init__(self, run_command: Run, get_bin_path: GetBinPath, *, pidfile: str, uri: str,
                  service: str, timeout: float) -> None:
         self.run_command = run_command
         self.get_bin_path = get_bin_path
@@ -98,7 +100,7 @@ class Libvirtd:
             return pid or None
         return alive_pid(self.pidfile)
 
-    def restart(self, method: str) -> dict:
+    def restart(self, method: str) -> dict[str, int | None]:
         before = self.main_pid(method)
         if method == "systemd":
             rc, out, err = self.run_command(["systemctl", "restart", self.service])
@@ -138,7 +140,7 @@ class Libvirtd:
                    f"libvirtd (pid {pid}) to exit")
 
 
-def vnc_tls_enabled(vnc_servers: list[dict]) -> bool:
+def vnc_tls_enabled(vnc_servers: list[dict[str, Any]]) -> bool:
     """Whether a domain's VNC server (QMP ``query-vnc-servers``) authenticates with x509."""
     return any(str(server.get("vencrypt", "")).startswith("x509") for server in vnc_servers)
 
@@ -147,7 +149,7 @@ class VncCertificateReload:
     """Make running domains re-read their VNC TLS certificates (QMP ``display-reload``,
     QEMU 6.0 and later) instead of keeping the ones they started with."""
 
-    def __init__(self, run_command, get_bin_path, *, uri: str) -> None:
+    def __init__(self, run_command: Run, get_bin_path: GetBinPath, *, uri: str) -> None:
         self.run_command = run_command
         self.virsh = get_bin_path("virsh", True)
         self.uri = uri
@@ -158,17 +160,19 @@ class VncCertificateReload:
             raise LibvirtHostError(f"cannot list the domains on {self.uri}: {err or out}")
         return [line.strip() for line in out.splitlines() if line.strip()]
 
-    def qmp(self, domain: str, command: dict) -> dict:
+    def qmp(self, domain: str, command: dict[str, Any]) -> dict[str, Any]:
         rc, out, err = self.run_command(
             [self.virsh, "-c", self.uri, "qemu-monitor-command", domain, json.dumps(command)])
         if rc != 0:
             raise LibvirtHostError((err or out).strip())
-        return json.loads(out)
+        reply: dict[str, Any] = json.loads(out)
+        return reply
 
     def plan(self, domains: list[str] | None) -> tuple[list[str], dict[str, str]]:
         """The domains whose VNC server uses TLS, and why each other one is left alone."""
-        candidates = self.running_domains() if not domains else domains
-        with_tls, skipped = [], {}
+        candidates = domains or self.running_domains()
+        with_tls: list[str] = []
+        skipped: dict[str, str] = {}
         for domain in candidates:
             try:
                 servers = self.qmp(domain, {"execute": "query-vnc-servers"}).get("return", [])

@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 # Copyright: virtguard.console contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Blocking client addresses and networks from the console ports with nftables, with a block
@@ -65,8 +64,9 @@ import ipaddress
 import json
 import re
 import socket
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple
+from typing import Any, Iterable, NamedTuple, Sequence
 
+from ansible_collections.virtguard.console.plugins.module_utils.host_commands import Run
 from ansible_collections.virtguard.console.plugins.module_utils.ip_addresses import (
     DEFAULT_SET_SIZE,
     MAX_BLOCK_SECONDS,
@@ -76,17 +76,18 @@ from ansible_collections.virtguard.console.plugins.module_utils.ip_addresses imp
     AddressError,
     IPNetwork,
     format_port_ranges,
+    network_within,
     parse_network,
     parse_port_ranges,
 )
 
 RULE_COMMENT = "virtguard console block"
 PORT_SET = "console_ports"
-HOST_SET: Dict[int, str] = {4: "blocked_ipv4", 6: "blocked_ipv6"}
-ADDRESS_TYPE: Dict[int, str] = {4: "ipv4_addr", 6: "ipv6_addr"}
-MAX_PREFIX: Dict[int, int] = {4: 32, 6: 128}
+HOST_SET: dict[int, str] = {4: "blocked_ipv4", 6: "blocked_ipv6"}
+ADDRESS_TYPE: dict[int, str] = {4: "ipv4_addr", 6: "ipv6_addr"}
+MAX_PREFIX: dict[int, int] = {4: 32, 6: 128}
 # Shorter prefixes are refused: blocking 0.0.0.0/0 or ::/8 from the consoles locks everyone out.
-MIN_PREFIX: Dict[int, int] = {4: MIN_IPV4_PREFIX, 6: MIN_IPV6_PREFIX}
+MIN_PREFIX: dict[int, int] = {4: MIN_IPV4_PREFIX, 6: MIN_IPV6_PREFIX}
 _SET_NAME = re.compile(r"^blocked_ipv(4|6)(?:_p(\d{1,3}))?$")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,30}$")
 _SET_FULL = "Too many open files in system"
@@ -99,8 +100,6 @@ _GET_CHUNK = 2000
 # How often a write is planned again after a concurrent change made it fail.
 _WRITE_ATTEMPTS = 3
 
-Run = Callable[..., Tuple[int, str, str]]
-
 
 class NftablesError(Exception):
     """nft failed or the ruleset is not what it should be."""
@@ -109,7 +108,7 @@ class NftablesError(Exception):
 class SetFullError(NftablesError):
     """A block set is full: ``result`` holds what was done (``set_full`` true, ``not_blocked``)."""
 
-    def __init__(self, message: str, result: Dict[str, Any]):
+    def __init__(self, message: str, result: dict[str, Any]):
         super().__init__(message)
         self.result = result
 
@@ -127,7 +126,7 @@ class BlockSet(NamedTuple):
         return f"{HOST_SET[self.version]}_p{self.prefix}"
 
     @classmethod
-    def parse(cls, name: str) -> Optional["BlockSet"]:
+    def parse(cls, name: str) -> BlockSet | None:
         match = _SET_NAME.match(name)
         if not match:
             return None
@@ -164,9 +163,9 @@ class SetState(NamedTuple):
 
     name: str
     type: str
-    flags: Tuple[str, ...]
-    size: Optional[int]
-    elements: Tuple[Any, ...]  # Element for address sets, (low, high) for the port set
+    flags: tuple[str, ...]
+    size: int | None
+    elements: tuple[Any, ...]  # Element for address sets, (low, high) for the port set
 
 
 class Element(NamedTuple):
@@ -174,8 +173,8 @@ class Element(NamedTuple):
 
     version: int
     address: int
-    timeout: Optional[int]  # seconds; None for an element without timeout (permanent)
-    expires: Optional[int]  # seconds left; None when nft did not say
+    timeout: int | None  # seconds; None for an element without timeout (permanent)
+    expires: int | None  # seconds left; None when nft did not say
 
 
 def network_text(network: IPNetwork) -> str:
@@ -183,7 +182,7 @@ def network_text(network: IPNetwork) -> str:
     return str(network.network_address) if network.num_addresses == 1 else str(network)
 
 
-def _check_name(kind: str, name: str) -> str:
+def _check_name(kind: str, name: object) -> str:
     if not isinstance(name, str) or not _NAME.match(name):
         raise NftablesError(f"{kind} name {name!r} must be a letter then letters, digits or _ (at most 31)")
     return name
@@ -204,7 +203,7 @@ def check_set_size(size: Any) -> int:
     return size
 
 
-def parse_networks(addresses: Iterable[Any]) -> List[IPNetwork]:
+def parse_networks(addresses: Iterable[Any]) -> list[IPNetwork]:
     """Addresses and CIDR networks as network values (IPv4-mapped as IPv4), without duplicates,
     widest first (so a network is planned before the addresses of the batch inside it); too
     short prefixes refused."""
@@ -222,14 +221,14 @@ def parse_networks(addresses: Iterable[Any]) -> List[IPNetwork]:
     return sorted(parsed, key=lambda n: n.prefixlen)
 
 
-def merge_ranges(ranges: Iterable[Tuple[int, int]]) -> List[Tuple[int, int]]:
+def merge_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
     """Port ranges sorted, overlapping and adjacent ones merged."""
     return parse_port_ranges(format_port_ranges(ranges))
 
 
 # -- reading nft's output ---------------------------------------------------------------------
 
-def _address_of(text: str) -> Tuple[int, int]:
+def _address_of(text: str) -> tuple[int, int]:
     """``(version, address as int)`` of an address as nft prints it (``::10.0.0.1`` and
     ``::a00:1`` are the same value). inet_pton is strict and ten times faster than ipaddress,
     which counts with 65536 elements per set."""
@@ -241,7 +240,7 @@ def _address_of(text: str) -> Tuple[int, int]:
     raise ValueError(f"{text!r} is not an IP address")
 
 
-def parse_address_elements(raw: Iterable[Any]) -> List[Element]:
+def parse_address_elements(raw: Iterable[Any]) -> list[Element]:
     """The ``elem`` list of an address set in nft's JSON: ``"10.0.0.2"`` (no timeout) or
     ``{"elem": {"val": "10.0.0.1", "timeout": 600, "expires": 599}}``."""
     elements = []
@@ -258,7 +257,7 @@ def parse_address_elements(raw: Iterable[Any]) -> List[Element]:
     return elements
 
 
-def parse_port_elements(raw: Iterable[Any]) -> List[Tuple[int, int]]:
+def parse_port_elements(raw: Iterable[Any]) -> list[tuple[int, int]]:
     """The ``elem`` list of the port set in nft's JSON: ``5900`` or ``{"range": [5900, 5999]}``."""
     ports = []
     for item in raw:
@@ -276,7 +275,7 @@ def parse_set_json(output: str) -> SetState:
     try:
         raw = [item["set"] for item in json.loads(output)["nftables"] if "set" in item][0]
         name, kind = raw["name"], raw["type"]
-        elements: List[Any] = (parse_port_elements(raw.get("elem", [])) if kind == "inet_service"
+        elements: list[Any] = (parse_port_elements(raw.get("elem", [])) if kind == "inet_service"
                                else parse_address_elements(raw.get("elem", [])))
         flags = raw.get("flags", [])
         flags = tuple(sorted([flags] if isinstance(flags, str) else flags))
@@ -285,7 +284,7 @@ def parse_set_json(output: str) -> SetState:
     return SetState(name, kind, flags, raw.get("size"), tuple(elements))
 
 
-def parse_chain_names(output: str, table: str) -> List[Dict[str, Any]]:
+def parse_chain_names(output: str, table: str) -> list[dict[str, Any]]:
     """The chains of ``table`` in ``nft -j list chains inet``."""
     try:
         items = json.loads(output)["nftables"]
@@ -294,11 +293,11 @@ def parse_chain_names(output: str, table: str) -> List[Dict[str, Any]]:
     return [item["chain"] for item in items if "chain" in item and item["chain"].get("table") == table]
 
 
-def parse_get_output(output: str) -> Dict[str, Set[Tuple[int, int]]]:
+def parse_get_output(output: str) -> dict[str, set[tuple[int, int]]]:
     """The elements nft 1.0.6 prints (as text, even with ``-j``) for ``get element`` commands,
     by set: ``set blocked_ipv4 { ... elements = { 10.0.0.2, 10.0.0.1 timeout 9m50s expires
     9m49s952ms } }`` -> ``{"blocked_ipv4": {(4, 167772162), (4, 167772161)}}``."""
-    found: Dict[str, Set[Tuple[int, int]]] = {}
+    found: dict[str, set[tuple[int, int]]] = {}
     for name, block in re.findall(r"set (\S+) \{[^{}]*?elements = \{([^}]*)\}", output):
         values = found.setdefault(name, set())
         for item in block.split(","):
@@ -311,7 +310,7 @@ def parse_get_output(output: str) -> Dict[str, Set[Tuple[int, int]]]:
     return found
 
 
-def _until(seconds: Optional[int], now: datetime.datetime) -> Optional[str]:
+def _until(seconds: int | None, now: datetime.datetime) -> str | None:
     return None if seconds is None else (now + datetime.timedelta(seconds=seconds)).isoformat()
 
 
@@ -320,18 +319,18 @@ def _until(seconds: Optional[int], now: datetime.datetime) -> Optional[str]:
 class SetPlan:
     """What one batch does to one block set."""
 
-    def __init__(self, block_set: BlockSet, state: Optional[SetState], size: int):
+    def __init__(self, block_set: BlockSet, state: SetState | None, size: int):
         self.block_set = block_set
         self.name = block_set.name
         self.state = state
         self.size = size
         self.exists = state is not None
         self.migrate = state is not None and (state.flags != ("timeout",) or state.size != size)
-        self.present: Dict[int, Element] = {e.address: e for e in (state.elements if state else ())}
-        self.new: List[int] = []
-        self.refreshed: List[int] = []
-        self.not_blocked: List[int] = []
-        self.carried: List[Element] = []  # migration: old elements written again
+        self.present: dict[int, Element] = {e.address: e for e in (state.elements if state else ())}
+        self.new: list[int] = []
+        self.refreshed: list[int] = []
+        self.not_blocked: list[int] = []
+        self.carried: list[Element] = []  # migration: old elements written again
 
     @property
     def changed(self) -> bool:
@@ -355,7 +354,7 @@ class SetPlan:
         keep.sort(key=lambda e: (e.timeout is not None, -(e.expires or 0)))
         self.carried = keep[:max(self.size - len(self.new) - len(self.refreshed), 0)]
 
-    def lines(self, table: str, timeout: int) -> List[str]:
+    def lines(self, table: str, timeout: int) -> list[str]:
         """The element commands of this plan (after the set exists)."""
         prefix = f"inet {table} {self.name}"
         lines = []
@@ -372,17 +371,17 @@ class SetPlan:
                       f"add element {prefix} {{ {text} timeout {timeout}s }}"]
         return lines
 
-    def written(self) -> List[int]:
+    def written(self) -> list[int]:
         return self.refreshed + self.new
 
 
 class BatchPlan:
     """The plan of one batch over every block set involved."""
 
-    def __init__(self, sets: Dict[BlockSet, SetPlan]):
+    def __init__(self, sets: dict[BlockSet, SetPlan]):
         self.sets = sets
-        self.report: List[Dict[str, Any]] = []
-        self.unchanged: List[Dict[str, Any]] = []
+        self.report: list[dict[str, Any]] = []
+        self.unchanged: list[dict[str, Any]] = []
 
     def plan(self, networks: Sequence[IPNetwork], timeout: int, refresh: bool, now: datetime.datetime) -> None:
         until = _until(timeout, now)
@@ -398,7 +397,7 @@ class BatchPlan:
                 if key in plan.present or key in plan.new:
                     holder = (plan, key)
                     break
-            entry = {"requested": network_text(network), "family": f"ipv{version}"}
+            entry: dict[str, Any] = {"requested": network_text(network), "family": f"ipv{version}"}
             if holder is not None:
                 plan, key = holder
                 entry.update(network=plan.text(key), set=plan.name, already_blocked=key in plan.present)
@@ -428,9 +427,9 @@ class BatchPlan:
         for plan in self.sets.values():
             plan.carry_over()
 
-    def drop_new(self, names: Set[str]) -> None:
+    def drop_new(self, names: set[str]) -> None:
         """Leave out the new elements of the sets ``names`` (full after all)."""
-        dropped = set()
+        dropped: set[tuple[str, str]] = set()
         for plan in self.sets.values():
             if plan.name in names:
                 plan.not_blocked.extend(plan.new)
@@ -438,7 +437,7 @@ class BatchPlan:
                 plan.new = []
         self.report = [e for e in self.report if (e["set"], e["network"]) not in dropped]
 
-    def not_blocked(self) -> List[Dict[str, str]]:
+    def not_blocked(self) -> list[dict[str, str]]:
         return [{"network": plan.text(a), "set": plan.name} for plan in self.sets.values() for a in plan.not_blocked]
 
 
@@ -458,7 +457,7 @@ class BlockTable:
         self.set_size = check_set_size(set_size)
 
     # -- reading --------------------------------------------------------------------------------
-    def read_set(self, name: str) -> Optional[SetState]:
+    def read_set(self, name: str) -> SetState | None:
         """The set ``name`` of our table with its elements, or None when it (or the table) does
         not exist."""
         rc, out, err = self.run(["nft", "-j", "list", "set", "inet", self.table, name])
@@ -468,7 +467,7 @@ class BlockTable:
             raise NftablesError(f"nft list set inet {self.table} {name} failed: {err.strip()}")
         return parse_set_json(out)
 
-    def read_chains(self) -> Dict[str, Dict[str, Any]]:
+    def read_chains(self) -> dict[str, dict[str, Any]]:
         """Our table's chains by name (declarations only: listing rules would make nft fetch
         every set element)."""
         rc, out, err = self.run(["nft", "-j", "list", "chains", "inet"])
@@ -476,11 +475,13 @@ class BlockTable:
             raise NftablesError(f"nft list chains inet failed: {err.strip()}")
         return {chain["name"]: chain for chain in parse_chain_names(out, self.table)}
 
-    def _base_chain_ok(self, chain: Optional[Dict[str, Any]]) -> bool:
-        return bool(chain) and (chain.get("type"), chain.get("hook"), chain.get("prio"), chain.get("policy")) == (
+    def _base_chain_ok(self, chain: dict[str, Any] | None) -> bool:
+        if not chain:
+            return False
+        return (chain.get("type"), chain.get("hook"), chain.get("prio"), chain.get("policy")) == (
             "filter", "input", self.priority, "accept")
 
-    def read(self, versions: Iterable[int], prefixes: Iterable[BlockSet] = ()) -> Dict[str, Any]:
+    def read(self, versions: Iterable[int], prefixes: Iterable[BlockSet] = ()) -> dict[str, Any]:
         """Chains, the port set, and the block sets of ``versions`` (those that exist, plus the
         host sets and ``prefixes``)."""
         chains = self.read_chains()
@@ -495,12 +496,12 @@ class BlockTable:
         return {"chains": chains, "existing": existing, "states": states, "ports": self.read_set(PORT_SET)}
 
     # -- writing --------------------------------------------------------------------------------
-    def _apply(self, lines: List[str]) -> Tuple[int, str]:
+    def _apply(self, lines: list[str]) -> tuple[int, str]:
         rc, _out, err = self.run(["nft", "-f", "-"], data="\n".join(lines) + "\n")
         return rc, err
 
-    def _script(self, before: Dict[str, Any], plan: BatchPlan, ranges: List[Tuple[int, int]],
-                timeout: int) -> List[str]:
+    def _script(self, before: dict[str, Any], plan: BatchPlan, ranges: list[tuple[int, int]],
+                timeout: int) -> list[str]:
         t, base = self.table, self.chain
         lines = [f"add table inet {t}",
                  f"add set inet {t} {PORT_SET} {{ type inet_service; flags interval; auto-merge; }}"]
@@ -530,9 +531,9 @@ class BlockTable:
                       f'tcp dport @{PORT_SET} reject with tcp reset comment "{RULE_COMMENT}"']
         return lines
 
-    def _plan(self, before: Dict[str, Any], networks: Sequence[IPNetwork], timeout: int, refresh: bool,
+    def _plan(self, before: dict[str, Any], networks: Sequence[IPNetwork], timeout: int, refresh: bool,
               now: datetime.datetime) -> BatchPlan:
-        sets: Dict[BlockSet, SetPlan] = {}
+        sets: dict[BlockSet, SetPlan] = {}
         needed = {BlockSet(n.version, n.prefixlen) for n in networks}
         for block_set, state in before["states"].items():
             if state is not None and state.type != ADDRESS_TYPE[block_set.version]:
@@ -547,7 +548,7 @@ class BlockTable:
         return plan
 
     def block(self, addresses: Iterable[Any], timeout: int, ports: Iterable[Any] = (), refresh: bool = True,
-              check_mode: bool = False) -> Dict[str, Any]:
+              check_mode: bool = False) -> dict[str, Any]:
         """Block ``addresses`` (addresses or networks) from the console ports (``ports`` added to
         those already protected) for ``timeout`` seconds; return the result. Raises SetFullError
         (with the result) when some networks found no room."""
@@ -583,7 +584,7 @@ class BlockTable:
                 continue  # changed under us (another run): read and plan again
             raise NftablesError(f"nft -f - failed: {err.strip()}")
 
-        result = {
+        result: dict[str, Any] = {
             "changed": changed,
             "table": f"inet {self.table}",
             "ruleset_created": created,
@@ -602,7 +603,7 @@ class BlockTable:
         else:
             result["ports"] = format_port_ranges(merge_ranges(present_ports + ranges))
         if result["not_blocked"]:
-            by_set: Dict[str, List[str]] = {}
+            by_set: dict[str, list[str]] = {}
             for entry in result["not_blocked"]:
                 by_set.setdefault(entry["set"], []).append(entry["network"])
             raise SetFullError("; ".join(f"{name} is full ({self.set_size} elements): {', '.join(networks)} "
@@ -640,7 +641,7 @@ class BlockTable:
                 raise NftablesError(f"{', '.join(set_plan.text(a) for a in missing)} not in {name} after the "
                                     f"update{': ' + err.strip() if rc != 0 else ''}")
 
-    def unblock(self, addresses: Iterable[Any], check_mode: bool = False) -> Dict[str, Any]:
+    def unblock(self, addresses: Iterable[Any], check_mode: bool = False) -> dict[str, Any]:
         """Remove the elements equal to or inside the given networks before their timeout. A
         network inside a wider blocked one is not unblocked (that would unblock others): it is
         reported in ``still_blocked``."""
@@ -648,9 +649,9 @@ class BlockTable:
         chains = self.read_chains()
         existing = sorted({s for s in map(BlockSet.parse, chains) if s is not None}
                           | {BlockSet(v, MAX_PREFIX[v]) for v in (4, 6)})
-        lines: List[str] = []
-        unblocked: List[str] = []
-        still: List[Dict[str, str]] = []
+        lines: list[str] = []
+        unblocked: list[str] = []
+        still: list[dict[str, str]] = []
         for block_set in existing:
             family = [n for n in networks if n.version == block_set.version]
             if not family:
@@ -659,27 +660,17 @@ class BlockTable:
             for element in state.elements if state is not None else ():
                 held = block_set.network(element.address)
                 text = network_text(held)
-                if any(held.subnet_of(n) for n in family):
+                if any(network_within(held, n) for n in family):
                     unblocked.append(text)
                     prefix = f"inet {self.table} {block_set.name}"
-                    element = block_set.element_text(element.address)
-                    lines += [f"add element {prefix} {{ {element} }}", f"delete element {prefix} {{ {element} }}"]
+                    item = block_set.element_text(element.address)
+                    lines += [f"add element {prefix} {{ {item} }}", f"delete element {prefix} {{ {item} }}"]
                 else:
                     still += [{"network": network_text(n), "blocked_by": text} for n in family
-                              if n.subnet_of(held)]
+                              if network_within(n, held)]
         if lines and not check_mode:
             rc, err = self._apply(lines)
             if rc != 0:
                 raise NftablesError(f"nft -f - failed: {err.strip()}")
         return {"changed": bool(lines), "table": f"inet {self.table}", "unblocked": unblocked,
                 "still_blocked": still}
-
-    def delete_table(self, check_mode: bool = False) -> Dict[str, Any]:
-        """Remove the whole table (every block and rule)."""
-        if check_mode:
-            exists = bool(self.read_chains()) or self.read_set(PORT_SET) is not None
-            return {"changed": exists, "table": f"inet {self.table}"}
-        rc, err = self._apply([f"delete table inet {self.table}"])
-        if rc != 0 and _MISSING not in err:
-            raise NftablesError(f"nft delete table inet {self.table} failed: {err.strip()}")
-        return {"changed": rc == 0, "table": f"inet {self.table}"}

@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 # Copyright: virtguard.console contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """What an event filter needs from the ansible-rulebook that loads it, in one place.
@@ -108,7 +107,6 @@ def render_arguments(plugin: str, args: Mapping[str, Any], variables: Mapping[st
         raise RulebookContextError(f"{plugin}: arguments refer to rulebook variables, but no ansible-rulebook "
                                    "activation variables are available")
     from ansible_rulebook.util import substitute_variables
-
     from jinja2 import Undefined
 
     origins = variable_origins(args)

@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Users of a Cyrus SASL password database (sasldb), through ``saslpasswd2`` and
 ``sasldblistusers2``. Passwords go to ``saslpasswd2`` on its standard input (``-p``), never
@@ -11,6 +10,8 @@ canonical name: a user made without ``-u`` is stored as ``NAME@FQDN`` and logs i
 from __future__ import annotations
 
 import socket
+
+from ansible_collections.virtguard.console.plugins.module_utils.host_commands import GetBinPath, Run
 
 
 class SasldbError(Exception):
@@ -40,7 +41,7 @@ def parse_user_list(text: str) -> set[tuple[str, str]]:
 
 
 class Sasldb:
-    def __init__(self, run_command, get_bin_path, *, path: str, app_name: str) -> None:
+    def __init__(self, run_command: Run, get_bin_path: GetBinPath, *, path: str, app_name: str) -> None:
         self.run_command = run_command
         self.saslpasswd2 = get_bin_path("saslpasswd2", True, ["/usr/sbin", "/sbin"])
         self.listusers = get_bin_path("sasldblistusers2", True, ["/usr/sbin", "/sbin"])

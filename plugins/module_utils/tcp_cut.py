@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 # Copyright: virtguard.console contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Cutting console connections on the hypervisor host: the kernel destroys the TCP socket
@@ -26,7 +25,7 @@ destroyed anything, so the result is checked by listing again: the connections m
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 from ansible_collections.virtguard.console.plugins.module_utils.console_ports import (
     DEFAULT_CONSOLE_PROCESSES,
@@ -35,6 +34,7 @@ from ansible_collections.virtguard.console.plugins.module_utils.console_ports im
     read_listeners,
     split_endpoint,
 )
+from ansible_collections.virtguard.console.plugins.module_utils.host_commands import Run
 from ansible_collections.virtguard.console.plugins.module_utils.ip_addresses import (
     AddressError,
     IPNetwork,
@@ -45,16 +45,14 @@ from ansible_collections.virtguard.console.plugins.module_utils.ip_addresses imp
     port_in_ranges,
 )
 
-SS_ESTABLISHED: List[str] = ["ss", "-t", "-n", "-H", "state", "established"]
+SS_ESTABLISHED: list[str] = ["ss", "-t", "-n", "-H", "state", "established"]
 DEFAULT_CHUNK_SIZE = 100
-
-Run = Callable[..., Tuple[int, str, str]]
 
 
 class CutError(Exception):
     """The connections could not be listed or are still there after the cut."""
 
-    def __init__(self, message: str, result: Optional[Dict[str, Any]] = None):
+    def __init__(self, message: str, result: dict[str, Any] | None = None):
         super().__init__(message)
         self.result = result or {}
 
@@ -68,7 +66,7 @@ class Connection(NamedTuple):
     peer_port: int
 
 
-def parse_established(output: str) -> List[Connection]:
+def parse_established(output: str) -> list[Connection]:
     """The lines of ``ss -t -n -H state established``: Recv-Q Send-Q Local Peer (the state
     filter leaves the State column out)."""
     connections = []
@@ -84,9 +82,9 @@ def parse_established(output: str) -> List[Connection]:
     return connections
 
 
-def parse_client_networks(addresses: Iterable[Any]) -> List[IPNetwork]:
+def parse_client_networks(addresses: Iterable[Any]) -> list[IPNetwork]:
     """Client addresses and networks as network values (IPv4-mapped as IPv4), checked."""
-    networks: List[IPNetwork] = []
+    networks: list[IPNetwork] = []
     for text in addresses:
         try:
             network = parse_network(text)
@@ -110,15 +108,22 @@ def _ss_endpoint(address: str, port: int) -> str:
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
-def kill_command(connections: Sequence[Connection]) -> List[str]:
+def kill_command(connections: Sequence[Connection]) -> list[str]:
     """One ``ss -K`` naming each connection exactly."""
-    expression: List[str] = []
+    expression: list[str] = []
     for conn in connections:
         if expression:
             expression.append("or")
         expression += ["(", "src", _ss_endpoint(conn.local_address, conn.local_port),
                        "and", "dst", _ss_endpoint(conn.peer_address, conn.peer_port), ")"]
     return ["ss", "-t", "-n", "-H", "-K", "state", "established", "("] + expression + [")"]
+
+
+def _check_client_port(client_port: object) -> int | None:
+    """``client_port`` (None or a port number) as given; anything else is a CutError."""
+    if client_port is not None and not (isinstance(client_port, int) and 1 <= client_port <= 65535):
+        raise CutError(f"client_port must be a port number from 1 to 65535, got {client_port!r}")
+    return client_port
 
 
 class ConnectionCutter:
@@ -130,14 +135,15 @@ class ConnectionCutter:
         self.sleep = sleep
         self.chunk_size = max(1, int(chunk_size))
 
-    def _ss(self, argv: List[str]) -> str:
+    def _ss(self, argv: list[str]) -> str:
         rc, out, err = self.run(argv)
         if rc != 0:
             raise CutError(f"{' '.join(argv[:7])} failed (rc {rc}): {err.strip()}")
         return out
 
     def console_ports(self, ports: Iterable[Any] = (), discover_ports: bool = True,
-                      console_processes: Sequence[str] = DEFAULT_CONSOLE_PROCESSES) -> Tuple[Set[int], List[Tuple[int, int]]]:
+                      console_processes: Sequence[str] = DEFAULT_CONSOLE_PROCESSES,
+                      ) -> tuple[set[int], list[tuple[int, int]]]:
         """The console ports: those a console process listens on (when ``discover_ports``) and
         the ``ports`` ranges, these only where something listens. Returns (listening console
         ports, configured ranges)."""
@@ -153,8 +159,8 @@ class ConnectionCutter:
         found |= {listener.port for listener in listeners if port_in_ranges(listener.port, ranges)}
         return found, ranges
 
-    def matching(self, networks: Sequence[IPNetwork], console_ports: Set[int],
-                 client_port: Optional[int] = None) -> List[Connection]:
+    def matching(self, networks: Sequence[IPNetwork], console_ports: set[int],
+                 client_port: int | None = None) -> list[Connection]:
         """The established connections from ``networks`` to ``console_ports`` (one listing)."""
         return [conn for conn in parse_established(self._ss(list(SS_ESTABLISHED)))
                 if conn.local_port in console_ports and peer_in(conn, networks)
@@ -164,16 +170,15 @@ class ConnectionCutter:
         for start in range(0, len(connections), self.chunk_size):
             self._ss(kill_command(connections[start:start + self.chunk_size]))
 
-    def cut(self, addresses: Iterable[Any], ports: Iterable[Any] = (), client_port: Optional[int] = None,
+    def cut(self, addresses: Iterable[Any], ports: Iterable[Any] = (), client_port: int | None = None,
             discover_ports: bool = True, console_processes: Sequence[str] = DEFAULT_CONSOLE_PROCESSES,
-            check_mode: bool = False, verify_attempts: int = 3) -> Dict[str, Any]:
+            check_mode: bool = False, verify_attempts: int = 3) -> dict[str, Any]:
         """Destroy the console connections from ``addresses`` and check they are gone."""
         networks = parse_client_networks(addresses)
-        if client_port is not None and not (isinstance(client_port, int) and 1 <= client_port <= 65535):
-            raise CutError(f"client_port must be a port number from 1 to 65535, got {client_port!r}")
+        client_port = _check_client_port(client_port)
         console_ports, _ranges = self.console_ports(ports, discover_ports, console_processes)
         found = self.matching(networks, console_ports, client_port) if networks and console_ports else []
-        result: Dict[str, Any] = {
+        result: dict[str, Any] = {
             "changed": bool(found),
             "addresses": [str(n.network_address) if n.num_addresses == 1 else str(n) for n in networks],
             "client_port": client_port,

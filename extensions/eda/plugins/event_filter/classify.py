@@ -160,7 +160,9 @@ virtguard:
       type: list
       elements: dict
     remediation:
-      description: On C(remediate) events, the run's settings; C(networks), C(console_ports), C(nft_table), C(set_size), C(block_seconds), C(audit_log).
+      description: >-
+        On C(remediate) events, the run's settings; C(networks), C(console_ports), C(nft_table),
+        C(set_size), C(block_seconds), C(audit_log).
       type: dict
     remote:
       description: C(address) (normalised), C(network) (what a block would cover), C(family), C(port), C(trusted).
@@ -206,11 +208,11 @@ def _import_collection_utils() -> None:
 
 _import_collection_utils()
 
-from ansible_collections.virtguard.console.plugins.module_utils.classify_filter import (  # noqa: E402
+from ansible_collections.virtguard.console.plugins.module_utils.classify_filter import (
     FilterState,
     classify_event,
 )
-from ansible_collections.virtguard.console.plugins.module_utils.rulebook_context import (  # noqa: E402
+from ansible_collections.virtguard.console.plugins.module_utils.rulebook_context import (
     loading_filter,
 )
 
@@ -236,8 +238,9 @@ if _LOADING is not None:
         _LOADING.filter_args, _LOADING.variables)
 
 
-def main(event: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-    """Add ``event.virtguard`` to a graphics event and audit it; other events pass unchanged."""
+def main(event: Any, **kwargs: Any) -> Any:
+    """Add ``event.virtguard`` to a graphics event and audit it; other events pass unchanged
+    (``event`` is whatever the source put on its queue: not always a dict)."""
     if not isinstance(event, dict) or not isinstance(event.get("graphics"), dict):
         return event
     return classify_event(_state_for(kwargs), event, time.monotonic())
