@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from ansible_collections.virtguard.console.plugins.module_utils.audit_log import (
     AuditError,
     AuditLog,

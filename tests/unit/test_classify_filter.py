@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import math
 import runpy
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,11 +23,12 @@ HOSTILE = "O=x,CN={{ lookup(*'pipe~touch /tmp/x'.split('~')) }}"
 
 
 @pytest.fixture
-def classify():
+def classify() -> dict[str, Any]:
     return runpy.run_path(str(FILTER))  # a fresh copy: fresh state, as per source
 
 
-def event(phase="connect", node="192.0.2.7", service="40000", subject=(), uri="qemu:///system", sid="ab"):
+def event(phase: str = "connect", node: str = "192.0.2.7", service: str = "40000",
+          subject: Iterable[tuple[str, str]] = (), uri: str = "qemu:///system", sid: str = "ab") -> dict[str, Any]:
     return graphics_payload(phase, "2025-01-01T00:00:00+00:00", {"uri": uri, "hostname": "h"},
                             {"name": "vm", "uuid": "u", "id": 1},
                             {"family": "ipv4", "node": "0.0.0.0", "service": "5901"},
@@ -33,7 +36,7 @@ def event(phase="connect", node="192.0.2.7", service="40000", subject=(), uri="q
                             "none", list(subject), {"id": sid, "authenticated": phase != "connect"})
 
 
-def audit_lines(path: Path, count: int) -> list[dict]:
+def audit_lines(path: Path, count: int) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().split("\n") if line][:count]
 
 
@@ -117,7 +120,8 @@ def test_wrong_arguments_are_refused_with_the_argument_and_variable_named(given,
 
 
 def test_an_undefined_variable_is_named():
-    with pytest.raises(RulebookContextError, match=r"trusted_networks \(rulebook variable vg_nets\) cannot be rendered"):
+    with pytest.raises(RulebookContextError,
+                       match=r"trusted_networks \(rulebook variable vg_nets\) cannot be rendered"):
         FilterState.from_arguments({"trusted_networks": "{{ vg_nets }}"}, {})
 
 

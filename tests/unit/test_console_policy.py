@@ -3,6 +3,9 @@ offenders it queues for remediation in batches."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import pytest
 
 from ansible_collections.virtguard.console.plugins.module_utils.console_policy import (
@@ -19,8 +22,9 @@ URI = "qemu+ssh://root@kvm1/system"
 DN_ALICE = "O=Example,CN=alice"
 
 
-def graphics(phase="connect", node="192.0.2.7", family="ipv4", service="40000", subject=(),
-             snapshot=False, authenticated=None, uri=URI, session_id="ab12"):
+def graphics(phase: str = "connect", node: str = "192.0.2.7", family: str = "ipv4", service: str = "40000",
+             subject: Iterable[tuple[str, str]] = (), snapshot: bool = False, authenticated: bool | None = None,
+             uri: str = URI, session_id: str = "ab12") -> dict[str, Any]:
     session = {"id": session_id, "authenticated": phase != "connect" if authenticated is None else authenticated}
     return graphics_payload(phase, "2025-01-01T00:00:00+00:00", {"uri": uri, "hostname": "kvm1"},
                             {"name": "vm", "uuid": "u", "id": 1},
@@ -29,11 +33,11 @@ def graphics(phase="connect", node="192.0.2.7", family="ipv4", service="40000", 
                             "vencrypt+x509+sasl", list(subject), session, snapshot=snapshot)["graphics"]
 
 
-def classifier_for(policy, lease=30.0):
+def classifier_for(policy: ConsolePolicy, lease: float = 30.0) -> Classifier:
     return Classifier(policy, RemediationBatches(lease))
 
 
-def classify(policy, event, now=0.0):
+def classify(policy: ConsolePolicy, event: dict[str, Any], now: float = 0.0) -> dict[str, Any]:
     return classifier_for(policy).classify(event, now)
 
 
@@ -76,7 +80,7 @@ def test_a_connect_from_outside_is_enough_and_snapshots_are_judged_alike():
 def test_identity_rule():
     policy = ConsolePolicy(trusted_networks=["0.0.0.0/0"], allowed_identities=[DN_ALICE, "alice"])
 
-    def init(*subject):
+    def init(*subject: tuple[str, str]) -> dict[str, Any]:
         return classify(policy, graphics("initialize", subject=subject))
 
     assert init(("x509dname", DN_ALICE), ("saslUsername", "mallory"))["verdict"] == "allow"  # one is enough
@@ -150,7 +154,7 @@ def test_bruteforce_counts_sessions_that_never_initialized_within_the_window():
     policy = ConsolePolicy(bruteforce_threshold=3, bruteforce_window=10)
     classifier = classifier_for(policy)
 
-    def failed(now, **kw):
+    def failed(now: float, **kw: Any) -> dict[str, Any]:
         return classifier.classify(graphics("disconnect", authenticated=False, **kw), now)
 
     assert failed(0)["verdict"] == "allow"

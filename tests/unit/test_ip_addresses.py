@@ -41,7 +41,8 @@ def test_normalize_address(text, expected):
     assert normalize_address(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "x", "192.0.2.300", "1.2.3.4; flush ruleset", "192.0.2.0/24", "[]", None, 3232235521])
+@pytest.mark.parametrize("text", ["", "x", "192.0.2.300", "1.2.3.4; flush ruleset", "192.0.2.0/24", "[]", None,
+                                  3232235521])
 def test_normalize_address_says_none_for_what_is_not_an_address(text):
     assert normalize_address(text) is None
 
@@ -93,8 +94,8 @@ def test_block_network(address, prefix, trusted, expected):
     assert block_network(address, prefix, trusted) == N(expected)
 
 
-@pytest.mark.parametrize("address, prefix", [("nonsense", 64), ("2001:db8::1", 0), ("2001:db8::1", 15), ("2001:db8::1", 129),
-                                             ("2001:db8::1", True), ("2001:db8::1", "64")])
+@pytest.mark.parametrize("address, prefix", [("nonsense", 64), ("2001:db8::1", 0), ("2001:db8::1", 15),
+                                             ("2001:db8::1", 129), ("2001:db8::1", True), ("2001:db8::1", "64")])
 def test_block_network_refuses(address, prefix):
     with pytest.raises(AddressError):
         block_network(address, prefix)

@@ -9,7 +9,6 @@ import ipaddress
 import re
 import socket
 from pathlib import Path
-from typing import Dict, List, Optional
 
 import pytest
 
@@ -59,18 +58,18 @@ class FakeNft:
     those in ``absent`` (nft then stops, as it does). ``write_errors`` are the stderr of the
     next failing writes."""
 
-    def __init__(self, table: str = "virtguard", sets: Optional[Dict[str, str]] = None,
-                 chains: str = fixture("nft_list_chains.json"), absent: frozenset = frozenset(),
-                 write_errors: Optional[List[str]] = None):
+    def __init__(self, table: str = "virtguard", sets: dict[str, str] | None = None,
+                 chains: str = fixture("nft_list_chains.json"), absent: frozenset[str] = frozenset(),
+                 write_errors: list[str] | None = None):
         self.table = table
         self.sets = dict(CURRENT if sets is None else sets)
         self.chains = chains
         self.absent = {ipaddress.ip_address(a) for a in absent}
         self.write_errors = list(write_errors or [])
-        self.scripts: List[str] = []
-        self.calls: List[List[str]] = []
+        self.scripts: list[str] = []
+        self.calls: list[list[str]] = []
 
-    def __call__(self, argv, data=None):
+    def __call__(self, argv: list[str], data: str | None = None) -> tuple[int, str, str]:
         self.calls.append(argv)
         if argv == ["nft", "-j", "list", "chains", "inet"]:
             return 0, self.chains, ""
@@ -80,6 +79,7 @@ class FakeNft:
                 return 0, self.sets[argv[6]], ""
             return 1, "", MISSING
         assert argv == ["nft", "-f", "-"], argv
+        assert data is not None
         if data.startswith("get element"):
             return self.get(data)
         self.scripts.append(data)
@@ -87,10 +87,12 @@ class FakeNft:
             return 1, "", self.write_errors.pop(0)
         return 0, "", ""
 
-    def get(self, script: str):
-        out = []
+    def get(self, script: str) -> tuple[int, str, str]:
+        out: list[str] = []
         for number, line in enumerate(script.splitlines(), 1):
-            name, elements = re.match(r"get element inet \S+ (\S+) \{ (.*) \}$", line).groups()
+            match = re.match(r"get element inet \S+ (\S+) \{ (.*) \}$", line)
+            assert match is not None, line
+            name, elements = match.groups()
             values = [ipaddress.ip_address(e) for e in elements.split(", ")]
             if any(v in self.absent for v in values):
                 return 1, "".join(out), (f"/dev/stdin:{number}:1-{len(line)}: Error: Could not process rule: "
@@ -100,11 +102,11 @@ class FakeNft:
                        f"\t\tsize 65536\n\t\tflags timeout\n\t\telements = {{ {printed} }}\n\t}}\n}}\n")
         return 0, "".join(out), ""
 
-    def writes(self) -> List[str]:
+    def writes(self) -> list[str]:
         return [line for script in self.scripts for line in script.splitlines()]
 
 
-def triple(table: str, set_name: str, element: str, timeout: int) -> List[str]:
+def triple(table: str, set_name: str, element: str, timeout: int) -> list[str]:
     prefix = f"inet {table} {set_name}"
     return [f"add element {prefix} {{ {element} }}", f"delete element {prefix} {{ {element} }}",
             f"add element {prefix} {{ {element} timeout {timeout}s }}"]
@@ -132,9 +134,14 @@ def test_chains_and_get_output_are_read():
     assert names == ["input", "blocked_ipv4_p24", "blocked_ipv4", "blocked_ipv6_p64", "blocked_ipv6"]
     assert [c["name"] for c in parse_chain_names(fixture("nft_list_chains.json"), "old")] == ["input"]
     found = parse_get_output(fixture("nft_get_elements.txt"))
-    assert found == {"blocked_ipv4": {(4, int(ipaddress.ip_address("192.0.2.7"))), (4, int(ipaddress.ip_address("192.0.2.99")))},
-                     "blocked_ipv6": {(6, int(ipaddress.ip_address("::a00:1"))), (6, int(ipaddress.ip_address("2001:db8::5")))},
-                     "blocked_ipv6_p64": {(6, int(ipaddress.ip_address("2001:db8:1:2::")))}}
+
+    def key(address: str) -> tuple[int, int]:
+        value = ipaddress.ip_address(address)
+        return value.version, int(value)
+
+    assert found == {"blocked_ipv4": {key("192.0.2.7"), key("192.0.2.99")},
+                     "blocked_ipv6": {key("::a00:1"), key("2001:db8::5")},
+                     "blocked_ipv6_p64": {key("2001:db8:1:2::")}}
 
 
 def test_block_set_names_and_rule_matches():
@@ -144,7 +151,8 @@ def test_block_set_names_and_rule_matches():
     assert BlockSet(6, 64).match_expression() == "ip6 saddr & ffff:ffff:ffff:ffff::"
     assert BlockSet(4, 24).match_expression() == "ip saddr & 255.255.255.0"
     assert BlockSet(6, 128).match_expression() == "ip6 saddr"
-    assert BlockSet(6, 64).element_text(BlockSet(6, 64).key(int(ipaddress.ip_address("2001:db8:1:2::5")))) == "2001:db8:1:2::"
+    prefix_64 = BlockSet(6, 64)
+    assert prefix_64.element_text(prefix_64.key(int(ipaddress.ip_address("2001:db8:1:2::5")))) == "2001:db8:1:2::"
 
 
 # -- checking before anything runs --------------------------------------------------------------
@@ -251,7 +259,7 @@ def test_without_refresh_what_is_blocked_stays_as_it_is():
 
 # -- full sets ----------------------------------------------------------------------------------
 
-def small_ipv4_set(size: int) -> Dict[str, str]:
+def small_ipv4_set(size: int) -> dict[str, str]:
     sets = dict(CURRENT)
     sets["blocked_ipv4"] = CURRENT["blocked_ipv4"].replace('"size": 65536', f'"size": {size}')
     return sets
@@ -259,7 +267,8 @@ def small_ipv4_set(size: int) -> Dict[str, str]:
 
 def test_a_full_set_takes_what_fits_and_fails_naming_the_set_and_its_size():
     fake = FakeNft(sets=small_ipv4_set(3))
-    with pytest.raises(SetFullError, match=r"^blocked_ipv4 is full \(3 elements\): 192\.0\.2\.9 not blocked$") as caught:
+    full = r"^blocked_ipv4 is full \(3 elements\): 192\.0\.2\.9 not blocked$"
+    with pytest.raises(SetFullError, match=full) as caught:
         BlockTable(fake, set_size=3).block(["192.0.2.8", "192.0.2.9", "2001:db8::9"], 60, [])
     result = caught.value.result
     assert result["set_full"] and result["not_blocked"] == [{"network": "192.0.2.9", "set": "blocked_ipv4"}]
@@ -289,7 +298,8 @@ def test_other_nft_failures_are_errors():
     with pytest.raises(NftablesError, match="Operation not permitted"):
         BlockTable(FakeNft(write_errors=["Error: Operation not permitted\n"])).block(["192.0.2.8"], 60, [])
     with pytest.raises(NftablesError, match="list chains"):
-        BlockTable(lambda argv, data=None: (1, "", "netlink: Error: cache initialization failed")).block(["192.0.2.8"], 60, [])
+        failing = BlockTable(lambda argv, data=None: (1, "", "netlink: Error: cache initialization failed"))
+        failing.block(["192.0.2.8"], 60, [])
 
 
 # -- migration ---------------------------------------------------------------------------------------

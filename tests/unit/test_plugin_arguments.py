@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 
@@ -22,7 +23,7 @@ OPTIONS = (
 )
 
 
-def check(**given):
+def check(**given: Any) -> dict[str, Any]:
     return check_arguments("vg.test", OPTIONS, given, origins={"networks": "vg_networks"})
 
 

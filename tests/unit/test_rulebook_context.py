@@ -4,6 +4,8 @@ start_source, loud on an unknown version or shape, renders with variable names i
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -24,8 +26,9 @@ def start_source(source, source_dirs, variables, queue):
 """
 
 
-def loader(load, filters, variables, filename="/x/site-packages/ansible_rulebook/engine.py"):
-    namespace = {"load": load}
+def loader(load: Callable[[], Any], filters: list[Any], variables: dict[str, Any],
+           filename: str = "/x/site-packages/ansible_rulebook/engine.py") -> Any:
+    namespace: dict[str, Any] = {"load": load}
     exec(compile(LOADER_SOURCE, filename, "exec"), namespace)
     source = types.SimpleNamespace(source_filters=filters)
     return namespace["start_source"](source, [], variables, None)
@@ -67,7 +70,8 @@ def test_rendering_names_the_argument_and_its_variable():
     assert variable_origins(args) == {"trusted_networks": "vg_nets", "audit_log": "vg_log"}
     assert render_arguments("p", args, {"vg_nets": ["10.0.0.0/8"]}) == {
         "trusted_networks": ["10.0.0.0/8"], "audit_log": "", "n": 3}
-    with pytest.raises(RulebookContextError, match=r"p: trusted_networks \(rulebook variable vg_nets\) cannot be rendered"):
+    with pytest.raises(RulebookContextError,
+                       match=r"p: trusted_networks \(rulebook variable vg_nets\) cannot be rendered"):
         render_arguments("p", args, {})
     with pytest.raises(RulebookContextError, match="no ansible-rulebook activation variables"):
         render_arguments("p", args, None)

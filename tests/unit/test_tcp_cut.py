@@ -6,6 +6,7 @@ cuts are in tests/integration/test_block_and_cut_modules.py."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -43,14 +44,15 @@ class FakeSs:
         self.kills: list[list[str]] = []
         self.listings = 0
 
-    def __call__(self, argv, data=None):
+    def __call__(self, argv: list[str], data: str | None = None) -> tuple[int, str, str]:
         if "-l" in argv:
             return 0, LISTENING, ""
         if "-K" in argv:
             self.kills.append(argv)
             if not self.stubborn:
                 named = {(argv[i + 1], argv[i + 4]) for i, word in enumerate(argv) if word == "src"}
-                self.lines = [line for line in self.lines if (self._endpoint(line, 2), self._endpoint(line, 3)) not in named]
+                self.lines = [line for line in self.lines
+                              if (self._endpoint(line, 2), self._endpoint(line, 3)) not in named]
             return 0, "", ""
         assert argv == SS_ESTABLISHED
         self.listings += 1
@@ -61,7 +63,7 @@ class FakeSs:
         return line.split()[column]
 
 
-def peers(result):
+def peers(result: dict[str, Any]) -> list[tuple[str, int]]:
     return sorted((c["peer_address"], c["local_port"]) for c in result["cut"])
 
 
@@ -86,9 +88,8 @@ def test_connections_in_the_accept_queue_are_cut():
 
 
 def test_configured_ports_count_only_where_something_listens():
-    no_discovery = dict(discover_ports=False)
-    assert peers(ConnectionCutter(FakeSs()).cut(["10.0.0.2"], ports=["22"], **no_discovery)) == [("10.0.0.2", 22)]
-    assert peers(ConnectionCutter(FakeSs()).cut(["10.0.0.2"], ports=["5900-5999"], **no_discovery)) == [
+    assert peers(ConnectionCutter(FakeSs()).cut(["10.0.0.2"], ports=["22"], discover_ports=False)) == [("10.0.0.2", 22)]
+    assert peers(ConnectionCutter(FakeSs()).cut(["10.0.0.2"], ports=["5900-5999"], discover_ports=False)) == [
         ("::ffff:10.0.0.2", 5907), ("::ffff:10.0.0.2", 5907)]
     # an outgoing connection's local port is no console port, listed or not
     outgoing = "0      0      10.0.0.1:5909 10.0.0.2:41000\n"
@@ -122,7 +123,7 @@ def test_connections_that_survive_are_an_error_naming_them():
 
 def test_a_connection_that_comes_in_meanwhile_is_cut_too():
     class Reconnecting(FakeSs):
-        def __call__(self, argv, data=None):
+        def __call__(self, argv: list[str], data: str | None = None) -> tuple[int, str, str]:
             answer = super().__call__(argv, data)
             if "-K" in argv and not self.kills[1:]:
                 self.lines.append("0      0      10.0.0.1:5908          10.0.0.3:50000")
