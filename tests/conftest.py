@@ -4,6 +4,8 @@ link that hacking/bootstrap.sh makes) and the lab harness importable as ``lab``.
 All asyncio tests share one event loop (pytest.ini), as every source of one ansible-rulebook
 run does."""
 
+from __future__ import annotations
+
 import sys
 from pathlib import Path
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from ansible_collections.virtguard.console.plugins.module_utils.audit_log import (
     AuditError,
     AuditLog,
@@ -237,7 +238,7 @@ def test_jq_reads_every_record_back_whatever_line_separator_a_dn_holds(tmp_path:
         log.append({"dn": dn})
     log.close()
     # line by line, as a log shipper would hand lines to jq
-    for line, dn in zip(path.read_text(encoding="utf-8").splitlines(), dns):
+    for line, dn in zip(path.read_text(encoding="utf-8").splitlines(), dns, strict=True):
         run = subprocess.run([jq, "--ascii-output", "-c", ".dn"], input=line, capture_output=True, text=True,
                              check=True)
         assert json.loads(run.stdout) == dn

@@ -24,7 +24,8 @@ def test_bench_smoke_run_loses_nothing(tmp_path):
         [sys.executable, "-m", "bench", "--only", "burst", "--only", "soak", "--only", "audit",
          "--bursts", "1", "--sessions", "150", "--burst-hypervisors", "1", "--burst-domains", "2",
          "--soak-events", "30000", "--soak-flow-events", "9000", "--soak-stall-events", "3000",
-         "--soak-limit", "5000", "--audit-events", "2000", "--paced-sessions", "60", "--paced-rate", "200", "--json", str(results)],
+         "--soak-limit", "5000", "--audit-events", "2000", "--paced-sessions", "60", "--paced-rate", "200",
+         "--json", str(results)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(results.read_text())

@@ -22,8 +22,9 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any
 
 import pytest
 
@@ -46,18 +47,18 @@ pytestmark = [
 ]
 
 
-def sh(*cmd: str, check: bool = True, **kwargs: Any) -> subprocess.CompletedProcess:
+def sh(*cmd: str, check: bool = True, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(list(cmd), capture_output=True, text=True, check=False, **kwargs)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr}{proc.stdout}")
     return proc
 
 
-def in_host(*cmd: str, check: bool = True, **kwargs: Any) -> subprocess.CompletedProcess:
+def in_host(*cmd: str, check: bool = True, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return sh("ip", "netns", "exec", HOST_NS, *cmd, check=check, **kwargs)
 
 
-def in_client(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+def in_client(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return sh("ip", "netns", "exec", CLIENT_NS, *cmd, check=check)
 
 
@@ -145,22 +146,23 @@ class Procs:
     """Processes started by one test, stopped by it (by their own pid)."""
 
     def __init__(self) -> None:
-        self.procs: List[subprocess.Popen] = []
+        self.procs: list[subprocess.Popen[str]] = []
 
-    def start(self, ns: str, script: str, *args: Any) -> subprocess.Popen:
+    def start(self, ns: str, script: str, *args: Any) -> subprocess.Popen[str]:
         proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", script, *map(str, args)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.procs.append(proc)
+        assert proc.stdout is not None and proc.stderr is not None
         line = proc.stdout.readline()
         if line.strip() != "ready":
             raise AssertionError(f"{script.splitlines()[1]}... did not start: {line}{proc.stderr.read()}")
         return proc
 
     def listener(self, host: str, port: int, backlog: int = 128, accept: bool = True,
-                 name: str = FAKE_QEMU) -> subprocess.Popen:
+                 name: str = FAKE_QEMU) -> subprocess.Popen[str]:
         return self.start(HOST_NS, LISTENER, name, host, port, backlog, int(accept))
 
-    def clients(self, source: str, host: str, port: int, count: int) -> subprocess.Popen:
+    def clients(self, source: str, host: str, port: int, count: int) -> subprocess.Popen[str]:
         return self.start(CLIENT_NS, CLIENTS, source, host, port, count)
 
     def stop(self) -> None:
@@ -187,7 +189,7 @@ def table(lab: None, request: pytest.FixtureRequest) -> Iterator[str]:
 
 # -- the modules, through ansible -----------------------------------------------------------------
 
-def module(name: str, **args: Any) -> Dict[str, Any]:
+def module(name: str, **args: Any) -> dict[str, Any]:
     """Run virtguard.console.NAME with ``args`` on localhost inside the hypervisor namespace;
     the task's result (``failed`` set when it failed)."""
     with tempfile.TemporaryDirectory(prefix=f"{PREFIX}-ansible-") as tmp:
@@ -199,15 +201,16 @@ def module(name: str, **args: Any) -> Dict[str, Any]:
         proc = in_host(str(ANSIBLE), "localhost", "-c", "local", "-m", f"virtguard.console.{name}",
                        "-a", json.dumps(args), check=False, env=env)
     try:
-        return json.loads(proc.stdout)["plays"][0]["tasks"][0]["hosts"]["localhost"]
+        result: dict[str, Any] = json.loads(proc.stdout)["plays"][0]["tasks"][0]["hosts"]["localhost"]
     except (ValueError, KeyError, IndexError):
         raise AssertionError(f"ansible said: {proc.stdout}{proc.stderr}") from None
+    return result
 
 
-def nft_set(table: str, name: str) -> Dict[Any, Optional[int]]:
+def nft_set(table: str, name: str) -> dict[Any, int | None]:
     """The elements of a set in the hypervisor namespace: address value -> seconds left."""
     listed = json.loads(in_host("nft", "-j", "list", "set", "inet", table, name).stdout)
-    found: Dict[Any, Optional[int]] = {}
+    found: dict[Any, int | None] = {}
     for item in [i["set"] for i in listed["nftables"] if "set" in i][0].get("elem", []):
         if isinstance(item, dict):
             found[ipaddress.ip_address(item["elem"]["val"])] = item["elem"].get("expires")
@@ -216,12 +219,21 @@ def nft_set(table: str, name: str) -> Dict[Any, Optional[int]]:
     return found
 
 
-def nft_set_size(table: str, name: str) -> Optional[int]:
+def seconds_left(found: dict[Any, int | None], address: str) -> int:
+    """The seconds the element of ``address`` has left in ``found`` (nft_set); an element
+    without a timeout (a permanent block) fails the test."""
+    left = found[ipaddress.ip_address(address)]
+    assert left is not None, f"{address} is blocked without a timeout"
+    return left
+
+
+def nft_set_size(table: str, name: str) -> int | None:
     listed = json.loads(in_host("nft", "-j", "list", "set", "inet", table, name).stdout)
-    return [i["set"] for i in listed["nftables"] if "set" in i][0].get("size")
+    size: int | None = [i["set"] for i in listed["nftables"] if "set" in i][0].get("size")
+    return size
 
 
-def established(port: int) -> List[Any]:
+def established(port: int) -> list[Any]:
     """The peers (address values, IPv4-mapped as IPv4) of established connections to ``port``
     in the hypervisor namespace: the server side, accept queue included."""
     out = in_host("ss", "-t", "-n", "-H", "state", "established", f"( sport = :{port} )").stdout
@@ -233,9 +245,10 @@ def established(port: int) -> List[Any]:
     return peers
 
 
-def listening_ports() -> set:
+def listening_ports() -> set[int]:
     """The ports something listens on in the hypervisor namespace."""
-    return {int(line.split()[3].rpartition(":")[2]) for line in in_host("ss", "-t", "-l", "-n", "-H").stdout.splitlines()}
+    listing = in_host("ss", "-t", "-l", "-n", "-H").stdout
+    return {int(line.split()[3].rpartition(":")[2]) for line in listing.splitlines()}
 
 
 def refused(source: str, host: str, port: int) -> bool:
@@ -249,14 +262,14 @@ def refused(source: str, host: str, port: int) -> bool:
     return out == "refused"
 
 
-def wait_for(predicate, timeout: float = 10.0) -> bool:
+def wait_for(predicate: Callable[[], object], timeout: float = 10.0) -> bool:
     """Polls a condition on the hypervisor side (connections appear asynchronously)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return True
         time.sleep(0.1)
-    return predicate()
+    return bool(predicate())
 
 
 # -- console_block ----------------------------------------------------------------------------------
@@ -277,8 +290,8 @@ def test_a_batch_of_200_ipv4_addresses_is_blocked_in_one_run(table: str) -> None
     assert all(e["already_blocked"] for e in again["blocked"]) and len(again["blocked"]) == 10
     left = nft_set(table, "blocked_ipv4")
     # refreshed: the re-blocked ones got the new, longer timeout; the others kept theirs
-    assert all(left[ipaddress.ip_address(a)] > 600 for a in batch[:10])
-    assert all(left[ipaddress.ip_address(a)] <= 600 for a in batch[10:])
+    assert all(seconds_left(left, a) > 600 for a in batch[:10])
+    assert all(seconds_left(left, a) <= 600 for a in batch[10:])
 
 
 def test_an_ipv6_64_blocks_every_address_in_it_and_only_those(table: str, procs: Procs) -> None:
@@ -327,14 +340,15 @@ def test_a_full_set_fails_clearly_and_blocks_what_fits(table: str) -> None:
 def test_a_table_of_the_0_1_0_shape_is_migrated_with_its_blocks(table: str, procs: Procs) -> None:
     port = 5913
     procs.listener(HOST_IP, port)
+    reject = 'tcp dport @console_ports reject with tcp reset comment "virtguard console block"'
     in_host("nft", "-f", "-", input=textwrap.dedent(f"""\
         add table inet {table}
         add set inet {table} console_ports {{ type inet_service; flags interval; auto-merge; }}
         add set inet {table} blocked_ipv4 {{ type ipv4_addr; flags timeout; }}
         add set inet {table} blocked_ipv6 {{ type ipv6_addr; flags timeout; }}
         add chain inet {table} input {{ type filter hook input priority -10; policy accept; }}
-        add rule inet {table} input ip saddr @blocked_ipv4 tcp dport @console_ports reject with tcp reset comment "virtguard console block"
-        add rule inet {table} input ip6 saddr @blocked_ipv6 tcp dport @console_ports reject with tcp reset comment "virtguard console block"
+        add rule inet {table} input ip saddr @blocked_ipv4 {reject}
+        add rule inet {table} input ip6 saddr @blocked_ipv6 {reject}
         add element inet {table} console_ports {{ {port} }}
         add element inet {table} blocked_ipv4 {{ {CLIENT_IP} timeout 300s }}
         add element inet {table} blocked_ipv6 {{ {COMPAT_IP6} timeout 300s }}
@@ -345,7 +359,7 @@ def test_a_table_of_the_0_1_0_shape_is_migrated_with_its_blocks(table: str, proc
     assert nft_set_size(table, "blocked_ipv4") == 65536 and nft_set_size(table, "blocked_ipv6") == 65536
     carried = nft_set(table, "blocked_ipv4")
     assert set(carried) == {ipaddress.ip_address(CLIENT_IP), ipaddress.ip_address(OTHER_IP)}
-    assert carried[ipaddress.ip_address(CLIENT_IP)] <= 300  # the time it had left, not a new block
+    assert seconds_left(carried, CLIENT_IP) <= 300  # the time it had left, not a new block
     assert set(nft_set(table, "blocked_ipv6")) == {ipaddress.ip_address(COMPAT_IP6)}
     # the carried-over and the new block both hold, through the new rules
     assert refused(CLIENT_IP, HOST_IP, port) and refused(OTHER_IP, HOST_IP, port)
@@ -357,7 +371,7 @@ def test_the_longest_block_and_largest_set_are_what_nft_takes(table: str) -> Non
                     set_size=MAX_SET_SIZE, ports=[5900], discover_ports=False)
     assert not result.get("failed"), result
     assert nft_set_size(table, "blocked_ipv4") == MAX_SET_SIZE
-    assert nft_set(table, "blocked_ipv4")[ipaddress.ip_address("192.0.2.1")] > MAX_BLOCK_SECONDS - 60
+    assert seconds_left(nft_set(table, "blocked_ipv4"), "192.0.2.1") > MAX_BLOCK_SECONDS - 60
     # nft itself refuses the next power of ten, the limit MAX_BLOCK_SECONDS stays under
     refused_by_nft = in_host("nft", "add", "element", "inet", table, "blocked_ipv4", "{ 192.0.2.2 timeout 100000000s }",
                              check=False)

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -22,7 +23,8 @@ pytestmark = pytest.mark.slow
 SOURCES = Path(__file__).resolve().parent / "event_sources"
 
 
-def run_until_exit(rulebook_args: list[str], variables: dict, workdir: Path, timeout: float = 120) -> tuple[int, str]:
+def run_until_exit(rulebook_args: list[str], variables: dict[str, Any], workdir: Path,
+                   timeout: float = 120) -> tuple[int, str]:
     (workdir / "vars.yml").write_text(yaml.safe_dump(variables))
     (workdir / "inventory.yml").write_text(yaml.safe_dump(local_inventory()))
     env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}",
@@ -40,7 +42,7 @@ def run_until_exit(rulebook_args: list[str], variables: dict, workdir: Path, tim
     return proc.returncode, output
 
 
-def good_vars(tmp_path: Path) -> dict:
+def good_vars(tmp_path: Path) -> dict[str, Any]:
     # a URI that cannot be reached: the filter is checked before the source ever connects
     return {"virtguard_uri": f"qemu+unix:///session?socket={tmp_path}/none", "virtguard_trusted_networks": [],
             "virtguard_audit_log": str(tmp_path / "audit.jsonl")}
@@ -74,7 +76,7 @@ def test_a_misconfigured_activation_stops_at_start_naming_the_variable(tmp_path,
         assert (tmp_path / "elsewhere").read_text() == "", "the audit followed the symlink"
 
 
-def graphics(node, service="40000", sid="aa", family="ipv4"):
+def graphics(node: str, service: str = "40000", sid: str = "aa", family: str = "ipv4") -> dict[str, Any]:
     return {"graphics": {"phase": "connect", "snapshot": False, "timestamp": "2025-01-01T00:00:00+00:00",
                          "hypervisor": {"uri": "qemu:///system", "hostname": "h"},
                          "domain": {"name": "vm", "uuid": "u", "id": 1},
@@ -104,22 +106,21 @@ def test_events_the_filter_cannot_judge_are_audited_and_the_activation_goes_on(t
     env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}",
                ANSIBLE_COLLECTIONS_PATH=str(ROOT / "build" / "collections"))
     (tmp_path / "inventory.yml").write_text(yaml.safe_dump(local_inventory()))
-    log = open(tmp_path / "replay.log", "wb")
-    proc = subprocess.Popen([str(VENV_BIN / "ansible-rulebook"), "-r", str(rulebook), "-S", str(SOURCES),
-                             "-i", str(tmp_path / "inventory.yml"), "-v"],
-                            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        def judged() -> list[dict] | None:
-            records = read_jsonl(audit)
-            return records if len(records) >= 5 else None
-        records = wait_for(judged, 90, "five audit records")
-        assert [r["virtguard"]["verdict"] for r in records] == ["cut", "cut", "error", "allow", "allow"]
-        assert [r["virtguard"]["reasons"] for r in records[:2]] == [["unparsable_address"]] * 2
-        assert records[3]["virtguard"]["phase"] == "unknown"  # a phase libvirt may add later: passed on
-        time.sleep(2)
-        assert proc.poll() is None, (tmp_path / "replay.log").read_text()[-3000:]
-        assert "judged allow" in (tmp_path / "replay.log").read_text()
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(15)
-        log.close()
+    with open(tmp_path / "replay.log", "wb") as log:
+        proc = subprocess.Popen([str(VENV_BIN / "ansible-rulebook"), "-r", str(rulebook), "-S", str(SOURCES),
+                                 "-i", str(tmp_path / "inventory.yml"), "-v"],
+                                cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            def judged() -> list[dict[str, Any]] | None:
+                records = read_jsonl(audit)
+                return records if len(records) >= 5 else None
+            records = wait_for(judged, 90, "five audit records")
+            assert [r["virtguard"]["verdict"] for r in records] == ["cut", "cut", "error", "allow", "allow"]
+            assert [r["virtguard"]["reasons"] for r in records[:2]] == [["unparsable_address"]] * 2
+            assert records[3]["virtguard"]["phase"] == "unknown"  # a phase libvirt may add later: passed on
+            time.sleep(2)
+            assert proc.poll() is None, (tmp_path / "replay.log").read_text()[-3000:]
+            assert "judged allow" in (tmp_path / "replay.log").read_text()
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(15)

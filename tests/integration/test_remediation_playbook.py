@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -19,12 +20,12 @@ pytestmark = pytest.mark.slow
 
 MARKER = Path(f"/tmp/virtguard-pw{os.getpid()}")
 HOSTILE = {
-    "renderable": "O=x,CN={{ lookup(*'pipe~touch %s'.split('~')) }}" % MARKER,
+    "renderable": f"O=x,CN={{{{ lookup(*'pipe~touch {MARKER}'.split('~')) }}}}",
     "broken": "O=x,CN={{ broken ~ (",
 }
 
 
-def eda_extra_vars(dname: str, address: str, table: str = "virtguard_unused", audit_log: str = "") -> dict:
+def eda_extra_vars(dname: str, address: str, table: str = "virtguard_unused", audit_log: str = "") -> dict[str, Any]:
     graphics = {
         "phase": "initialize", "snapshot": False, "timestamp": "2025-01-01T00:00:00+00:00",
         "hypervisor": {"uri": "qemu:///system", "hostname": "h"},
@@ -49,7 +50,8 @@ def eda_extra_vars(dname: str, address: str, table: str = "virtguard_unused", au
                             "rule": f"rule {dname}", "ruleset": "r"}}
 
 
-def run_playbook(tmp_path: Path, playbook: str, extra_vars: dict, *args: str) -> subprocess.CompletedProcess:
+def run_playbook(tmp_path: Path, playbook: str, extra_vars: dict[str, Any], *args: str,
+                 ) -> subprocess.CompletedProcess[str]:
     (tmp_path / "extravars").write_text(yaml.safe_dump(extra_vars))  # as ansible-rulebook writes it
     (tmp_path / "inventory.yml").write_text(yaml.safe_dump(local_inventory()))
     env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}",
@@ -94,5 +96,6 @@ def test_remediation_with_a_hostile_identity_renders_nothing_and_succeeds(tmp_pa
     assert ipaddress.ip_network(records[0]["result"]["blocked"][0]["network"]) == ipaddress.ip_network("192.0.2.11/32")
     assert records[0]["addresses"] == ["192.0.2.11"] and records[0]["sessions"] == ["0123abcd"]
     assert records[1]["result"]["cut"] == []  # nobody connected from there
-    listing = subprocess.run(["nft", "list", "set", "inet", table, "blocked_ipv4"], capture_output=True, text=True, check=False)
+    listing = subprocess.run(["nft", "list", "set", "inet", table, "blocked_ipv4"], capture_output=True, text=True,
+                             check=False)
     assert "192.0.2.11" in listing.stdout

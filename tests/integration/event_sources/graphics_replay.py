@@ -9,7 +9,7 @@ import asyncio
 from typing import Any
 
 
-async def main(queue: asyncio.Queue, args: dict[str, Any]) -> None:
+async def main(queue: asyncio.Queue[Any], args: dict[str, Any]) -> None:
     for event in args.get("events", []):
         await queue.put(event)
     await asyncio.Event().wait()
