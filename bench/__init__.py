@@ -5,6 +5,8 @@ hypervisors (per-user libvirt session daemons with tiny paused domains, tests/la
 VNC sessions at them and removes everything it made when it ends, also on failure or Ctrl-C.
 """
 
+from __future__ import annotations
+
 import sys
 from pathlib import Path
 

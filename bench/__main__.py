@@ -14,6 +14,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 from bench import ROOT
 from bench.lab import Lab
@@ -26,7 +27,7 @@ MIB_PER_DOMAIN = 18
 MEMORY_RESERVE_MIB = 4096
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description="The event source's performance figures, side by side with their references "
@@ -40,7 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--burst-domains", type=int, default=2, help="domains per burst hypervisor (default 2)")
     parser.add_argument("--concurrency", type=int, default=8, help="sessions in flight in a burst (default 8)")
     parser.add_argument("--paced-sessions", type=int, default=1500,
-                        help="sessions of the steady flow after the bursts, for the added latency (default 1500; 0: none)")
+                        help="sessions of the steady flow after the bursts, for the added latency "
+                             "(default 1500; 0: none)")
     parser.add_argument("--paced-rate", type=float, default=500,
                         help="sessions per second in the steady flow (default 500, 1,500 events/s)")
     parser.add_argument("--e2e-sessions", type=int, default=2000,
@@ -61,16 +63,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="events between two stalls in the soak (default 150,000)")
     parser.add_argument("--soak-limit", type=int, default=100_000,
                         help="max_buffered_events in the soak (default 100,000, the source's default)")
-    parser.add_argument("--audit-events", type=int, default=100_000, help="records for the audit writer (default 100,000)")
+    parser.add_argument("--audit-events", type=int, default=100_000,
+                        help="records for the audit writer (default 100,000)")
     parser.add_argument("--storm-addresses", type=int, default=200,
                         help="untrusted addresses in the storm, one held session each (default 200)")
     parser.add_argument("--storm-consoles", type=int, default=10, help="consoles the storm spreads over (default 10)")
-    parser.add_argument("--storm-lone", type=int, default=5, help="lone untrusted sessions, one after another (default 5)")
+    parser.add_argument("--storm-lone", type=int, default=5,
+                        help="lone untrusted sessions, one after another (default 5)")
     parser.add_argument("--storm-sustained", type=int, default=5000,
                         help="untrusted addresses over --storm-sustained-seconds (default 5000; 0: none)")
     parser.add_argument("--storm-sustained-seconds", type=float, default=60, help="(default 60)")
     parser.add_argument("--storm-ipv6", type=int, default=1000,
-                        help="addresses of one IPv6 /64 failing logins against the bruteforce rulebook (default 1000; 0: none)")
+                        help="addresses of one IPv6 /64 failing logins against the bruteforce rulebook "
+                             "(default 1000; 0: none)")
     parser.add_argument("--profile", metavar="DIR",
                         help="profile the source (cProfile) in the bursts, the real activation and the soak, into DIR; "
                              "profiled figures are slower and only for finding where time goes")
@@ -79,16 +84,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def machine() -> dict:
-    def version(cmd):
+def machine() -> dict[str, Any]:
+    def version(cmd: list[str]) -> str:
         try:
-            return subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=False).stdout.strip().splitlines()[0]
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=False)
+            return done.stdout.strip().splitlines()[0]
         except (OSError, IndexError, subprocess.SubprocessError):
             return "?"
 
     model = "?"
     try:
-        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     import libvirt
@@ -111,8 +118,8 @@ def machine() -> dict:
 class Report:
     """Prints as it goes: every figure with its goal and whether it is met."""
 
-    def __init__(self):
-        self.figures: list[dict] = []
+    def __init__(self) -> None:
+        self.figures: list[dict[str, Any]] = []
         self.lost = 0
 
     def section(self, title: str) -> None:
@@ -127,7 +134,7 @@ class Report:
         self.figures.append({"name": name, "value": value, "goal": goal, "met": met})
 
 
-def report_burst(report: Report, result: dict, options) -> None:
+def report_burst(report: Report, result: dict[str, Any], options: argparse.Namespace) -> None:
     r = result
     report.line(f"  {len(r['rows'])} bursts of {options.sessions} sessions over {r['domains']} domains on "
                 f"{r['uris']} hypervisors; both listeners at once, the source into asyncio.Queue(maxsize=1)")
@@ -152,7 +159,7 @@ def report_burst(report: Report, result: dict, options) -> None:
     report.lost += r["source_lost"] + r["duplicates"]
 
 
-def report_latency(report: Report, result: dict) -> None:
+def report_latency(report: Report, result: dict[str, Any]) -> None:
     r = result
     report.line("  from libvirt's callback (time in the raw event) to the consumer taking it off the queue")
     paced = r.get("paced")
@@ -173,7 +180,7 @@ def report_latency(report: Report, result: dict) -> None:
     report.figure("bursts, max", f"{r['latency_max_ms']:.2f} ms")
 
 
-def report_endtoend(report: Report, r: dict) -> None:
+def report_endtoend(report: Report, r: dict[str, Any]) -> None:
     report.line(f"  {len(r['rows'])} rounds, each the engine's ceiling (bench_replay feeding console_audit.yml's "
                 f"filter and rules) and the same rulebook with the source, in alternating order; the source "
                 f"takes a real burst of {r['sessions']} sessions live, then one it finds waiting "
@@ -195,7 +202,7 @@ def report_endtoend(report: Report, r: dict) -> None:
     report.lost += r["lost"] + r["duplicates"]
 
 
-def report_scale(report: Report, r: dict) -> None:
+def report_scale(report: Report, r: dict[str, Any]) -> None:
     report.line(f"  {r['hypervisors']} session daemons x {r['domains']} running domains "
                 f"({r['hypervisors'] * r['domains']} domains, up in {r['setup_s']:.0f}s), one console client open "
                 f"on each hypervisor; {len(r['runs'])} fresh source processes")
@@ -210,7 +217,7 @@ def report_scale(report: Report, r: dict) -> None:
     report.lost += r["hypervisors"] - r["snapshots_min"]
 
 
-def report_soak(report: Report, r: dict) -> None:
+def report_soak(report: Report, r: dict[str, Any]) -> None:
     b = r["bound"]
     report.line(f"  {r['events']:,} events through the source's callback (synthetic libvirt arguments, in the "
                 f"source's process: HypervisorWatcher.on_graphics -> buffer -> feed() -> Queue(maxsize=1) -> "
@@ -239,20 +246,21 @@ def report_soak(report: Report, r: dict) -> None:
     report.lost += r["lost"] + b["lost"]
 
 
-def report_audit(report: Report, r: dict) -> None:
+def report_audit(report: Report, r: dict[str, Any]) -> None:
     report.figure("audit writer alone (AuditLog.append, fsync=interval)", f"{r['writer_per_s']:.0f} records/s")
     report.figure("classify filter (policy verdict + audit record) per event", f"{r['classify_per_s']:.0f} events/s")
     report.figure("records lost", str(r["lost"]), "0", r["lost"] == 0)
     report.lost += r["lost"]
 
 
-def report_storm(report: Report, r: dict) -> None:
+def report_storm(report: Report, r: dict[str, Any]) -> None:
     lone, storm = r["lone"], r["storm"]
     report.line("  the shipped unauthorized_console rulebook through ansible-rulebook, one session daemon with "
                 f"{r['consoles']} consoles, clients with addresses of their own; times are libvirt's, from a "
                 "session's connect event to its disconnect event (the cut)")
     report.figure("lone untrusted session, connect to cut (p50)",
-                  f"{lone['p50_s']:.2f} s over {lone['cut']} of {lone['runs']} sessions" if lone["p50_s"] else "none cut",
+                  f"{lone['p50_s']:.2f} s over {lone['cut']} of {lone['runs']} sessions" if lone["p50_s"]
+                  else "none cut",
                   "p50 <= 2 s", lone["p50_s"] is not None and lone["p50_s"] <= 2.0 and lone["cut"] == lone["runs"])
     report.figure(f"storm of {r['addresses']} addresses: sessions opened / cut by a remediation / not cut",
                   f"{storm['opened']} (in {storm['open_s']:.1f} s) / {storm['cut']} / {storm['not_cut']}",
@@ -282,16 +290,16 @@ def report_storm(report: Report, r: dict) -> None:
         report.lost += sustained["not_cut"]
     ipv6 = r.get("ipv6")
     if ipv6:
+        refused_from = ipv6["refused_from_s"]
         report.figure(f"IPv6 brute force, {ipv6['addresses']} addresses of {ipv6['prefix']}: "
                       "logins through / refused / runs",
                       f"{ipv6['attempts']} / {ipv6['refused']} / {ipv6['runs']}; refused from "
-                      f"{ipv6['refused_from_s'] if ipv6['refused_from_s'] is None else round(ipv6['refused_from_s'], 1)} s "
-                      "after the first attempt")
+                      f"{refused_from if refused_from is None else round(refused_from, 1)} s after the first attempt")
         report.figure("IPv6 brute force, the /64 blocked", f"{ipv6['blocked']} ({', '.join(ipv6['networks'])})",
                       "True", ipv6["blocked"])
 
 
-def run_scale(lab, report: Report, options) -> dict:
+def run_scale(lab: Lab, report: Report, options: argparse.Namespace) -> dict[str, Any]:
     from lab import rfb
 
     hypervisors, domains = options.scale_hypervisors, options.scale_domains
@@ -333,7 +341,7 @@ def run_scale(lab, report: Report, options) -> dict:
     }
 
 
-def run_soak(lab, options) -> dict:
+def run_soak(lab: Lab, options: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "bench.soak", "--events", str(options.soak_events),
            "--stall-events", str(options.soak_stall_events), "--flow-events", str(options.soak_flow_events),
            "--limit", str(options.soak_limit), "--sample-every", str(max(3, options.soak_flow_events // 5))]
@@ -342,16 +350,17 @@ def run_soak(lab, options) -> dict:
     proc = lab.spawn(cmd, stdout=subprocess.PIPE, text=True)
     out, _err = proc.communicate(timeout=3600)
     lab.stop_process(proc)
-    return json.loads(out.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
     chosen = options.only or list(MEASUREMENTS)
     if options.profile:
         Path(options.profile).mkdir(parents=True, exist_ok=True)
     report = Report()
-    results: dict = {"machine": machine(), "options": vars(options)}
+    results: dict[str, Any] = {"machine": machine(), "options": vars(options)}
     m = results["machine"]
     report.line(f"# virtguard.console bench, {m['date']}")
     report.line(f"# machine: {m['cpu']}, {m['cores']} cores, {m['memory_available_mib']} MiB available, "
@@ -381,7 +390,8 @@ def main(argv=None) -> int:
             if "endtoend" in chosen:
                 from bench.endtoend import end_to_end
 
-                report.section("2. End to end: ansible-rulebook with the shipped audit rulebook vs the engine's ceiling")
+                report.section("2. End to end: ansible-rulebook with the shipped audit rulebook "
+                               "vs the engine's ceiling")
                 result = end_to_end(lab, burst_hvs, options.e2e_rounds, options.e2e_sessions, options.concurrency,
                                     log=report.line, profile=options.profile)
                 results["endtoend"] = result

@@ -8,16 +8,16 @@ import runpy
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from ansible_collections.virtguard.console.plugins.module_utils.audit_log import AuditLog, event_record
 from ansible_collections.virtguard.console.plugins.module_utils.graphics_event import address, graphics_payload
-
 from bench import ROOT
 
 CLASSIFY_PATH = ROOT / "extensions" / "eda" / "plugins" / "event_filter" / "classify.py"
 
 
-def sample_events(count: int, first_session: int = 0) -> list[dict]:
+def sample_events(count: int, first_session: int = 0) -> list[dict[str, Any]]:
     """Payloads shaped like the source's: whole sessions, a SASL identity on initialize; the
     sessions are numbered from ``first_session``, so that each batch has sessions of its own
     (session ids, client ports) as real traffic does."""
@@ -38,7 +38,7 @@ def sample_events(count: int, first_session: int = 0) -> list[dict]:
     return events
 
 
-def measure(count: int) -> dict:
+def measure(count: int) -> dict[str, Any]:
     events = sample_events(min(count, 30000))
     with tempfile.TemporaryDirectory(prefix="vgt-bench-audit-", dir=ROOT / "build") as tmp:
         log = AuditLog(str(Path(tmp) / "writer.jsonl"), fsync="interval")
@@ -48,7 +48,7 @@ def measure(count: int) -> dict:
             log.append(event_record(events[n % len(events)]["graphics"], verdict))
         writer = count / (time.perf_counter() - started)
         log.close()
-        lines_writer = sum(1 for _line in open(Path(tmp) / "writer.jsonl"))
+        lines_writer = _count_lines(Path(tmp) / "writer.jsonl")
 
         plugin = runpy.run_path(str(CLASSIFY_PATH))
         classify = plugin["main"]
@@ -61,6 +61,11 @@ def measure(count: int) -> dict:
         for state in plugin["_STATES"].values():
             state.audit.close()
         filtered = count / (time.perf_counter() - started)
-        lines_classify = sum(1 for _line in open(path))
+        lines_classify = _count_lines(Path(path))
     return {"records": count, "writer_per_s": writer, "classify_per_s": filtered,
             "lost": (count - lines_writer) + (count - lines_classify)}
+
+
+def _count_lines(path: Path) -> int:
+    with open(path) as lines:
+        return sum(1 for _line in lines)

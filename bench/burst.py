@@ -9,8 +9,12 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from lab import rfb
+
+if TYPE_CHECKING:
+    from bench.lab import Lab
 
 EVENTS_PER_SESSION = 3  # connect, initialize, disconnect
 
@@ -53,7 +57,8 @@ def run_burst(ports: list[int], sessions: int, concurrency: int = 8, rate: float
 class ListenerProcess:
     """A ``python -m bench.listener`` child, spoken to line by line."""
 
-    def __init__(self, lab, kind: str, uris: list[str], profile: str | None = None, args: dict | None = None):
+    def __init__(self, lab: Lab, kind: str, uris: list[str], profile: str | None = None,
+                 args: dict[str, Any] | None = None):
         cmd = [sys.executable, "-m", "bench.listener", kind, *uris]
         if profile:
             cmd += ["--profile", profile]
@@ -61,19 +66,22 @@ class ListenerProcess:
             cmd += ["--args", json.dumps(args)]
         self.kind = kind
         self.lab = lab
-        self.proc = lab.spawn(cmd, stdin=-1, stdout=-1, text=True, bufsize=1)
+        self.proc = lab.spawn(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
         self.ready = self.read(timeout=120)
 
-    def read(self, timeout: float = 60) -> dict:
-        ready = select.select([self.proc.stdout], [], [], timeout)[0]
-        line = self.proc.stdout.readline() if ready else ""
+    def read(self, timeout: float = 60) -> dict[str, Any]:
+        ready = select.select([self.stdout], [], [], timeout)[0]
+        line = self.stdout.readline() if ready else ""
         if not line:
             raise RuntimeError(f"the {self.kind} listener did not answer (exit status {self.proc.poll()})")
-        return json.loads(line)
+        answer: dict[str, Any] = json.loads(line)
+        return answer
 
-    def ask(self, cmd: str, timeout: float = 60) -> dict:
-        self.proc.stdin.write(json.dumps({"cmd": cmd}) + "\n")
-        self.proc.stdin.flush()
+    def ask(self, cmd: str, timeout: float = 60) -> dict[str, Any]:
+        self.stdin.write(json.dumps({"cmd": cmd}) + "\n")
+        self.stdin.flush()
         return self.read(timeout)
 
     @property
@@ -82,8 +90,8 @@ class ListenerProcess:
 
     def stop(self) -> None:
         try:
-            self.proc.stdin.write(json.dumps({"cmd": "exit"}) + "\n")
-            self.proc.stdin.flush()
+            self.stdin.write(json.dumps({"cmd": "exit"}) + "\n")
+            self.stdin.flush()
             self.proc.wait(10)
         except (OSError, ValueError, subprocess.TimeoutExpired):
             pass

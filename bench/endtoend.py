@@ -19,14 +19,19 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from lab.rulebook_runner import VENV_BIN, local_inventory
 
 from bench import ROOT
 from bench.burst import run_burst
 from bench.stats import median
+from lab.rulebook_runner import VENV_BIN, local_inventory
+
+if TYPE_CHECKING:
+    from bench.lab import BenchHypervisor, Lab
 
 RULEBOOK = ROOT / "extensions" / "eda" / "rulebooks" / "console_audit.yml"
 SOURCE_NAME = "virtguard.console.libvirt_graphics"
@@ -36,7 +41,7 @@ WARM_ROUNDS = 2
 class Activation:
     """One ansible-rulebook process (in its own process group, stopped by the Lab)."""
 
-    def __init__(self, lab, name: str, rulebook: str, variables: dict, workdir: Path,
+    def __init__(self, lab: Lab, name: str, rulebook: str, variables: dict[str, Any], workdir: Path,
                  extra_args: tuple[str, ...] = (), profile: str | None = None):
         self.lab = lab
         self.name = name
@@ -47,7 +52,8 @@ class Activation:
         inventory = workdir / "inventory.yml"
         vars_file.write_text(yaml.safe_dump({**variables, "virtguard_audit_log": str(self.audit_log)}))
         inventory.write_text(yaml.safe_dump(local_inventory()))
-        self.log = open(self.log_path, "wb")
+        # open as long as the activation runs; stop() closes it
+        self.log = open(self.log_path, "wb")  # noqa: SIM115
         self.profile = profile
         wrapper = [sys.executable, "-m", "bench.profiled", profile] if profile else []
         self.proc = lab.spawn([*wrapper, str(VENV_BIN / "ansible-rulebook"), "-r", rulebook, "-i", str(inventory),
@@ -89,8 +95,9 @@ def ceiling_rulebook(workdir: Path, events: int, trigger_dir: Path) -> Path:
     return path
 
 
-def end_to_end(lab, hypervisors, rounds: int, sessions: int, concurrency: int, log=print,
-               profile: str | None = None) -> dict:
+def end_to_end(lab: Lab, hypervisors: list[BenchHypervisor], rounds: int, sessions: int, concurrency: int,
+               log: Callable[[str], object] = print,
+               profile: str | None = None) -> dict[str, Any]:
     workdir = ROOT / "build" / "bench" / f"e2e-{os.getpid()}"
     workdir.mkdir(parents=True, exist_ok=True)
     triggers = workdir / "triggers"
@@ -141,7 +148,7 @@ def end_to_end(lab, hypervisors, rounds: int, sessions: int, concurrency: int, l
                     os.kill(real.proc.pid, signal.SIGCONT)
                 real_records = wait_for_records(real_tail, stopped_burst.expected_events)
                 real_cpu = cpu_us_per_event(cpu_before, process_cpu_s(real.proc.pid), len(real_records))
-            row = {
+            row: dict[str, Any] = {
                 "round": n + 1,
                 "first": order[0],
                 "ceiling_events": len(ceiling_records),
@@ -161,7 +168,8 @@ def end_to_end(lab, hypervisors, rounds: int, sessions: int, concurrency: int, l
             row["real_duplicates"] = _duplicates(live_records) + _duplicates(real_records)
             row["ratio"] = row["real_eps"] / row["ceiling_eps"] if row["ceiling_eps"] else 0.0
             rows.append(row)
-            log(f"#   round {n + 1}/{rounds} ({order[0]} first): ceiling {row['ceiling_events']} ev {row['ceiling_eps']:.0f}/s; "
+            log(f"#   round {n + 1}/{rounds} ({order[0]} first): "
+                f"ceiling {row['ceiling_events']} ev {row['ceiling_eps']:.0f}/s; "
                 f"source live {row['live_events']} ev {row['live_eps']:.0f}/s, backlog {row['real_events']} ev "
                 f"{row['real_eps']:.0f}/s, ratio {row['ratio']:.3f}; lost {row['real_lost']}")
     finally:
@@ -174,7 +182,8 @@ def end_to_end(lab, hypervisors, rounds: int, sessions: int, concurrency: int, l
         "ceiling_eps_median": median([r["ceiling_eps"] for r in rows]),
         "real_eps_median": median([r["real_eps"] for r in rows]),
         "live_eps_median": median([r["live_eps"] for r in rows]),
-        "ceiling_cpu_us_median": {part: median([r["ceiling_cpu_us"][part] for r in rows]) for part in rows[0]["ceiling_cpu_us"]},
+        "ceiling_cpu_us_median": {part: median([r["ceiling_cpu_us"][part] for r in rows])
+                                  for part in rows[0]["ceiling_cpu_us"]},
         "real_cpu_us_median": {part: median([r["real_cpu_us"][part] for r in rows]) for part in rows[0]["real_cpu_us"]},
         "lost": sum(r["real_lost"] for r in rows), "duplicates": sum(r["real_duplicates"] for r in rows),
         "ceiling_lost": sum(r["ceiling_lost"] for r in rows),
@@ -182,17 +191,17 @@ def end_to_end(lab, hypervisors, rounds: int, sessions: int, concurrency: int, l
     }
 
 
-def _session_phases(records: list[dict]) -> set:
+def _session_phases(records: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
     """An event seen twice has the same session, phase and callback time (two sessions may
     share an id when a client port is reused, not the microsecond of a callback)."""
     return {(r["graphics"]["session"]["id"], r["graphics"]["phase"], r["graphics"]["timestamp"]) for r in records}
 
 
-def _lost(records: list[dict], expected: int) -> int:
+def _lost(records: list[dict[str, Any]], expected: int) -> int:
     return max(0, expected - len(_session_phases(records)))
 
 
-def _duplicates(records: list[dict]) -> int:
+def _duplicates(records: list[dict[str, Any]]) -> int:
     return len(records) - len(_session_phases(records))
 
 
@@ -219,7 +228,7 @@ def process_cpu_s(pid: int) -> dict[str, float]:
     return cpu
 
 
-def cpu_us_per_event(before: dict, after: dict, events: int) -> dict:
+def cpu_us_per_event(before: dict[str, Any], after: dict[str, Any], events: int) -> dict[str, Any]:
     return {part: 1e6 * (after[part] - before[part]) / max(1, events) for part in after}
 
 
@@ -233,7 +242,7 @@ class AuditTail:
         self.offset = 0
         self.partial = b""
 
-    def read_new(self) -> list[dict]:
+    def read_new(self) -> list[dict[str, Any]]:
         try:
             with open(self.path, "rb") as log:
                 log.seek(self.offset)
@@ -245,10 +254,10 @@ class AuditTail:
         return [json.loads(line) for line in lines if line.strip()]
 
 
-def wait_for_records(tail: AuditTail, count: int, quiet: float = 5.0, timeout: float = 300) -> list[dict]:
+def wait_for_records(tail: AuditTail, count: int, quiet: float = 5.0, timeout: float = 300) -> list[dict[str, Any]]:
     """The next ``count`` records (and any beyond that arrive within half a second, so that a
     duplicate shows), or fewer when nothing new comes for ``quiet`` seconds."""
-    records: list[dict] = []
+    records: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout
     last_change = time.monotonic()
     while time.monotonic() < deadline:
@@ -265,7 +274,7 @@ def wait_for_records(tail: AuditTail, count: int, quiet: float = 5.0, timeout: f
     return records
 
 
-def rate(records: list[dict]) -> float:
+def rate(records: list[dict[str, Any]]) -> float:
     times = [datetime.datetime.fromisoformat(r["time"]).timestamp() for r in records]
     if len(times) < 2:
         return 0.0

@@ -15,8 +15,10 @@ the mark. ``--profile FILE`` (source) profiles from the mark to the report (cPro
 
 from __future__ import annotations
 
+import abc
 import argparse
 import asyncio
+import cProfile
 import datetime
 import json
 import logging
@@ -24,26 +26,42 @@ import os
 import sys
 import threading
 import time
+from typing import Any
 
 from bench.stats import percentile, rss_kib, thread_cpu_s
 from lab.source_runner import source_plugin
 
 
-class Listener:
+class Listener(abc.ABC):
     kind = ""
 
     def __init__(self, uris: list[str]):
         self.uris = uris
         self.cpu_mark = time.process_time()
         self.threads_mark = thread_cpu_s()
-        self.profile = None
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Subscribe to every URI; return once the events flow."""
+
+    @abc.abstractmethod
+    def clear(self) -> None:
+        """Forget what was seen."""
+
+    @abc.abstractmethod
+    def count(self) -> int:
+        """The events seen since the mark."""
+
+    @abc.abstractmethod
+    def report(self) -> dict[str, Any]:
+        """The figures since the mark."""
 
     def mark(self) -> None:
         self.clear()
         self.cpu_mark = time.process_time()
         self.threads_mark = thread_cpu_s()
 
-    def base_report(self, times: list[float]) -> dict:
+    def base_report(self, times: list[float]) -> dict[str, Any]:
         return {
             "count": len(times),
             "first": min(times) if times else None,
@@ -53,7 +71,7 @@ class Listener:
             "rss_kib": rss_kib(),
         }
 
-    def cpu_by_thread(self) -> dict:
+    def cpu_by_thread(self) -> dict[str, Any]:
         """CPU since the mark: the asyncio loop's thread, libvirt's event thread (the source's),
         the rest (executor, the bench's stdin reader)."""
         now = thread_cpu_s()
@@ -76,12 +94,13 @@ class BareListener(Listener):
 
     kind = "bare"
 
-    def __init__(self, uris):
+    def __init__(self, uris: list[str]):
         super().__init__(uris)
         self.seen: list[float] = []
-        self.conns = []
+        self.conns: list[Any] = []
 
-    def on_graphics(self, _conn, _dom, _phase, _local, _remote, _auth, _subject, _opaque):
+    def on_graphics(self, _conn: Any, _dom: Any, _phase: int, _local: Any, _remote: Any, _auth: str, _subject: Any,
+                    _opaque: Any) -> None:
         self.seen.append(time.time())
 
     async def start(self) -> None:
@@ -101,19 +120,19 @@ class BareListener(Listener):
     def count(self) -> int:
         return len(self.seen)
 
-    def report(self) -> dict:
+    def report(self) -> dict[str, Any]:
         return self.base_report(self.seen)
 
 
 class _ReadyHandler(logging.Handler):
     """Counts the source's "watching graphics events" log lines: one per subscribed URI."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__(logging.INFO)
         self.watching = 0
         self.changed = asyncio.Event()
 
-    def emit(self, record):
+    def emit(self, record: logging.LogRecord) -> None:
         if "watching graphics events" in record.getMessage():
             self.watching += 1
             self.changed.set()
@@ -124,18 +143,19 @@ class SourceListener(Listener):
 
     kind = "source"
 
-    def __init__(self, uris, args: dict | None = None, profile: str | None = None):
+    def __init__(self, uris: list[str], args: dict[str, Any] | None = None, profile: str | None = None):
         super().__init__(uris)
         self.args = {"uri": uris, **(args or {})}
         self.records: list[tuple[float, str, str, str]] = []
         self.profile_path = profile
+        self.profile: cProfile.Profile | None = None
 
     async def start(self) -> None:
         ready = _ReadyHandler()
         logger = logging.getLogger("virtguard.console.libvirt_graphics")
         logger.setLevel(logging.INFO)
         logger.addHandler(ready)
-        self.queue: asyncio.Queue = asyncio.Queue(maxsize=1)
+        self.queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=1)
         self.task = asyncio.create_task(source_plugin().main(self.queue, self.args))
         self.consumer = asyncio.create_task(self.consume())
         while ready.watching < len(self.uris):
@@ -157,8 +177,6 @@ class SourceListener(Listener):
     def mark(self) -> None:
         super().mark()
         if self.profile_path:
-            import cProfile
-
             self.profile = cProfile.Profile()
             self.profile.enable()
 
@@ -168,8 +186,8 @@ class SourceListener(Listener):
     def count(self) -> int:
         return len(self.records)
 
-    def report(self) -> dict:
-        if self.profile is not None:
+    def report(self) -> dict[str, Any]:
+        if self.profile is not None and self.profile_path:
             self.profile.disable()
             self.profile.dump_stats(self.profile_path)
             self.profile = None
@@ -182,7 +200,8 @@ class SourceListener(Listener):
         # share a session id (the client's port is reused) but not the microsecond of a callback
         report["unique"] = len({(sid, phase, stamp) for _s, stamp, phase, sid in self.records})
         report["session_ids_reused"] = len(self.records) - len({(sid, phase) for _s, _t, phase, sid in self.records})
-        report["phases"] = {p: sum(1 for r in self.records if r[2] == p) for p in ("connect", "initialize", "disconnect")}
+        report["phases"] = {phase: sum(1 for r in self.records if r[2] == phase)
+                            for phase in ("connect", "initialize", "disconnect")}
         report["latency_ms"] = {
             "p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
             "max": latencies[-1] if latencies else None,
@@ -190,20 +209,20 @@ class SourceListener(Listener):
         return report
 
 
-def _stdin_commands(loop: asyncio.AbstractEventLoop, commands: asyncio.Queue) -> None:
+def _stdin_commands(loop: asyncio.AbstractEventLoop, commands: asyncio.Queue[Any]) -> None:
     for line in sys.stdin:
         loop.call_soon_threadsafe(commands.put_nowait, line)
     loop.call_soon_threadsafe(commands.put_nowait, None)
 
 
-def write(obj: dict) -> None:
+def write(obj: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(obj) + "\n")
     sys.stdout.flush()
 
 
 async def serve(listener: Listener) -> None:
     await listener.start()
-    commands: asyncio.Queue = asyncio.Queue()
+    commands: asyncio.Queue[Any] = asyncio.Queue()
     threading.Thread(target=_stdin_commands, args=(asyncio.get_running_loop(), commands), daemon=True).start()
     write({"ready": True, "pid": os.getpid()})
     while True:
@@ -230,6 +249,7 @@ def main() -> None:
     parser.add_argument("--args", default="{}", help="extra source arguments, JSON")
     options = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    listener: Listener
     if options.kind == "bare":
         listener = BareListener(options.uri)
     else:

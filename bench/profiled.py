@@ -2,17 +2,20 @@
 profile to OUT whenever the process gets SIGUSR1 (ansible-rulebook does not return from its
 main on SIGINT, so a profile written at exit would never appear)."""
 
+from __future__ import annotations
+
 import cProfile
 import runpy
 import signal
 import sys
+from types import FrameType
 
 
 def main() -> None:
     out, script, *args = sys.argv[1:]
     profile = cProfile.Profile()
 
-    def dump(_signum, _frame):
+    def dump(_signum: int, _frame: FrameType | None) -> None:
         profile.disable()
         profile.dump_stats(out)
         profile.enable()

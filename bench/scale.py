@@ -15,21 +15,22 @@ import logging
 import os
 import sys
 import time
+from typing import Any
 
 from bench.listener import _ReadyHandler
 from lab.source_runner import source_plugin
 
 
-async def measure(uris: list[str]) -> dict:
+async def measure(uris: list[str]) -> dict[str, Any]:
     ready = _ReadyHandler()
     logger = logging.getLogger("virtguard.console.libvirt_graphics")
     logger.setLevel(logging.INFO)
     logger.addHandler(ready)
-    queue: asyncio.Queue = asyncio.Queue(maxsize=1)
+    queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=1)
     started = time.monotonic()
     task = asyncio.create_task(source_plugin().main(queue, {"uri": uris}))
     registered = None
-    snapshot_uris = set()
+    snapshot_uris: set[str] = set()
     events = 0
     deadline = started + 300
     getter = asyncio.create_task(queue.get())

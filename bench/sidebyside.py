@@ -4,13 +4,19 @@ so the same bursts give the latency the source adds between the callback and the
 
 from __future__ import annotations
 
-from bench.burst import ListenerProcess, run_burst, wait_for_events
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from bench.burst import Burst, ListenerProcess, run_burst, wait_for_events
 from bench.stats import median
 
+if TYPE_CHECKING:
+    from bench.lab import BenchHypervisor, Lab
 
-def side_by_side(lab, hypervisors, bursts: int, sessions: int, concurrency: int,
-                 profile: str | None = None, log=print, paced_sessions: int = 0,
-                 paced_rate: float = 0) -> dict:
+
+def side_by_side(lab: Lab, hypervisors: list[BenchHypervisor], bursts: int, sessions: int, concurrency: int,
+                 profile: str | None = None, log: Callable[[str], object] = print, paced_sessions: int = 0,
+                 paced_rate: float = 0) -> dict[str, Any]:
     uris = [hv.uri for hv in hypervisors]
     ports = [d.vnc_port for hv in hypervisors for d in hv.domains]
     bare = ListenerProcess(lab, "bare", uris)
@@ -103,7 +109,7 @@ def side_by_side(lab, hypervisors, bursts: int, sessions: int, concurrency: int,
     }
 
 
-def _source_figures(report: dict, expected: int) -> dict:
+def _source_figures(report: dict[str, Any], expected: int) -> dict[str, Any]:
     """What the source's report says of one run: events seen once, lost, seen twice, latency."""
     return {
         "source_unique": report["unique"],
@@ -116,8 +122,8 @@ def _source_figures(report: dict, expected: int) -> dict:
     }
 
 
-def _rate(report: dict, burst) -> float:
+def _rate(report: dict[str, Any], burst: Burst) -> float:
     """Events per second from the start of the burst to the listener's last event."""
     if not report["count"] or report["last"] is None:
         return 0.0
-    return report["count"] / max(1e-6, report["last"] - burst.started)
+    return float(report["count"] / max(1e-6, report["last"] - burst.started))

@@ -23,13 +23,13 @@ import sys
 import time
 import tracemalloc
 import uuid
+from typing import Any
 
 from ansible_collections.virtguard.console.plugins.plugin_utils.event_buffer import EventBuffer
 from ansible_collections.virtguard.console.plugins.plugin_utils.hypervisor_watcher import HypervisorWatcher, feed
 from ansible_collections.virtguard.console.plugins.plugin_utils.source_arguments import SourceArguments
-from lab.source_runner import FakeDomain
-
 from bench.stats import rss_kib
+from lab.source_runner import FakeDomain
 
 URI = "qemu+unix:///session?socket=/nonexistent/bench-soak"
 
@@ -41,7 +41,7 @@ class Soak:
         self.watcher = HypervisorWatcher(URI, config, self.buffer)
         self.watcher.hypervisor = {"uri": URI, "hostname": "bench-soak"}
         self.feed = feed
-        self.queue: asyncio.Queue = asyncio.Queue(maxsize=1)
+        self.queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=1)
         self.flowing = asyncio.Event()
         self.flowing.set()
         self.consumed = 0
@@ -85,7 +85,7 @@ class Soak:
 
 
 async def run(total: int, stall_events: int, flow_events: int, limit: int, sample_every: int,
-              profile: str | None, trace_cycles: int = 3) -> dict:
+              profile: str | None, trace_cycles: int = 3) -> dict[str, Any]:
     soak = Soak(limit)
     feeder = asyncio.create_task(soak.feed(soak.queue, soak.buffer))
     consumer = asyncio.create_task(soak.consume())
@@ -122,7 +122,7 @@ async def run(total: int, stall_events: int, flow_events: int, limit: int, sampl
         cycles += 1
     elapsed = time.monotonic() - started
     cpu = time.process_time() - cpu0
-    if profiler:
+    if profiler and profile:
         profiler.disable()
         profiler.dump_stats(profile)
     soaked = soak.injected  # the soak proper; the bound check and the traced cycles come on top

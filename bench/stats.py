@@ -43,10 +43,12 @@ def load_average() -> str:
 
 def thread_cpu_s() -> dict[int, float]:
     """CPU seconds of each Python thread of this process, by native thread id."""
-    cpu = {}
+    cpu: dict[int, float] = {}
     for thread in threading.enumerate():
+        if thread.ident is None or thread.native_id is None:  # not started yet
+            continue
         try:
             cpu[thread.native_id] = time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
-        except (OSError, TypeError):  # ended meanwhile
+        except OSError:  # ended meanwhile
             continue
     return cpu

@@ -23,17 +23,19 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
-
-from lab import rfb
-from lab.hypervisor import SessionHypervisor, run
-from lab.netns import _enter_netns
-from lab.rulebook_runner import RulebookRun, read_jsonl
-from lab.server_view import established_peers, nft_blocks
+from typing import Any, TypeVar
 
 from bench import ROOT
 from bench.stats import median, percentile, rss_kib
+from lab import rfb
+from lab.hypervisor import SessionHypervisor, run
+from lab.netns import _enter_netns
+from lab.rulebook_runner import RulebookRun
+from lab.server_view import established_peers, nft_blocks
+
+T = TypeVar("T")
 
 NETWORK4 = ipaddress.ip_network("198.18.0.0/16")  # RFC 2544 benchmarking addresses
 PORT_BASE = 27000
@@ -93,7 +95,7 @@ class AttackerHost:
         subprocess.run(["ip", "netns", "exec", self.name, "ip", "-batch", "-"], input="\n".join(lines) + "\n",
                        text=True, check=True, capture_output=True)
 
-    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn`` on a thread inside the namespace (threads it starts are inside too)."""
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(
@@ -101,17 +103,17 @@ class AttackerHost:
         return self._pool.submit(fn, *args).result()
 
 
-def event_seconds(record: dict) -> float:
+def event_seconds(record: dict[str, Any]) -> float:
     return datetime.datetime.fromisoformat(record["graphics"]["timestamp"]).timestamp()
 
 
 class Activation:
     """ansible-rulebook with a shipped rulebook, its audit log read incrementally."""
 
-    def __init__(self, rulebook: str, variables: dict, workdir: Path) -> None:
+    def __init__(self, rulebook: str, variables: dict[str, Any], workdir: Path) -> None:
         self.audit = workdir / "audit.jsonl"
         self.run = RulebookRun(rulebook, dict(variables, virtguard_audit_log=str(self.audit)), workdir)
-        self.records: list[dict] = []
+        self.records: list[dict[str, Any]] = []
         self._offset = 0
 
     def __enter__(self) -> Activation:
@@ -121,7 +123,7 @@ class Activation:
     def __exit__(self, *exc: object) -> None:
         self.run.stop()
 
-    def read(self) -> list[dict]:
+    def read(self) -> list[dict[str, Any]]:
         try:
             with open(self.audit, "rb") as audit:
                 audit.seek(self._offset)
@@ -133,12 +135,18 @@ class Activation:
         self.records += [json.loads(line) for line in data[:end].splitlines() if line.strip()]
         return self.records
 
-    def remediations(self, action: str) -> list[dict]:
+    def remediations(self, action: str) -> list[dict[str, Any]]:
         return [r for r in self.read() if r["record"] == "remediation" and r["action"] == action]
+
+    @property
+    def proc(self) -> subprocess.Popen[Any]:
+        """The running ansible-rulebook."""
+        assert self.run.proc is not None, "the activation was not started"
+        return self.run.proc
 
     def rss_kib(self) -> int:
         """Resident memory of the activation: ansible-rulebook's Python and its JVM."""
-        pids = subprocess.run(["pgrep", "-g", str(self.run.proc.pid)], capture_output=True, text=True).stdout.split()
+        pids = subprocess.run(["pgrep", "-g", str(self.proc.pid)], capture_output=True, text=True).stdout.split()
         total = 0
         for pid in pids:
             try:
@@ -150,10 +158,18 @@ class Activation:
         return total
 
 
+def client_address(peer: str) -> str:
+    """A peer address as a dual-stack socket shows it: an IPv4-mapped one as its IPv4 address."""
+    value = ipaddress.ip_address(peer)
+    if isinstance(value, ipaddress.IPv6Address) and value.ipv4_mapped is not None:
+        return str(value.ipv4_mapped)
+    return peer
+
+
 def sessions_cut(activation: Activation, sources: set[str]) -> dict[tuple[str, int], float]:
     """Sessions of ``sources`` (client address, client port) with their connect-to-cut time in
     seconds, from libvirt's connect and disconnect events, for those a remediation cut."""
-    cut = {(str(ipaddress.ip_address(c["peer_address"]).ipv4_mapped or c["peer_address"]), c["peer_port"])
+    cut = {(client_address(c["peer_address"]), c["peer_port"])
            for r in activation.remediations("cut") for c in r["result"].get("cut", [])}
     connects: dict[tuple[str, int], float] = {}
     latencies: dict[tuple[str, int], float] = {}
@@ -205,7 +221,7 @@ def wait_all_gone(ports: list[int], clients: set[tuple[str, int]], timeout: floa
 
 
 def measure(lab: Any, log: Callable[[str], None], addresses: int = 200, consoles: int = 10, lone_runs: int = 5,
-            sustained: int = 5000, sustained_seconds: float = 60, ipv6_failures: int = 1000) -> dict:
+            sustained: int = 5000, sustained_seconds: float = 60, ipv6_failures: int = 1000) -> dict[str, Any]:
     conf = (f'vnc_listen = "::"\nremote_display_port_min = {PORT_BASE}\n'
             f"remote_display_port_max = {PORT_BASE + 199}\n")
     hv = SessionHypervisor("st", qemu_conf=conf)
@@ -241,7 +257,7 @@ def measure(lab: Any, log: Callable[[str], None], addresses: int = 200, consoles
 
 
 def lone(activation: Activation, attacker: AttackerHost, ports: list[int], runs: int,
-         log: Callable[[str], None]) -> dict:
+         log: Callable[[str], None]) -> dict[str, Any]:
     latencies = []
     for _run in range(runs):
         source = attacker.addresses4(1)
@@ -264,7 +280,7 @@ def lone(activation: Activation, attacker: AttackerHost, ports: list[int], runs:
 
 
 def storm(activation: Activation, attacker: AttackerHost, ports: list[int], count: int,
-          log: Callable[[str], None]) -> dict:
+          log: Callable[[str], None]) -> dict[str, Any]:
     sources = attacker.addresses4(count)
     runs_before = len(activation.remediations("block"))
     started = time.monotonic()
@@ -280,13 +296,14 @@ def storm(activation: Activation, attacker: AttackerHost, ports: list[int], coun
     values = sorted(cut.values())
     log(f"#   storm: {len(opened)} sessions opened in {open_s:.2f}s, all gone on the hypervisor after "
         f"{gone_s if gone_s is None else round(gone_s, 2)}s, {len(runs)} runs")
-    return {"opened": len(opened), "open_s": open_s, "gone_s": gone_s, "cut": len(set(cut) & clients), "not_cut": len(clients - set(cut)), "runs": len(runs),
+    return {"opened": len(opened), "open_s": open_s, "gone_s": gone_s, "cut": len(set(cut) & clients),
+            "not_cut": len(clients - set(cut)), "runs": len(runs),
             "batch_sizes": [r.get("batch_size") for r in runs],
             "p50_s": percentile(values, 50) if values else None, "max_s": values[-1] if values else None}
 
 
 def sustained_flow(activation: Activation, attacker: AttackerHost, ports: list[int], count: int, seconds: float,
-                   table: str, log: Callable[[str], None]) -> dict:
+                   table: str, log: Callable[[str], None]) -> dict[str, Any]:
     sources = attacker.addresses4(count)
     rss: list[int] = [activation.rss_kib()]
     sampling = threading.Event()
@@ -305,7 +322,7 @@ def sustained_flow(activation: Activation, attacker: AttackerHost, ports: list[i
     sampling.set()
     sampler.join()
     cut = sessions_cut(activation, set(sources))
-    alive = activation.run.proc.poll() is None
+    alive = activation.proc.poll() is None
     for sock, _source in opened:
         sock.close()
     sets = {}
@@ -324,11 +341,11 @@ def sustained_flow(activation: Activation, attacker: AttackerHost, ports: list[i
 
 
 def ipv6_bruteforce(activation: Activation, attacker: AttackerHost, ports: list[int], count: int, table: str,
-                    log: Callable[[str], None]) -> dict:
+                    log: Callable[[str], None]) -> dict[str, Any]:
     sources = attacker.addresses6(count)
     prefix = str(attacker.prefix6)
 
-    def fail_logins() -> dict:
+    def fail_logins() -> dict[str, Any]:
         attempts = refused = 0
         first_refused: float | None = None
         for index, source in enumerate(sources):

@@ -6,10 +6,13 @@ engine takes them: ``events`` per round, one round each time a file ``go-N`` app
 ``trigger_dir`` (N = 1, 2, ...), so the bench can alternate it with the real source's bursts.
 """
 
+from __future__ import annotations
+
 import asyncio
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -18,7 +21,7 @@ from bench.audit import sample_events  # noqa: E402
 LOGGER = logging.getLogger("bench_replay")
 
 
-async def main(queue, args):
+async def main(queue: asyncio.Queue[Any], args: dict[str, Any]) -> None:
     trigger_dir = Path(args["trigger_dir"])
     count = int(args["events"])
     LOGGER.info("bench_replay: ready, %d events per round", count)
