@@ -4,6 +4,8 @@
 # from PyPI. ensurepip's pip has no --no-setuptools/--no-wheel options (they belong to get-pip.py).
 """Bootstrap pip in the running interpreter's environment, then pip install the arguments."""
 
+from __future__ import annotations
+
 import subprocess
 import sys
 

@@ -2,9 +2,12 @@
 event source, real VNC clients (gvnccapture, and a session held open while the source starts),
 and the events shown as they arrive. Stops by itself and removes what it made."""
 
+from __future__ import annotations
+
 import ast
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -36,7 +39,9 @@ def show(line: str) -> None:
 
 def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="virtguard-demo-"))
-    hv = proc = held = None
+    hv: SessionHypervisor | None = None
+    proc: subprocess.Popen[str] | None = None
+    held: socket.socket | None = None
     try:
         print("== a libvirt session daemon with one small paused domain (VNC on 127.0.0.1)")
         hv = SessionHypervisor("demo").start()
@@ -48,18 +53,21 @@ def main() -> None:
         (work / "inventory.yml").write_text("all:\n  hosts:\n    localhost:\n")
         (work / "vars.yml").write_text(f"virtguard_uri: '{hv.uri}'\n")
         env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(ROOT / "build" / "collections"))
-        proc = subprocess.Popen(["ansible-rulebook", "-r", str(RULEBOOK), "-i", "inventory.yml", "--vars", "vars.yml",
-                                 "-v"], cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)
-        os.set_blocking(proc.stdout.fileno(), False)
+        rulebook = proc = subprocess.Popen(["ansible-rulebook", "-r", str(RULEBOOK), "-i", "inventory.yml",
+                                            "--vars", "vars.yml", "-v"],
+                                           cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                           text=True, start_new_session=True)
+        output = rulebook.stdout
+        assert output is not None
+        os.set_blocking(output.fileno(), False)
 
         def pump(seconds: float) -> None:
             deadline = time.monotonic() + seconds
             while time.monotonic() < deadline:
-                line = proc.stdout.readline()
+                line = output.readline()
                 if not line:
-                    if proc.poll() is not None:
-                        raise SystemExit(f"ansible-rulebook exited with {proc.returncode}")
+                    if rulebook.poll() is not None:
+                        raise SystemExit(f"ansible-rulebook exited with {rulebook.returncode}")
                     time.sleep(0.05)
                     continue
                 if "watching graphics events" in line:
@@ -78,15 +86,15 @@ def main() -> None:
         pump(3)
         print("== done: the demo stops by itself")
     finally:
-        if held:
+        if held is not None:
             held.close()
-        if proc and proc.poll() is None:
+        if proc is not None and proc.poll() is None:
             os.killpg(proc.pid, signal.SIGINT)
             try:
                 proc.wait(15)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
-        if hv:
+        if hv is not None:
             hv.stop()
         subprocess.run(["rm", "-rf", str(work)], check=False)
 
