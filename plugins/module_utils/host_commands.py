@@ -11,7 +11,25 @@ Python 3.8+ (the module_utils run on managed hosts): the aliases use typing's fo
 
 from __future__ import annotations
 
-from typing import Callable, Tuple
+from typing import Any, Callable, Tuple
 
 Run = Callable[..., Tuple[int, str, str]]
 GetBinPath = Callable[..., str]
+
+
+def module_runner(module: Any) -> Run:
+    """``run(argv, data=None) -> (rc, stdout, stderr)`` through ``module`` (an AnsibleModule):
+    ``argv[0]`` is a command name (nft, ss), resolved once with ``get_bin_path`` and run from
+    that path, never through a shell; a command missing on this host answers rc 127."""
+    binaries: dict[str, str | None] = {}
+
+    def run(argv: list[str], data: str | None = None) -> tuple[int, str, str]:
+        if argv[0] not in binaries:
+            binaries[argv[0]] = module.get_bin_path(argv[0])
+        binary = binaries[argv[0]]
+        if binary is None:
+            return 127, "", f"{argv[0]} not found on this host"
+        rc, out, err = module.run_command([binary, *argv[1:]], data=data, binary_data=True)
+        return rc, out, err
+
+    return run

@@ -198,11 +198,15 @@ still_blocked:
 
 from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.virtguard.console.plugins.module_utils.client_batch import (
+    batch_addresses,
+    batch_argument_spec,
+)
 from ansible_collections.virtguard.console.plugins.module_utils.console_ports import (
-    DEFAULT_CONSOLE_PROCESSES,
     PortDiscoveryError,
     qemu_listening_ports,
 )
+from ansible_collections.virtguard.console.plugins.module_utils.host_commands import module_runner
 from ansible_collections.virtguard.console.plugins.module_utils.ip_addresses import (
     DEFAULT_SET_SIZE,
     AddressError,
@@ -219,11 +223,7 @@ from ansible_collections.virtguard.console.plugins.module_utils.nftables_block i
 def main() -> None:
     module = AnsibleModule(
         argument_spec=dict(
-            addresses=dict(type="list", elements="str"),
-            address=dict(type="str", removed_in_version="1.0.0", removed_from_collection="virtguard.console"),
-            ports=dict(type="list", elements="str", default=[]),
-            discover_ports=dict(type="bool", default=True),
-            console_processes=dict(type="list", elements="str", default=list(DEFAULT_CONSOLE_PROCESSES)),
+            batch_argument_spec(),
             timeout=dict(type="int", default=600),
             refresh=dict(type="bool", default=True),
             state=dict(type="str", choices=["present", "absent"], default="present"),
@@ -235,19 +235,8 @@ def main() -> None:
         supports_check_mode=True,
     )
     params = module.params
-    addresses = params["addresses"] if params["addresses"] is not None else [params["address"]]
-    binaries: dict[str, str | None] = {}
-
-    def run(argv: list[str], data: str | None = None) -> tuple[int, str, str]:
-        # argv[0] is a command name (nft or ss), run from the path resolved here, never a shell.
-        if argv[0] not in binaries:
-            binaries[argv[0]] = module.get_bin_path(argv[0])
-        binary = binaries[argv[0]]
-        if binary is None:
-            return 127, "", f"{argv[0]} not found on this host"
-        rc, out, err = module.run_command([binary, *argv[1:]], data=data, binary_data=True)
-        return rc, out, err
-
+    addresses = batch_addresses(params)
+    run = module_runner(module)
     discovered: set[int] = set()
     try:
         table = BlockTable(run, table=params["table"], set_size=params["set_size"])

@@ -105,7 +105,10 @@ verified:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.virtguard.console.plugins.module_utils.console_ports import DEFAULT_CONSOLE_PROCESSES
+from ansible_collections.virtguard.console.plugins.module_utils.client_batch import (
+    batch_addresses,
+    batch_argument_spec,
+)
 from ansible_collections.virtguard.console.plugins.module_utils.tcp_cut import (
     ConnectionCutter,
     CutError,
@@ -115,11 +118,7 @@ from ansible_collections.virtguard.console.plugins.module_utils.tcp_cut import (
 def main() -> None:
     module = AnsibleModule(
         argument_spec=dict(
-            addresses=dict(type="list", elements="str"),
-            address=dict(type="str", removed_in_version="1.0.0", removed_from_collection="virtguard.console"),
-            ports=dict(type="list", elements="str", default=[]),
-            discover_ports=dict(type="bool", default=True),
-            console_processes=dict(type="list", elements="str", default=list(DEFAULT_CONSOLE_PROCESSES)),
+            batch_argument_spec(),
             client_port=dict(type="int"),
             verify_attempts=dict(type="int", default=3),
         ),
@@ -134,7 +133,7 @@ def main() -> None:
         return rc, out, err
 
     params = module.params
-    addresses = params["addresses"] if params["addresses"] is not None else [params["address"]]
+    addresses = batch_addresses(params)
     try:
         result = ConnectionCutter(run).cut(addresses, params["ports"], params["client_port"],
                                            discover_ports=params["discover_ports"],

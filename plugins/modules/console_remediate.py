@@ -1,5 +1,4 @@
 #!/usr/bin/python
-# -*- coding: utf-8 -*-
 # Copyright: virtguard.console contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 
@@ -73,7 +72,7 @@ ports:
   elements: str
 """
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
 
@@ -82,6 +81,7 @@ from ansible_collections.virtguard.console.plugins.module_utils.console_ports im
     PortDiscoveryError,
     qemu_listening_ports,
 )
+from ansible_collections.virtguard.console.plugins.module_utils.host_commands import module_runner
 from ansible_collections.virtguard.console.plugins.module_utils.ip_addresses import (
     DEFAULT_SET_SIZE,
     AddressError,
@@ -111,15 +111,7 @@ def main() -> None:
         supports_check_mode=True,
     )
     params = module.params
-    binaries: Dict[str, Optional[str]] = {}
-
-    def run(argv: List[str], data: Optional[str] = None) -> Tuple[int, str, str]:
-        # argv[0] is a command name (nft or ss), run from the path resolved here, never a shell.
-        if argv[0] not in binaries:
-            binaries[argv[0]] = module.get_bin_path(argv[0])
-        if binaries[argv[0]] is None:
-            return 127, "", f"{argv[0]} not found on this host"
-        return module.run_command([binaries[argv[0]]] + argv[1:], data=data, binary_data=True)
+    run = module_runner(module)
 
     try:
         ports = format_port_ranges(parse_port_ranges(params["ports"]))
@@ -131,7 +123,7 @@ def main() -> None:
         except PortDiscoveryError as exc:
             module.warn(f"console ports not discovered, using the configured ones only: {exc}")
 
-    block: Dict[str, Any] = {"ok": True}
+    block: dict[str, Any] = {"ok": True}
     try:
         table = BlockTable(run, table=params["table"], set_size=params["set_size"])
         block.update(table.block(params["addresses"], params["timeout"], ports, check_mode=module.check_mode))
@@ -143,7 +135,7 @@ def main() -> None:
         module.warn(warning)
 
     # the cut runs whatever became of the block: a failed block must never leave a session open
-    cut: Dict[str, Any] = {"ok": True}
+    cut: dict[str, Any] = {"ok": True}
     try:
         cut.update(ConnectionCutter(run).cut(params["addresses"], ports, discover_ports=False,
                                              check_mode=module.check_mode,
