@@ -13,11 +13,13 @@ needs itself, so any test passes alone.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import socket
 import subprocess
-import time
+from pathlib import Path
+from typing import Any
 from xml.sax.saxutils import escape
 
 import pytest
@@ -27,7 +29,7 @@ from lab.hypervisor import DOMAIN_XML, PREFIX, Domain, SessionHypervisor, wait_f
 from lab.netns import ClientNamespace
 from lab.rulebook_runner import RulebookRun, read_jsonl
 from lab.server_view import established_peers, nft_blocks, vnc_clients
-from lab.tls_console import TlsSaslLab
+from lab.tls_console import ConsoleClient, TlsSaslLab
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +39,7 @@ STORM_PER_CONSOLE = 20  # QEMU serves at most 32 shared clients per display
 CUT_TIMEOUT = 120.0  # a deadline for a failing test, not a goal: the bench measures speed
 MARKER = f"/tmp/{PREFIX}pw"  # what a rendered hostile certificate name would create
 HOSTILE = {
-    "hostile": "{{ lookup(*'pipe~touch %s'.split('~')) }}" % MARKER,
+    "hostile": f"{{{{ lookup(*'pipe~touch {MARKER}'.split('~')) }}}}",
     "broken": "{{ broken ~ (",
     "linesep": "line\u2028break\u2029para\u0085next",
 }
@@ -50,67 +52,82 @@ def dname(common_name: str) -> str:
     return f"O=virtguard lab,CN={common_name}"
 
 
+@dataclasses.dataclass
 class Lab:
     """Hypervisors, namespaces and the running activation."""
+
+    work: Path
+    audit: Path
+    ns: dict[str, ClientNamespace]
+    plain: SessionHypervisor
+    domains: list[Domain]
+    plain_domain: Domain
+    tls: SessionHypervisor
+    tls_lab: TlsSaslLab
+    tls_domain: Domain
+    clients: dict[str, ConsoleClient]
+    snapshot_sock: socket.socket
+    activation: RulebookRun
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     work = tmp_path_factory.mktemp("remediation")
-    lab = Lab()
-    lab.work = work
-    lab.audit = work / "audit.jsonl"
+    audit = work / "audit.jsonl"
     names = ("trusted", "untrusted", "storm", "snapshot", "hostile", "broken", "alice", "linesep")
     more = ("odd", "v6", "expiry")
-    lab.ns = {}
-    lab.plain = lab.tls = lab.tls_lab = lab.activation = None
+    namespaces: dict[str, ClientNamespace] = {}
+    plain: SessionHypervisor | None = None
+    tls: SessionHypervisor | None = None
+    tls_lab: TlsSaslLab | None = None
+    activation: RulebookRun | None = None
     held = []
     try:
         for index, name in enumerate(names):
-            lab.ns[name] = ClientNamespace(index).create()
+            namespaces[name] = ClientNamespace(index).create()
         for index, name in enumerate(more, start=len(names)):
-            lab.ns[name] = ClientNamespace(index).create()
+            namespaces[name] = ClientNamespace(index).create()
         # dual stack: IPv4 clients arrive as IPv4-mapped IPv6, and IPv6 clients are served
-        lab.plain = SessionHypervisor("rp", qemu_conf='vnc_listen = "::"\n').start()
-        lab.domains = [lab.plain.create_domain(f"{lab.plain.user}-d{n}", listen="::")
-                       for n in range(STORM_CONSOLES)]
-        lab.plain_domain = lab.domains[0]
-        lab.tls = SessionHypervisor("rt")
-        lab.tls_lab = TlsSaslLab(lab.tls.base / "tls", [ns.host_ip for ns in lab.ns.values()])
-        lab.tls.qemu_conf = lab.tls_lab.qemu_conf()
+        plain = SessionHypervisor("rp", qemu_conf='vnc_listen = "::"\n').start()
+        domains = [plain.create_domain(f"{plain.user}-d{n}", listen="::") for n in range(STORM_CONSOLES)]
+        tls = SessionHypervisor("rt")
+        tls_lab = TlsSaslLab(tls.base / "tls", [ns.host_ip for ns in namespaces.values()])
+        tls.qemu_conf = tls_lab.qemu_conf()
         for user in ("alice", "mallory"):
-            lab.tls_lab.add_sasl_user(user, f"{user}-pw")
-        lab.tls.start()
-        lab.tls_domain = lab.tls.create_domain(f"{lab.tls.user}-d0", listen="0.0.0.0")
-        lab.clients = {name: lab.tls_lab.client(f"c{index}", cn) for index, (name, cn) in enumerate(HOSTILE.items())}
-        lab.clients["alice"] = lab.tls_lab.client("ca", "alice-laptop")
+            tls_lab.add_sasl_user(user, f"{user}-pw")
+        tls.start()
+        tls_domain = tls.create_domain(f"{tls.user}-d0", listen="0.0.0.0")
+        clients = {name: tls_lab.client(f"c{index}", cn) for index, (name, cn) in enumerate(HOSTILE.items())}
+        clients["alice"] = tls_lab.client("ca", "alice-laptop")
         # A session from an untrusted address that is already open when the activation starts.
-        snap = lab.ns["snapshot"]
-        lab.snapshot_sock = snap.call(rfb.open_session, snap.host_ip, lab.plain_domain.vnc_port)
-        held.append(lab.snapshot_sock)
-        trusted = lab.ns["trusted"]
-        lab.activation = RulebookRun("unauthorized_console", {
-            "virtguard_uri": [lab.plain.uri, lab.tls.uri],
-            "virtguard_trusted_networks": [lab.ns[n].network for n in ("trusted", "hostile", "broken", "alice",
-                                                                       "linesep")] + [trusted.network6],
+        snap = namespaces["snapshot"]
+        snapshot_sock = snap.call(rfb.open_session, snap.host_ip, domains[0].vnc_port)
+        held.append(snapshot_sock)
+        trusted = namespaces["trusted"]
+        activation = RulebookRun("unauthorized_console", {
+            "virtguard_uri": [plain.uri, tls.uri],
+            "virtguard_trusted_networks": [namespaces[n].network for n in ("trusted", "hostile", "broken", "alice",
+                                                                           "linesep")] + [trusted.network6],
             "virtguard_allowed_identities": [dname("alice-laptop"), "alice"],
             "virtguard_block_seconds": BLOCK_SECONDS,
-            "virtguard_audit_log": str(lab.audit),
+            "virtguard_audit_log": str(audit),
             "virtguard_nft_table": NFT_TABLE,
         }, work).start()
-        yield lab
+        yield Lab(work=work, audit=audit, ns=namespaces, plain=plain, domains=domains, plain_domain=domains[0],
+                  tls=tls, tls_lab=tls_lab, tls_domain=tls_domain, clients=clients, snapshot_sock=snapshot_sock,
+                  activation=activation)
     finally:
         for sock in held:
             sock.close()
-        if lab.activation:
-            lab.activation.stop()
+        if activation is not None:
+            activation.stop()
         subprocess.run(["nft", "delete", "table", "inet", NFT_TABLE], capture_output=True, check=False)
-        if lab.tls_lab:
-            lab.tls_lab.cleanup()
-        for hv in (lab.plain, lab.tls):
-            if hv:
+        if tls_lab is not None:
+            tls_lab.cleanup()
+        for hv in (plain, tls):
+            if hv is not None:
                 hv.stop()
-        for ns in lab.ns.values():
+        for ns in namespaces.values():
             ns.delete()
         if os.path.exists(MARKER):
             os.unlink(MARKER)
@@ -118,11 +135,23 @@ def lab(tmp_path_factory):
 
 # -- helpers --------------------------------------------------------------------------------
 
-def address(text: str):
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Client = tuple[IPAddress, int]  # (client address, client port) as the hypervisor sees it
+
+
+def address(text: str) -> IPAddress:
     return ipaddress.ip_address(text)
 
 
-def wait_until_gone(lab, clients: set, domains, timeout: float = CUT_TIMEOUT) -> None:
+def peer_address(text: str) -> IPAddress:
+    """A peer address as a hypervisor socket shows it: an IPv4-mapped one is its IPv4 address."""
+    value = address(text)
+    if isinstance(value, ipaddress.IPv6Address) and value.ipv4_mapped is not None:
+        return value.ipv4_mapped
+    return value
+
+
+def wait_until_gone(lab: Lab, clients: set[Client], domains: list[Domain], timeout: float = CUT_TIMEOUT) -> None:
     """Until no (address, port) of ``clients`` is connected on the hypervisor, in the kernel's
     view and in QEMU's."""
     ports = [d.vnc_port for d in domains]
@@ -135,9 +164,9 @@ def wait_until_gone(lab, clients: set, domains, timeout: float = CUT_TIMEOUT) ->
     wait_for(gone, timeout, f"{len(clients)} console client(s) to be cut on the hypervisor", interval=0.5)
 
 
-def connected(lab, client: tuple, domain) -> bool:
-    return (client in established_peers([domain.vnc_port])
-            and client in vnc_clients(lab.plain.query_vnc(domain.name)))
+def connected(lab: Lab, client: Client, domain: Domain) -> bool:
+    return bool(client in established_peers([domain.vnc_port])
+                and client in vnc_clients(lab.plain.query_vnc(domain.name)))
 
 
 def refused(ns: ClientNamespace, host: str, port: int, source: str | None = None) -> bool:
@@ -147,7 +176,7 @@ def refused(ns: ClientNamespace, host: str, port: int, source: str | None = None
         except ConnectionRefusedError:
             return True
         return False
-    return ns.call(attempt)
+    return bool(ns.call(attempt))
 
 
 def nft_port_protected(port: int) -> bool:
@@ -159,17 +188,17 @@ def nft_holds(network: str) -> bool:
     return nft_blocks(NFT_TABLE, network)
 
 
-def remediations(lab, action: str) -> list[dict]:
+def remediations(lab: Lab, action: str) -> list[dict[str, Any]]:
     return [r for r in read_jsonl(lab.audit) if r["record"] == "remediation" and r["action"] == action]
 
 
-def cut_connections(lab) -> set:
+def cut_connections(lab: Lab) -> set[Client]:
     """(client address, client port) of every connection a remediation's cut reported."""
-    return {(ipaddress.ip_address(c["peer_address"]).ipv4_mapped or address(c["peer_address"]), c["peer_port"])
+    return {(peer_address(c["peer_address"]), c["peer_port"])
             for r in remediations(lab, "cut") for c in r["result"].get("cut", [])}
 
 
-def cut_by_remediation(lab, clients: set, timeout: float = 30) -> bool:
+def cut_by_remediation(lab: Lab, clients: set[Client], timeout: float = 30) -> bool:
     """Whether every one of ``clients`` is among the connections a remediation reported cut
     (its audit record follows the cut by a moment)."""
     try:
@@ -179,15 +208,18 @@ def cut_by_remediation(lab, clients: set, timeout: float = 30) -> bool:
     return True
 
 
-def wait_for_remediation(lab, client_address: str, actions=("block", "cut"), timeout: float = 30) -> dict:
-    def found():
+def wait_for_remediation(lab: Lab, client_address: str, actions: tuple[str, ...] = ("block", "cut"),
+                         timeout: float = 30) -> dict[str, dict[str, Any]]:
+    def found() -> dict[str, dict[str, Any]] | None:
         records = {r["action"]: r for r in read_jsonl(lab.audit)
                    if r["record"] == "remediation" and client_address in r.get("addresses", [])}
         return records if all(a in records for a in actions) else None
-    return wait_for(found, timeout, f"the remediation records of {client_address}", interval=0.3)
+    records: dict[str, dict[str, Any]] = wait_for(found, timeout, f"the remediation records of {client_address}",
+                                                  interval=0.3)
+    return records
 
 
-def events_of(lab, node: str) -> list[dict]:
+def events_of(lab: Lab, node: str) -> list[dict[str, Any]]:
     return [r for r in read_jsonl(lab.audit) if r["record"] == "event" and r["graphics"]["remote"]["node"] == node]
 
 
@@ -233,10 +265,10 @@ def test_session_open_before_the_activation_is_cut(lab):
     assert refused(snap, snap.host_ip, lab.plain_domain.vnc_port)
 
 
-def open_storm(ns: ClientNamespace, sources: list[str], domains) -> list[tuple]:
+def open_storm(ns: ClientNamespace, sources: list[str], domains: list[Domain]) -> list[tuple[socket.socket, str, int]]:
     """One held VNC session per source address, spread over the consoles, opened as fast as
-    one thread can: (source address, client port, console port) of each."""
-    def attempt():
+    one thread can: (socket, source address, console port) of each."""
+    def attempt() -> list[tuple[socket.socket, str, int]]:
         opened = []
         for index, source in enumerate(sources):
             port = domains[index % len(domains)].vnc_port
@@ -246,7 +278,8 @@ def open_storm(ns: ClientNamespace, sources: list[str], domains) -> list[tuple]:
                 continue  # cut or refused already: its address was remediated
             opened.append((sock, source, port))
         return opened
-    return ns.call(attempt)
+    opened: list[tuple[socket.socket, str, int]] = ns.call(attempt)
+    return opened
 
 
 def test_a_distributed_storm_is_cut_session_by_session_in_batches(lab):
@@ -273,7 +306,7 @@ def test_a_distributed_storm_is_cut_session_by_session_in_batches(lab):
             sock.close()
 
 
-def create_domain_on_port(hv: SessionHypervisor, name: str, port: int):
+def create_domain_on_port(hv: SessionHypervisor, name: str, port: int) -> Domain:
     """A domain whose VNC listens on a fixed port of our choice, outside libvirt's autoport range."""
     xml = DOMAIN_XML.format(name=escape(name), listen="::").replace(
         "autoport='yes'", f"autoport='no' port='{port}'")
@@ -326,13 +359,14 @@ def test_ipv6_ipv4_mapped_and_ipv4_compatible_clients_are_cut_and_blocked(lab):
         socks.append(ns.call(rfb.open_session, ns.host_ip6, domain.vnc_port))  # native IPv6
         socks.append(ns.call(rfb.open_session, ns.host_ip6, domain.vnc_port, 10, (compat, 0)))  # IPv4-compatible
         sources = (ns.client_ip, ns.client_ip6, compat)
-        clients = {(address(source), sock.getsockname()[1]) for source, sock in zip(sources, socks)}
+        clients = {(address(source), sock.getsockname()[1]) for source, sock in zip(sources, socks, strict=True)}
         wait_until_gone(lab, clients, [domain])
         assert cut_by_remediation(lab, clients)
         assert nft_holds(ns.client_ip)
         assert nft_holds(str(ipaddress.ip_network(f"{ns.client_ip6}/64", strict=False)))
         assert nft_holds(compat)
-        assert not nft_holds("::/64") and not nft_holds("::1"), "the loopback went into the block with the compatible address"
+        assert not nft_holds("::/64") and not nft_holds("::1"), \
+            "the loopback went into the block with the compatible address"
         assert refused(ns, ns.host_ip6, domain.vnc_port, compat)
         assert refused(ns, ns.host_ip6, domain.vnc_port)
     finally:
@@ -408,7 +442,7 @@ def test_every_event_of_a_session_is_on_record_in_order(lab):
         sock.close()
     node = mapped(ns.client_ip)
 
-    def ours() -> list[dict] | None:
+    def ours() -> list[dict[str, Any]] | None:
         found = [e for e in events_of(lab, node) if e["graphics"]["remote"]["service"] in ports]
         return found if len(found) >= 9 else None
     events = wait_for(ours, 30, "three sessions' events")

@@ -4,16 +4,19 @@ the hypervisor's sockets."""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import socket
 import subprocess
 import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from lab import rfb
-from lab.hypervisor import SessionHypervisor, wait_for
+from lab.hypervisor import Domain, SessionHypervisor, wait_for
 from lab.netns import ClientNamespace
 from lab.rulebook_runner import RulebookRun, read_jsonl
 from lab.server_view import established_peers, nft_blocks
@@ -24,21 +27,33 @@ NFT_TABLE = f"virtguard_b{os.getpid()}"
 THRESHOLD = 4
 
 
+@dataclasses.dataclass
+class PlainHypervisor:
+    """A dual-stack session daemon and its one domain."""
+
+    hv: SessionHypervisor
+    domain: Domain
+
+    @property
+    def uri(self) -> str:
+        uri: str = self.hv.uri
+        return uri
+
+
 @pytest.fixture(scope="module")
-def plain_hypervisor():
+def plain_hypervisor() -> Iterator[PlainHypervisor]:
     hv = SessionHypervisor("rb", qemu_conf='vnc_listen = "::"\n').start()
     try:
-        hv.domain = hv.create_domain(f"{hv.user}-d0", listen="::")
-        yield hv
+        yield PlainHypervisor(hv, hv.create_domain(f"{hv.user}-d0", listen="::"))
     finally:
         hv.stop()
 
 
 @pytest.fixture
-def namespaces():
-    made = []
+def namespaces() -> Iterator[Callable[[int], ClientNamespace]]:
+    made: list[ClientNamespace] = []
 
-    def make(index):
+    def make(index: int) -> ClientNamespace:
         made.append(ClientNamespace(index, tag="b").create())
         return made[-1]
     yield make
@@ -55,7 +70,7 @@ def failed_login(ns: ClientNamespace, port: int, host: str | None = None, source
     ns.call(attempt)
 
 
-def activation_for(hv, audit, tmp_path) -> RulebookRun:
+def activation_for(hv: PlainHypervisor, audit: Path, tmp_path: Path) -> RulebookRun:
     return RulebookRun("bruteforce", {
         "virtguard_uri": hv.uri,
         "virtguard_bruteforce_threshold": THRESHOLD,
