@@ -13,7 +13,6 @@ over the time from the first record to the last of a round.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import signal
 import subprocess
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from bench import ROOT
+from bench.audit_tail import AuditTail
 from bench.burst import run_burst
 from bench.stats import median
 from lab.rulebook_runner import VENV_BIN, local_inventory
@@ -230,28 +230,6 @@ def process_cpu_s(pid: int) -> dict[str, float]:
 
 def cpu_us_per_event(before: dict[str, Any], after: dict[str, Any], events: int) -> dict[str, Any]:
     return {part: 1e6 * (after[part] - before[part]) / max(1, events) for part in after}
-
-
-class AuditTail:
-    """The records appended to an audit log since the last read. Reads only the new bytes, and
-    parses each record once: re-reading the whole log on every poll would cost the bench more
-    CPU the longer the log grows, and take it from the activation being measured."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.offset = 0
-        self.partial = b""
-
-    def read_new(self) -> list[dict[str, Any]]:
-        try:
-            with open(self.path, "rb") as log:
-                log.seek(self.offset)
-                data = log.read()
-        except FileNotFoundError:
-            return []
-        self.offset += len(data)
-        *lines, self.partial = (self.partial + data).split(b"\n")
-        return [json.loads(line) for line in lines if line.strip()]
 
 
 def wait_for_records(tail: AuditTail, count: int, quiet: float = 5.0, timeout: float = 300) -> list[dict[str, Any]]:

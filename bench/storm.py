@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bench import ROOT
+from bench.audit_tail import AuditTail
 from bench.stats import median, percentile, rss_kib
 from lab import rfb
 from lab.hypervisor import SessionHypervisor, run
@@ -114,7 +115,7 @@ class Activation:
         self.audit = workdir / "audit.jsonl"
         self.run = RulebookRun(rulebook, dict(variables, virtguard_audit_log=str(self.audit)), workdir)
         self.records: list[dict[str, Any]] = []
-        self._offset = 0
+        self._tail = AuditTail(self.audit)
 
     def __enter__(self) -> Activation:
         self.run.start()
@@ -124,15 +125,8 @@ class Activation:
         self.run.stop()
 
     def read(self) -> list[dict[str, Any]]:
-        try:
-            with open(self.audit, "rb") as audit:
-                audit.seek(self._offset)
-                data = audit.read()
-        except FileNotFoundError:
-            return self.records
-        end = data.rfind(b"\n") + 1
-        self._offset += end
-        self.records += [json.loads(line) for line in data[:end].splitlines() if line.strip()]
+        """Every record so far."""
+        self.records += self._tail.read_new()
         return self.records
 
     def remediations(self, action: str) -> list[dict[str, Any]]:
