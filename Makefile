@@ -24,7 +24,7 @@ unit: deps
 integration: deps
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS) tests/integration
 
-## ansible-lint (production profile) over the whole collection.
+## ansible-lint (production profile) over the whole collection, then ruff and mypy (pyproject.toml), and the changelog.
 lint: deps
 	bash hacking/lint.sh
 
