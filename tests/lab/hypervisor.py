@@ -255,11 +255,6 @@ class SessionHypervisor:
             return
         wait_for(lambda: not Path(f"/proc/{pid}").exists(), 30, "libvirtd to exit")
 
-    def restart_daemon(self) -> None:
-        """Kill and start libvirtd; the QEMU processes (and their clients) live on."""
-        self.stop_daemon()
-        self.start_daemon()
-
     def stop(self) -> None:
         try:
             if self.daemon_pid() is not None:

@@ -90,9 +90,6 @@ class ClientNamespace:
     def run(self, cmd: list[str], check: bool = True, **kwargs) -> subprocess.CompletedProcess:
         return run(["ip", "netns", "exec", self.name, *cmd], check=check, **kwargs)
 
-    def popen(self, cmd: list[str], **kwargs) -> subprocess.Popen:
-        return subprocess.Popen(["ip", "netns", "exec", self.name, *cmd], **kwargs)
-
     def call(self, fn, *args, **kwargs):
         """Run ``fn`` on a thread inside the namespace; sockets it opens belong there."""
         if self._pool is None:
