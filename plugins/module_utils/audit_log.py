@@ -229,7 +229,8 @@ class AuditLog:
         else:
             self._reopen_if_rotated(now)
         fd = self.fd
-        assert fd is not None
+        if fd is None:  # _open() sets it or raises
+            raise AuditError(f"audit log {self.path} is not open")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError as exc:

@@ -148,7 +148,7 @@ def test_writers_failing_at_their_size_limits_beside_another_leave_its_records_a
     free.close()
     results = []
     for child in limited:
-        out, _ = child.communicate("", timeout=300)
+        out, _err = child.communicate("", timeout=300)
         assert child.returncode == 0
         results.append(json.loads(out))
     records = whole_lines(path)

@@ -34,10 +34,10 @@ def run_until_exit(rulebook_args: list[str], variables: dict[str, Any], workdir:
                             cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
-        output, _ = proc.communicate(timeout=timeout)
+        output, _err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
+        output, _err = proc.communicate()
         raise AssertionError(f"the activation did not stop at start:\n{output[-3000:]}") from None
     return proc.returncode, output
 

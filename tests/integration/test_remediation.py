@@ -409,8 +409,11 @@ def test_allowed_identity_from_a_trusted_network_is_never_touched(lab):
     port = lab.tls_domain.vnc_port
     rc, output = lab.clients["alice"].capture(ns.name, ns.host_ip, port - 5900, "alice", "alice-pw")
     assert rc == 0, output
-    events = wait_for(lambda: (lambda found: found if len(found) >= 3 else None)(events_of(lab, ns.client_ip)),
-                      20, "alice's three events")
+
+    def three_events() -> list[dict[str, Any]] | None:
+        found = events_of(lab, ns.client_ip)
+        return found if len(found) >= 3 else None
+    events = wait_for(three_events, 20, "alice's three events")
     assert [e["graphics"]["phase"] for e in events] == ["connect", "initialize", "disconnect"]
     assert all(e["virtguard"]["verdict"] == "allow" and not e["virtguard"]["queued"] for e in events)
     rc, output = lab.clients["alice"].capture(ns.name, ns.host_ip, port - 5900, "alice", "alice-pw")

@@ -316,8 +316,8 @@ def test_bytes_another_writer_appended_after_a_fragment_are_never_truncated(tmp_
     assert json.loads(path.read_text().splitlines()[-1]) == {"later": 2}
 
 
-def test_a_fragment_that_cannot_be_truncated_gets_its_line_ended(tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_fragment_that_cannot_be_truncated_gets_its_line_ended(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "audit.jsonl"
     path.write_bytes(b'{"earlier":1}\n')
     calls = []
@@ -352,8 +352,8 @@ def test_a_fragment_another_writer_left_is_ended_before_the_next_record(tmp_path
     assert fragment == '{"killed": "mid-wri'
 
 
-def test_the_lock_is_held_while_writing_and_while_undoing_a_fragment(tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_lock_is_held_while_writing_and_while_undoing_a_fragment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "audit.jsonl"
     path.write_bytes(b"")
     probe = os.open(path, os.O_RDONLY)  # another open file description: flock conflicts with it
