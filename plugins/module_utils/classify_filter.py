@@ -49,6 +49,7 @@ from ansible_collections.virtguard.console.plugins.module_utils.rulebook_context
 PLUGIN = "virtguard.console.classify"
 LOGGER = logging.getLogger(PLUGIN)
 NFT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,30}$")
+INVENTORY_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 AUDIT_ERROR_LOG_INTERVAL = 10.0
 
 OPTIONS = (
@@ -66,6 +67,8 @@ OPTIONS = (
     Option("bruteforce_threshold", "int", default=0, minimum=0, maximum=1_000_000),
     Option("bruteforce_window", "float", default=60, minimum=1, maximum=7 * 86400),
     Option("remediation", "bool", default=True),
+    Option("block_scope", "str", default="hypervisor", choices=("hypervisor", "fleet")),
+    Option("fleet_group", "str", default="all"),
     Option("audit_log", "str", default=""),
     Option("audit_fsync", "str", default="interval", choices=FSYNC_POLICIES),
 )
@@ -96,8 +99,13 @@ class FilterState:
             raise fail(name, str(exc).split(": ", 1)[-1]) from None
         self.batches = RemediationBatches(lease=args["remediation_holdoff"], max_batch=args["max_batch"])
         self.classifier = Classifier(self.policy, self.batches if args["remediation"] else None)
+        if not INVENTORY_NAME.match(args["fleet_group"]):
+            raise fail("fleet_group", f"is not a usable inventory group name, got {args['fleet_group']!r}")
+        # fleet: every run goes to every host of the group (each blocks, and cuts where it has sessions)
+        self.run_hosts = args["fleet_group"] if args["block_scope"] == "fleet" else None
         self.settings = {"nft_table": args["nft_table"], "set_size": args["block_set_size"],
-                         "block_seconds": args["block_seconds"], "audit_log": args["audit_log"]}
+                         "block_seconds": args["block_seconds"], "audit_log": args["audit_log"],
+                         "scope": args["block_scope"]}
         self.audit = self._audit_writer(args["audit_log"], args["audit_fsync"], fail) if args["audit_log"] else None
         self._audit_failures_seen = 0
         self._audit_logged_at: float | None = None
@@ -150,7 +158,7 @@ def classify_event(state: FilterState, event: dict[str, Any], now: float) -> dic
                    "error": type(exc).__name__}
     if verdict.get("remediate"):
         verdict["remediation"] = state.remediation_settings(verdict["batch"])
-        event.setdefault("meta", {})["hosts"] = verdict["target_host"]
+        event.setdefault("meta", {})["hosts"] = state.run_hosts or verdict["target_host"]
     if state.audit is not None:
         if state.audit_failed():
             verdict["audit_error"] = True

@@ -53,7 +53,7 @@ def test_adds_the_verdict_and_the_batch_limits_hosts_and_audits(classify, tmp_pa
                                  "client_port": 40000, "console_port": 5901, "reasons": ["untrusted_network"]}]
     assert verdict["remediation"] == {"networks": ["192.0.2.7/32"], "console_ports": ["5700-5710", "6100", "5901"],
                                       "nft_table": "vg_t", "set_size": 65536, "block_seconds": 30,
-                                      "audit_log": str(audit)}
+                                      "audit_log": str(audit), "scope": "hypervisor"}
     assert out["meta"]["hosts"] == "localhost"
     trusted = classify["main"](event(node="10.1.1.1", sid="cd"), **args)
     assert trusted["virtguard"]["verdict"] == "allow" and "meta" not in trusted
@@ -64,6 +64,17 @@ def test_adds_the_verdict_and_the_batch_limits_hosts_and_audits(classify, tmp_pa
     records = audit_lines(audit, 3)
     assert [r["virtguard"]["verdict"] for r in records] == ["cut", "allow", "cut"]
     assert records[0]["graphics"] == event()["graphics"]
+
+
+def test_fleet_scope_sends_every_run_to_the_fleet_group(classify):
+    out = classify["main"](event(uri="qemu+tls://kvm2/system"), trusted_networks=["10.0.0.0/8"],
+                           block_scope="fleet", fleet_group="hypervisors")
+    assert out["meta"]["hosts"] == "hypervisors"
+    assert out["virtguard"]["target_host"] == "kvm2" and out["virtguard"]["remediation"]["scope"] == "fleet"
+    with pytest.raises(ArgumentError, match="fleet_group"):
+        FilterState.from_arguments({"block_scope": "fleet", "fleet_group": "a,b"})
+    with pytest.raises(ArgumentError, match="block_scope must be one of hypervisor, fleet"):
+        FilterState.from_arguments({"block_scope": "everywhere"})
 
 
 def test_hostile_identity_is_audited_literally_and_kept_out_of_the_verdict(classify, tmp_path):

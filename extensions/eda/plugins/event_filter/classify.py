@@ -101,6 +101,18 @@ options:
         (C(remediate) stays false), as in the C(console_audit) rulebook.
     type: bool
     default: true
+  block_scope:
+    description:
+      - C(hypervisor) runs each remediation on the hypervisor host that serves the sessions;
+        C(fleet) runs it on every host of O(fleet_group), so an offending network is blocked on
+        every hypervisor of the activation and cut wherever it has sessions.
+    type: str
+    choices: [hypervisor, fleet]
+    default: hypervisor
+  fleet_group:
+    description: The inventory group of the activation's hypervisor hosts, for O(block_scope=fleet).
+    type: str
+    default: all
   audit_log:
     description: Path of the JSON Lines audit file. Empty or omitted, no audit.
     type: str
