@@ -14,7 +14,8 @@ dest=build/ansible_collections/virtguard/console
 started=$(date +%s)
 
 # ansible-test bootstraps pip in each new virtual environment with a script it downloads from a
-# host that is out of reach here; a stand-in in its cache does the same from PyPI (see LAB.md).
+# host that is out of reach here; a stand-in in its cache (hacking/get_pip_standin.py: ensurepip,
+# then pip install with the arguments given, minus --no-setuptools and --no-wheel) does the same from PyPI.
 # The pip version is the one ansible-test pins (ansible_test/_internal/python_requirements.py).
 pip_version=$(python - <<'PY'
 import re, ansible_test, pathlib
