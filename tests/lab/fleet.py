@@ -6,10 +6,11 @@ A ``FleetHost`` is
 - a network namespace joined to the machine by a veth pair, on a /30 of its own (the host is
   ``address``, the machine's end ``gateway``), inside a /20 of 10.200.0.0/13 that depends on
   the process id (lab.netns's clients use 100.64.0.0/10);
-- a private mount and UTS namespace with its own hostname and empty directories of its own over
-  /etc/libvirt, /run, /var/lib/libvirt, /var/log/libvirt, /var/cache/libvirt and /etc/pki (the
-  rest of the machine's file system, /usr/bin/python3 included, is seen as it is). One process
-  holds the namespaces (``sleep infinity``); ``run()`` runs a command inside with nsenter;
+- a private mount and UTS namespace with its own hostname, its own /etc (a copy of the
+  machine's, with empty /etc/libvirt and /etc/pki, its own /etc/hosts) and empty directories of
+  its own over /run, /var/lib/libvirt, /var/log/libvirt and /var/cache/libvirt (the rest of the
+  machine's file system, /usr/bin/python3 included, is seen as it is). One process holds the
+  namespaces (``sleep infinity``); ``run()`` runs a command inside with nsenter;
 - inside: ``virtlogd -d``, a system ``libvirtd -d --listen`` with a TLS listener (its own CA and
   server certificate with an IP SAN for ``address``; the client's certificates in ``pkipath``),
   and an sshd that takes the key the harness made (``ssh_key``), for ``qemu+ssh://`` and Ansible.
@@ -56,15 +57,17 @@ PARTITION_TABLE = "vgt_fleet_partition"  # in the host's own netns: one per host
 SLOTS_PER_PROCESS = 1024  # /30 subnets in the process's /20
 # The account libvirt's packaged QEMU driver looks up when it starts, even when qemu.conf says
 # user = "root" (it fails otherwise: "Failed to parse user 'libvirt-qemu'"). Debian's package makes
-# it (uid 64055); a machine without it gets it in the host's own copy of /etc/passwd and
-# /etc/group (bind-mounted files), never in the machine's /etc.
+# it (uid 64055); a machine without it gets it in the host's own /etc, never in the machine's.
 QEMU_ACCOUNT = "libvirt-qemu"
 QEMU_ACCOUNT_ID = 64055
 
 # Private directories of a host: the path inside the host -> its directory under the host's root.
+# /etc is a copy of the machine's whose /etc/libvirt and /etc/pki start empty: the host needs its
+# own /etc/hosts and maybe the QEMU account too, and single files bind-mounted over the machine's
+# would not do: useradd and userdel (other suites make users all the time) replace /etc/passwd by
+# a rename, after which the path leads to the machine's new file, not to the mount.
 PRIVATE_DIRS = {
-    "/etc/libvirt": "etc-libvirt",
-    "/etc/pki": "etc-pki",
+    "/etc": "etc",
     "/run": "run",
     "/var/lib/libvirt": "var-lib-libvirt",
     "/var/log/libvirt": "var-log-libvirt",
@@ -269,8 +272,9 @@ class FleetHost:
 
     def _make_files(self) -> None:
         os.chmod(self.root, 0o700)
+        run(["cp", "-a", "/etc", str(self.root / "etc")])
         for directory in PRIVATE_DIRS.values():
-            (self.root / directory).mkdir()
+            (self.root / directory).mkdir(exist_ok=True)
         self._make_etc_files()
         _write(self.path("/etc/libvirt/libvirtd.conf"), LIBVIRTD_CONF)
         _write(self.path("/etc/libvirt/qemu.conf"), QEMU_CONF, 0o600)
@@ -278,28 +282,21 @@ class FleetHost:
         self._make_ssh_files()
 
     def _make_etc_files(self) -> None:
-        """Copies of single files of the machine's /etc that the host needs its own version of
-        (``etc_files``: copy -> the file it covers in the host, bind-mounted by the holder):
-        /etc/hosts naming the host (libvirt resolves its own hostname at every domain start and
-        for getHostname; unresolved, each lookup waits 10 s for a DNS server the host cannot
-        reach), and /etc/passwd and /etc/group with the QEMU account when the machine has none
-        (see QEMU_ACCOUNT)."""
-        self.etc_files: dict[Path, str] = {}
-        copies = self.root / "etc-files"
-        _write(copies / "hosts", f"127.0.0.1 localhost\n::1 localhost\n{self.address} {self.hostname}\n")
-        self.etc_files[copies / "hosts"] = "/etc/hosts"
-        if run(["getent", "passwd", QEMU_ACCOUNT], check=False).returncode == 0:
-            return
+        """The host's own /etc (a copy of the machine's): empty /etc/libvirt and /etc/pki, an
+        /etc/hosts that names the host (libvirt resolves its own hostname at every domain start
+        and for getHostname; unresolved, each lookup waits 10 s for a DNS server the host cannot
+        reach), and the QEMU account if the machine has none (see QEMU_ACCOUNT)."""
+        etc = self.root / "etc"
+        for empty in ("libvirt", "pki"):
+            shutil.rmtree(etc / empty, ignore_errors=True)
+            (etc / empty).mkdir(mode=0o755)
+        _write(etc / "hosts", f"127.0.0.1 localhost\n::1 localhost\n{self.address} {self.hostname}\n")
         for name, entry in (("passwd", f"{QEMU_ACCOUNT}:x:{QEMU_ACCOUNT_ID}:{QEMU_ACCOUNT_ID}:Libvirt Qemu:"
                                        "/var/lib/libvirt:/usr/sbin/nologin\n"),
                             ("group", f"{QEMU_ACCOUNT}:x:{QEMU_ACCOUNT_ID}:\n")):
-            content = Path(f"/etc/{name}").read_text()
-            if not content.endswith("\n"):
-                content += "\n"
+            content = (etc / name).read_text()
             if not any(line.startswith(f"{QEMU_ACCOUNT}:") for line in content.splitlines()):
-                content += entry
-            _write(copies / name, content)
-            self.etc_files[copies / name] = f"/etc/{name}"
+                (etc / name).write_text(content + ("" if content.endswith("\n") else "\n") + entry)
 
     def _make_certificates(self) -> None:
         """The host's CA, its server certificate (IP SAN: the address clients dial; libvirt's
@@ -343,6 +340,8 @@ class FleetHost:
         namespace of its own, mounted the private directories and keeps them while it lives."""
         for mount_point in PRIVATE_DIRS:
             Path(mount_point).mkdir(parents=True, exist_ok=True)  # on the machine: they must exist
+        # the libvirt directories stay (empty) on a machine that had none: another host may be
+        # using them as mount points meanwhile
         lines = [
             "set -e",
             # The copy of the machine's mount table holds every lab netns mounted under
@@ -350,8 +349,6 @@ class FleetHost:
             # delete`` as long as this host lives: let go of them first.
             "umount -l /run/netns 2>/dev/null || true",
             *(f"mount --bind {shlex.quote(str(self.root / d))} {shlex.quote(p)}" for p, d in PRIVATE_DIRS.items()),
-            *(f"mount --bind {shlex.quote(str(copy))} {shlex.quote(target)}"
-              for copy, target in self.etc_files.items()),
             "mkdir -p /run/libvirt /run/sshd",
             f"hostname {shlex.quote(self.hostname)}",
             "echo ready",
@@ -417,9 +414,21 @@ class FleetHost:
         """``libvirtd -d --listen`` inside; returns once it answers on its unix socket and
         listens for TLS."""
         self.run(["libvirtd", "-d", "--listen"])
-        wait_for(lambda: self.virsh("version", check=False).returncode == 0, timeout,
-                 f"the system libvirtd of {self.name} to answer")
-        wait_for(lambda: self.listening(TLS_PORT), timeout, f"libvirtd of {self.name} to listen for TLS")
+        try:
+            wait_for(lambda: self.virsh("version", check=False).returncode == 0, timeout,
+                     f"the system libvirtd of {self.name} to answer")
+            wait_for(lambda: self.listening(TLS_PORT), timeout, f"libvirtd of {self.name} to listen for TLS")
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}; libvirtd pid {self.libvirtd_pid()}; "
+                               f"end of its log:\n{self.log_tail()}") from exc
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The end of libvirtd's log (warnings and errors)."""
+        try:
+            text = self.path("/var/log/libvirt/libvirtd.log").read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
 
     def kill_libvirtd(self, sig: int = signal.SIGKILL, timeout: float = 30) -> None:
         """End libvirtd (SIGKILL by default: a crash); QEMU and its clients live on."""

@@ -1,0 +1,258 @@
+"""The event source over a fleet of remote hypervisor hosts (lab.fleet): three hosts, each a
+system libvirtd of its own reached as ``qemu+tls://ADDR/system`` or ``qemu+ssh://root@ADDR/system``,
+with console clients in namespaces of their own (lab.netns) routed to them.
+
+What the source reports is compared with what the hosts themselves hold (QEMU's ``query-vnc`` on
+the host, libvirt's domain list): a session on host B is B's, a partitioned host is resynchronised
+by snapshot once its management network is back, and a host whose libvirtd was killed and started
+again is watched again. One fleet serves the module; each test opens its own client namespaces
+and sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from lab import rfb
+from lab.fleet import FleetHost, route_clients_to_fleet, start_hosts, stop_hosts
+from lab.hypervisor import Domain
+from lab.netns import ClientNamespace
+from lab.server_view import established_peers, vnc_clients
+from lab.source_log import SourceLog
+from lab.source_runner import SourceRun
+
+pytestmark = pytest.mark.slow
+
+HOSTNAMES = ("kvm-a", "kvm-b", "kvm-c")
+# Keepalive notices a silent connection in about 3 s, and a reconnection is tried at least every
+# 2 s: a failing test ends within its waits' limits (never a goal: the bench measures times).
+FAST_RECOVERY = {"keepalive_interval": 1, "keepalive_count": 3, "reconnect_delay": 0.5, "reconnect_max_delay": 2}
+WAIT = 120.0  # upper limit of a wait for the source across a reconnection (TCP SYN backoff included)
+CLIENT_INDEXES = range(24, 32)  # lab.netns indexes of this module (one test at a time)
+
+
+class Fleet:
+    def __init__(self, hosts: list[FleetHost]) -> None:
+        self.hosts = dict(zip(HOSTNAMES, hosts, strict=True))
+        self.domains: dict[str, Domain] = {}
+
+    def uri(self, hostname: str, transport: str) -> str:
+        host = self.hosts[hostname]
+        return host.tls_uri if transport == "tls" else host.ssh_uri
+
+
+@pytest.fixture(scope="module")
+def fleet() -> Iterator[Fleet]:
+    hosts = start_hosts(HOSTNAMES)
+    try:
+        fleet = Fleet(hosts)
+        for hostname, host in fleet.hosts.items():
+            fleet.domains[hostname] = host.create_domain(f"{hostname}-d0")
+        yield fleet
+    finally:
+        stop_hosts(hosts)
+
+
+@pytest.fixture
+def clients() -> Iterator[Callable[[], ClientNamespace]]:
+    """``clients()`` makes a client namespace that reaches every host of the fleet; each is
+    deleted after the test."""
+    made: list[ClientNamespace] = []
+
+    def make() -> ClientNamespace:
+        ns = ClientNamespace(CLIENT_INDEXES[len(made)], tag="fs").create()
+        made.append(ns)
+        route_clients_to_fleet(ns)
+        return ns
+
+    yield make
+    for ns in made:
+        ns.delete()
+
+
+@dataclass
+class Session:
+    """A VNC session from a client namespace to the domain of one host of the fleet."""
+
+    ns: ClientNamespace
+    hostname: str
+    sock: socket.socket
+    port: int  # the client's
+
+    @property
+    def peer(self) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+        return ipaddress.ip_address(self.ns.client_ip), self.port
+
+    @property
+    def remote(self) -> dict[str, str]:
+        """The event's ``remote`` for this session."""
+        return {"family": "ipv4", "node": self.ns.client_ip, "service": str(self.port)}
+
+
+async def open_session(fleet: Fleet, ns: ClientNamespace, hostname: str) -> Session:
+    """A session (RFB handshake done) from ``ns`` to the domain of ``hostname``, which the host
+    holds once this returns."""
+    host, domain = fleet.hosts[hostname], fleet.domains[hostname]
+    sock = await asyncio.to_thread(ns.call, rfb.open_session, host.address, domain.vnc_port)
+    session = Session(ns, hostname, sock, sock.getsockname()[1])
+    assert await held_on_host(fleet, session), f"{hostname} does not hold the session of {ns.client_ip}"
+    return session
+
+
+async def held_on_host(fleet: Fleet, session: Session) -> bool:
+    """Whether the session's host holds it: its kernel's established connections and QEMU's
+    client list both have it."""
+    host, domain = fleet.hosts[session.hostname], fleet.domains[session.hostname]
+    kernel = await asyncio.to_thread(established_peers, [domain.vnc_port], host.name)
+    qemu = vnc_clients(await asyncio.to_thread(host.query_vnc, domain.name))
+    return session.peer in kernel and session.peer in qemu
+
+
+async def close_session(fleet: Fleet, session: Session) -> None:
+    """Close the client's socket and wait until the host no longer holds the session."""
+    session.sock.close()
+    deadline = time.monotonic() + 30
+    while await held_on_host(fleet, session):
+        assert time.monotonic() < deadline, f"{session.hostname} still holds the closed session {session.peer}"
+        await asyncio.sleep(0.2)
+
+
+@pytest.mark.parametrize("transport", ["tls", "ssh"])
+async def test_sessions_on_one_host_are_reported_with_that_hosts_uri_only(fleet: Fleet, clients, transport: str,
+                                                                         source_log: SourceLog):
+    uris = {hostname: fleet.uri(hostname, transport) for hostname in HOSTNAMES}
+    first, second = clients(), clients()
+    domain_b = fleet.domains["kvm-b"]
+    async with SourceRun({"uri": list(uris.values()), "snapshot": False}) as run:
+        for uri in uris.values():
+            await source_log.subscribed(uri, run, timeout=60)
+        sessions = [await open_session(fleet, ns, "kvm-b") for ns in (first, second)]
+        for session in sessions:
+            await close_session(fleet, session)
+        reported = [await run.wait_for(3, remote__node=session.ns.client_ip) for session in sessions]
+        on_b = list(run.events)
+        # A session on C afterwards is reported with C's URI: the source does watch the others.
+        await close_session(fleet, await open_session(fleet, first, "kvm-c"))
+        on_c = await run.wait_for(3, hypervisor__uri=uris["kvm-c"])
+
+    for session, events in zip(sessions, reported, strict=True):
+        assert [e["phase"] for e in events] == ["connect", "initialize", "disconnect"]
+        for event in events:
+            assert event["hypervisor"] == {"uri": uris["kvm-b"], "hostname": "kvm-b"}
+            assert event["domain"]["uuid"] == domain_b.uuid and event["domain"]["name"] == domain_b.name
+            assert event["local"]["service"] == str(domain_b.vnc_port)
+            assert event["remote"] == session.remote
+    assert {e["hypervisor"]["uri"] for e in on_b} == {uris["kvm-b"]}, "events of A or C without sessions there"
+    assert {e["hypervisor"]["hostname"] for e in on_c} == {"kvm-c"}
+    assert {e["remote"]["node"] for e in on_c} == {first.client_ip}
+
+
+@pytest.mark.parametrize("transport", ["tls", "ssh"])
+async def test_partitioned_host_is_resynchronised_by_snapshot_after_the_heal(fleet: Fleet, clients, transport: str,
+                                                                            source_log: SourceLog):
+    """B's management network is cut (libvirt's TLS port and SSH dropped on B) while a session
+    closes and another opens there; A stays watched; after the heal the snapshot reports both,
+    the closed one with an upper bound as its duration."""
+    host_b = fleet.hosts["kvm-b"]
+    uris = {hostname: fleet.uri(hostname, transport) for hostname in HOSTNAMES}
+    leaving_ns, arriving_ns, elsewhere_ns = clients(), clients(), clients()
+    try:
+        async with SourceRun({"uri": list(uris.values()), **FAST_RECOVERY}) as run:
+            for uri in uris.values():
+                await source_log.subscribed(uri, run, timeout=60)
+            leaving = await open_session(fleet, leaving_ns, "kvm-b")
+            [live_initialize] = await run.wait_for(1, remote__node=leaving_ns.client_ip, phase="initialize")
+
+            await asyncio.to_thread(host_b.partition)
+            partitioned_from = len(run.events)
+            await source_log.wait_for(1, f"{uris['kvm-b']}: connection closed", run=run, timeout=60)
+            await close_session(fleet, leaving)
+            arriving = await open_session(fleet, arriving_ns, "kvm-b")
+            # A stays watched meanwhile: its session is reported live.
+            await close_session(fleet, await open_session(fleet, elsewhere_ns, "kvm-a"))
+            on_a = await run.wait_for(3, remote__node=elsewhere_ns.client_ip)
+            during_gap = [e for e in run.events[partitioned_from:] if e["hypervisor"]["uri"] == uris["kvm-b"]]
+
+            healed = time.monotonic()
+            await asyncio.to_thread(host_b.heal)
+            await source_log.subscribed(uris["kvm-b"], run, timeout=WAIT)
+            resubscribed = time.monotonic() - healed
+            [gone] = await run.wait_for(1, remote__node=leaving_ns.client_ip, phase="disconnect", timeout=WAIT)
+            [found] = await run.wait_for(1, remote__node=arriving_ns.client_ip, phase="initialize", timeout=WAIT)
+            # and B is live again: the arriving session's end comes as a live event
+            await close_session(fleet, arriving)
+            [arriving_end] = await run.wait_for(1, remote__node=arriving_ns.client_ip, phase="disconnect",
+                                                 timeout=WAIT)
+    finally:
+        await asyncio.to_thread(host_b.heal)
+
+    print(f"{transport}: B subscribed again {resubscribed:.1f} s after the heal")
+    assert during_gap == [], "events of B arrived while B was partitioned"
+    assert {e["hypervisor"]["uri"] for e in on_a} == {uris["kvm-a"]}
+    assert [e["phase"] for e in on_a] == ["connect", "initialize", "disconnect"]
+    assert gone["snapshot"] is True
+    assert gone["session"]["id"] == live_initialize["session"]["id"]
+    assert gone["session"]["authenticated"] is True
+    assert gone["session"]["duration_exact"] is False  # it ended at some moment of the gap: an upper bound
+    assert gone["session"]["duration_s"] >= 0
+    assert gone["hypervisor"] == {"uri": uris["kvm-b"], "hostname": "kvm-b"}
+    assert gone["remote"] == leaving.remote
+    assert found["snapshot"] is True
+    assert found["hypervisor"] == {"uri": uris["kvm-b"], "hostname": "kvm-b"}
+    assert found["domain"]["uuid"] == fleet.domains["kvm-b"].uuid
+    assert found["remote"] == arriving.remote
+    assert arriving_end["snapshot"] is False
+    assert arriving_end["session"]["id"] == found["session"]["id"]
+    assert arriving_end["session"]["duration_exact"] is False  # its start was not seen
+
+
+@pytest.mark.parametrize("transport", ["tls", "ssh"])
+async def test_killed_and_restarted_libvirtd_is_watched_again(fleet: Fleet, clients, transport: str,
+                                                              source_log: SourceLog):
+    """B's libvirtd is killed (SIGKILL, as a crash) and started again; QEMU and its session live
+    on. The source reconnects: the snapshot reports the session that stayed, and sessions after
+    the restart are reported live."""
+    host_b = fleet.hosts["kvm-b"]
+    uris = {hostname: fleet.uri(hostname, transport) for hostname in HOSTNAMES}
+    staying_ns, later_ns = clients(), clients()
+    try:
+        async with SourceRun({"uri": list(uris.values()), **FAST_RECOVERY}) as run:
+            for uri in uris.values():
+                await source_log.subscribed(uri, run, timeout=60)
+            staying = await open_session(fleet, staying_ns, "kvm-b")
+            [live_initialize] = await run.wait_for(1, remote__node=staying_ns.client_ip, phase="initialize")
+
+            await asyncio.to_thread(host_b.kill_libvirtd)
+            await source_log.wait_for(1, f"{uris['kvm-b']}: connection closed", run=run, timeout=60)
+            await asyncio.to_thread(host_b.start_libvirtd)
+            assert await held_on_host(fleet, staying), "QEMU lost the session with libvirtd"
+            await source_log.subscribed(uris["kvm-b"], run, timeout=WAIT)
+            snapshots = await run.wait_for(1, remote__node=staying_ns.client_ip, snapshot=True, timeout=WAIT)
+
+            await close_session(fleet, await open_session(fleet, later_ns, "kvm-b"))
+            after_restart = await run.wait_for(3, remote__node=later_ns.client_ip, timeout=60)
+            await close_session(fleet, staying)
+            [staying_end] = await run.wait_for(1, remote__node=staying_ns.client_ip, phase="disconnect", timeout=60)
+    finally:
+        if host_b.libvirtd_pid() is None:
+            await asyncio.to_thread(host_b.start_libvirtd)
+
+    assert [(e["phase"], e["snapshot"]) for e in snapshots] == [("initialize", True)]
+    assert snapshots[0]["session"]["id"] == live_initialize["session"]["id"]
+    assert [e["phase"] for e in after_restart] == ["connect", "initialize", "disconnect"]
+    for event in after_restart:
+        assert event["snapshot"] is False
+        assert event["hypervisor"] == {"uri": uris["kvm-b"], "hostname": "kvm-b"}
+        assert event["domain"]["uuid"] == fleet.domains["kvm-b"].uuid
+    assert after_restart[2]["session"]["duration_exact"] is True
+    assert staying_end["snapshot"] is False
+    assert staying_end["session"]["id"] == live_initialize["session"]["id"]
+    # the source saw this session begin and end, both live, across the restart
+    assert staying_end["session"]["duration_exact"] is True
