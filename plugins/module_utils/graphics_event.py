@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 # Copyright: virtguard.console contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """The libvirt-to-payload mapping of graphics events: the one place that says what
@@ -101,7 +100,7 @@ def iso_timestamp_utc(wall: float) -> str:
         text = datetime.datetime.fromtimestamp(whole, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
         _LAST_SECOND = (whole, text)  # one assignment: safe to share between threads
     if micro:
-        return "%s.%06d+00:00" % (text, micro)  # per event: cheaper than an f-string's {micro:06d}
+        return "%s.%06d+00:00" % (text, micro)  # noqa: UP031 per event: measured cheaper than f"{micro:06d}"
     return text + "+00:00"
 
 

@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 # Copyright: virtguard.console contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """The event source's buffer between libvirt's event thread and the asyncio loop: events in
@@ -14,7 +13,11 @@ import mmap
 import struct
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Dict, List, Tuple, Union
+
+# A live event as the buffer holds it: a tuple of plain data, which marshal packs as it is
+# (a runtime alias, so typing's generics: plugins/ is held to Python 3.8).
+EventRecord = Tuple[Union[str, int, float, Dict[str, Any], List[Any]], ...]
 
 
 class PackedChunk:
@@ -79,7 +82,7 @@ class EventBuffer:
     def full(self) -> bool:
         return len(self) >= self.limit
 
-    def append_event(self, record: tuple) -> None:
+    def append_event(self, record: EventRecord) -> None:
         """Any thread: a live event as a tuple of plain data (str, int, float, dict, list)."""
         if len(self) < self.PACK_AFTER:
             self.append(record)

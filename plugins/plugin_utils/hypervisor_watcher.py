@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 # Copyright: virtguard.console contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """One hypervisor as the event source watches it: the connection's life cycle (connect with
@@ -24,9 +23,11 @@ from ansible_collections.virtguard.console.plugins.module_utils.graphics_event i
     phase_name,
     session_id_for,
 )
-from ansible_collections.virtguard.console.plugins.module_utils.session_tracking import SessionTracker
+from ansible_collections.virtguard.console.plugins.module_utils.session_tracking import Details, SessionTracker
 from ansible_collections.virtguard.console.plugins.plugin_utils.event_buffer import EventBuffer
 from ansible_collections.virtguard.console.plugins.plugin_utils.libvirt_binding import (
+    GraphicsAddress,
+    GraphicsSubject,
     graphics_callback,
     libvirt,
     libvirt_qemu,
@@ -45,7 +46,7 @@ class Snapshot:
 
     __slots__ = ("watcher", "present", "generation")
 
-    def __init__(self, watcher: HypervisorWatcher, present: dict[str, tuple], generation: int):
+    def __init__(self, watcher: HypervisorWatcher, present: dict[str, Details], generation: int):
         self.watcher = watcher
         self.present = present
         self.generation = generation
@@ -76,8 +77,8 @@ class HypervisorWatcher:
     # -- libvirt callbacks (libvirt's event thread: never block, never raise, and reach the
     #    loop's objects through call_soon_threadsafe only). libvirt-python calls
     #    on_libvirt_graphics (libvirt_binding.graphics_callback), which calls on_graphics. --
-    def on_graphics(self, _conn: Any, dom: Any, phase: int, local: dict, remote: dict, auth_scheme: str,
-                    subject: list, _opaque: Any) -> None:
+    def on_graphics(self, _conn: Any, dom: Any, phase: int, local: GraphicsAddress, remote: GraphicsAddress,
+                    auth_scheme: str, subject: GraphicsSubject, _opaque: Any) -> None:
         wall = time.time()
         if self.overflowed:
             self.dropped += 1
@@ -122,8 +123,8 @@ class HypervisorWatcher:
         self.wakeup.set()
 
     # -- payloads (called by the feeder, in arrival order) --------------------------------
-    def live_payload(self, wall: float, name: str, uuid: str, dom_id: int, phase: int, local: dict, remote: dict,
-                     auth_scheme: str, subject: list) -> dict:
+    def live_payload(self, wall: float, name: str, uuid: str, dom_id: int, phase: int, local: GraphicsAddress,
+                     remote: GraphicsAddress, auth_scheme: str, subject: GraphicsSubject) -> dict[str, dict[str, Any]]:
         domain = {"name": name, "uuid": uuid, "id": dom_id}
         remote_address = address(remote)
         local_address = address(local)
@@ -137,14 +138,14 @@ class HypervisorWatcher:
         return graphics_payload(phase_text, timestamp, self.hypervisor, domain, local_address, remote_address,
                                 auth_scheme, subject, session)
 
-    def snapshot_payloads(self, snap: Snapshot) -> list[dict]:
+    def snapshot_payloads(self, snap: Snapshot) -> list[dict[str, dict[str, Any]]]:
         if snap.generation != self.snapshot_generation:
             return []  # superseded by a later snapshot of the same hypervisor
         touched = self.touched_since_snapshot or set()
         self.touched_since_snapshot = None
         initialized, gone = self.sessions.reconcile(snap.present, time.monotonic(), touched)
         timestamp = now_iso()
-        payloads = []
+        payloads: list[dict[str, dict[str, Any]]] = []
         for phase, entries in (("initialize", initialized), ("disconnect", gone)):
             for _sid, session, (domain, local, remote, auth_scheme, subject) in entries:
                 payloads.append(graphics_payload(phase, timestamp, self.hypervisor, domain, local, remote,
@@ -209,7 +210,9 @@ class HypervisorWatcher:
         once per connection. The snapshot that follows reports the sessions that opened meanwhile."""
         first = conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_GRAPHICS, self.on_libvirt_graphics, None)
         conn.domainEventDeregisterAny(first)
-        return conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_GRAPHICS, self.on_libvirt_graphics, None)
+        callback_id: int = conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_GRAPHICS,
+                                                       self.on_libvirt_graphics, None)
+        return callback_id
 
     async def resume_after_overflow(self, loop: asyncio.AbstractEventLoop) -> None:
         """Wait until the queue has drained the buffer to half, then listen again and let a
@@ -230,9 +233,9 @@ class HypervisorWatcher:
         present = await loop.run_in_executor(None, self.query_clients, self.conn)
         self.buffer.append(Snapshot(self, present, generation))
 
-    def query_clients(self, conn: Any) -> dict[str, tuple]:
+    def query_clients(self, conn: Any) -> dict[str, Details]:
         """Blocking: every console client QEMU reports, keyed by session id (executor thread)."""
-        present: dict[str, tuple] = {}
+        present: dict[str, Details] = {}
         for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
             domain = {"name": dom.name(), "uuid": dom.UUIDString(), "id": dom.ID()}
             if not self.config.watches_domain(domain["name"]):
@@ -268,7 +271,7 @@ class HypervisorWatcher:
             pass
 
 
-async def feed(queue: asyncio.Queue[dict], buffer: EventBuffer) -> None:
+async def feed(queue: asyncio.Queue[dict[str, Any]], buffer: EventBuffer) -> None:
     """Move events from the buffer to the queue in arrival order, waiting for room."""
     while True:
         item = await buffer.get()

@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 # Copyright: virtguard.console contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """libvirt-python as the event source uses it: the binding itself (absent is reported when the
@@ -17,8 +16,7 @@ from __future__ import annotations
 import ctypes
 import importlib.metadata
 import logging
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Callable, Dict, List, Tuple
 
 try:
     import libvirt
@@ -32,15 +30,21 @@ else:
 
 __all__ = [
     "GRAPHICS_REFERENCES_LEAK_IN", "LIBVIRT_IMPORT_ERROR", "LIBVIRT_PYTHON_VERSION", "RELEASE_GRAPHICS_REFERENCES",
-    "graphics_callback", "graphics_references_leak", "libvirt", "libvirt_qemu", "release_leaked_references",
-    "warn_if_unchecked",
+    "GraphicsAddress", "GraphicsHandler", "GraphicsSubject", "graphics_callback", "graphics_references_leak",
+    "libvirt", "libvirt_qemu", "release_leaked_references", "warn_if_unchecked",
 ]
 
 LOGGER = logging.getLogger("virtguard.console.libvirt_graphics")  # the source's one logger
 
 GRAPHICS_REFERENCES_LEAK_IN = ("1.2.21", "12.8.0")
 
-GraphicsHandler = Callable[[Any, Any, int, dict, dict, str, list, Any], None]
+# The graphics callback's arguments as libvirt-python builds them: each address a dict
+# {"family": int, "node": str, "service": str}, the subject a list of (type, name) pairs.
+# Evaluated at run time, so typing's generics: plugins/ is held to Python 3.8 (pyproject.toml).
+GraphicsAddress = Dict[str, object]
+GraphicsSubject = List[Tuple[str, str]]
+# (conn, dom, phase, local, remote, auth_scheme, subject, opaque)
+GraphicsHandler = Callable[[Any, Any, int, GraphicsAddress, GraphicsAddress, str, GraphicsSubject, Any], None]
 
 
 def version_tuple(version: str) -> tuple[int, ...] | None:
@@ -88,8 +92,8 @@ def graphics_callback(handle: GraphicsHandler, where: str, release: bool | None 
     if release is None:
         release = RELEASE_GRAPHICS_REFERENCES
 
-    def on_libvirt_graphics(conn: Any, dom: Any, phase: int, local: dict, remote: dict, auth_scheme: str,
-                            subject: list, opaque: Any) -> None:
+    def on_libvirt_graphics(conn: Any, dom: Any, phase: int, local: GraphicsAddress, remote: GraphicsAddress,
+                            auth_scheme: str, subject: GraphicsSubject, opaque: Any) -> None:
         try:
             handle(conn, dom, phase, local, remote, auth_scheme, subject, opaque)
         except Exception:  # never raise into libvirt-python (see above)

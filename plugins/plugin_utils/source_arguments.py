@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 # Copyright: virtguard.console contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """The event source's arguments: declared once (``SOURCE_OPTIONS``, which the source's

@@ -114,7 +114,9 @@ graphics:
     remote: {description: "The client address, C(family), C(node), C(service), verbatim.", type: dict}
     auth_scheme: {description: The authentication scheme verbatim (none, vnc, vencrypt+x509+sasl...)., type: str}
     subject: {description: "The identities verbatim, in order, as C(type) and C(name).", type: list, elements: dict}
-    identity: {description: "The identities by type: C(x509dname), C(sasl_username); absent when not given.", type: dict}
+    identity:
+      description: "The identities by type: C(x509dname), C(sasl_username); absent when not given."
+      type: dict
     session:
       description: The client session the event belongs to.
       type: dict
@@ -189,7 +191,7 @@ from ansible_collections.virtguard.console.plugins.plugin_utils.source_arguments
 )
 
 
-async def main(queue: asyncio.Queue[dict], args: dict[str, Any]) -> None:
+async def main(queue: asyncio.Queue[dict[str, Any]], args: dict[str, Any]) -> None:
     """Watch the graphics events of every configured hypervisor until cancelled."""
     config = SourceArguments(args)
     if LIBVIRT_IMPORT_ERROR is not None:
@@ -207,10 +209,10 @@ async def main(queue: asyncio.Queue[dict], args: dict[str, Any]) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-class PrintingQueue(asyncio.Queue):
+class PrintingQueue(asyncio.Queue[dict[str, Any]]):
     """The hand run's queue: every event printed as one line of JSON on stdout."""
 
-    async def put(self, item: dict) -> None:
+    async def put(self, item: dict[str, Any]) -> None:
         print(json.dumps(item), flush=True)
 
 
