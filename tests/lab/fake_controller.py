@@ -27,7 +27,7 @@ class FakeController:
     """``FakeController(template, playbook, inventory).start()``; ``url``; ``launches``: the
     launch requests received (their JSON bodies), ``jobs``: id -> status."""
 
-    def __init__(self, template: str, playbook: str, inventory: dict, organization: str = "Default") -> None:
+    def __init__(self, template: str, playbook: str, inventory: dict[str, Any], organization: str = "Default") -> None:
         self.template = template
         self.playbook = playbook
         self.organization = organization

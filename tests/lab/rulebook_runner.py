@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -18,14 +19,14 @@ ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = ROOT / ".venv" / "bin"
 
 
-def local_inventory() -> dict:
+def local_inventory() -> dict[str, Any]:
     """localhost, run locally with the virtualenv's Python (which has the collection's deps)."""
     return {"all": {"hosts": {"localhost": {"ansible_connection": "local",
                                             "ansible_python_interpreter": sys.executable}}}}
 
 
 class RulebookRun:
-    def __init__(self, rulebook: str, variables: dict, workdir: Path, inventory: dict | None = None,
+    def __init__(self, rulebook: str, variables: dict[str, Any], workdir: Path, inventory: dict[str, Any] | None = None,
                  extra_args: list[str] | None = None):
         self.rulebook = rulebook
         self.extra_args = extra_args or []
@@ -33,9 +34,9 @@ class RulebookRun:
         self.workdir = Path(workdir)
         self.inventory = inventory or local_inventory()
         self.log_path = self.workdir / f"{rulebook}.log"
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, ready_text: str = "watching graphics events", timeout: float = 90) -> "RulebookRun":
+    def start(self, ready_text: str = "watching graphics events", timeout: float = 90) -> RulebookRun:
         self.workdir.mkdir(parents=True, exist_ok=True)
         vars_file = self.workdir / "vars.yml"
         inventory_file = self.workdir / "inventory.yml"
@@ -45,11 +46,11 @@ class RulebookRun:
         env["PATH"] = f"{VENV_BIN}:{env.get('PATH', '/usr/bin:/bin')}"
         env["ANSIBLE_COLLECTIONS_PATH"] = str(ROOT / "build" / "collections")
         env["ANSIBLE_LOCALHOST_WARNING"] = "false"
-        self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [str(VENV_BIN / "ansible-rulebook"), "-r", f"virtguard.console.{self.rulebook}",
-             "-i", str(inventory_file), "--vars", str(vars_file), "-v", *self.extra_args],
-            cwd=self.workdir, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.log_path, "wb") as log:  # the process writes to its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                [str(VENV_BIN / "ansible-rulebook"), "-r", f"virtguard.console.{self.rulebook}",
+                 "-i", str(inventory_file), "--vars", str(vars_file), "-v", *self.extra_args],
+                cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.wait_for_log(ready_text, timeout)
         return self
 
@@ -57,6 +58,7 @@ class RulebookRun:
         return self.log_path.read_text(errors="replace")
 
     def wait_for_log(self, text: str, timeout: float) -> None:
+        assert self.proc is not None, "the activation was not started"
         deadline = time.monotonic() + timeout
         while text not in self.output():
             if self.proc.poll() is not None:
@@ -83,11 +85,10 @@ class RulebookRun:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        self.log.close()
         self.proc = None
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
     try:
         text = Path(path).read_text()
     except FileNotFoundError:

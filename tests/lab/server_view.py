@@ -8,7 +8,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import subprocess
-from typing import Iterable
+from collections.abc import Iterable
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

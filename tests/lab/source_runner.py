@@ -44,10 +44,10 @@ def source_plugin() -> ModuleType:
 class SourceRun:
     """``async with SourceRun(args) as run:`` starts the source; ``run.events`` fills up."""
 
-    def __init__(self, args: dict, maxsize: int = 1):
+    def __init__(self, args: dict[str, Any], maxsize: int = 1):
         self.args = args
-        self.queue: asyncio.Queue = asyncio.Queue(maxsize=maxsize)
-        self.events: list[dict] = []
+        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=maxsize)
+        self.events: list[dict[str, Any]] = []
         self._new = asyncio.Event()
         self.draining = asyncio.Event()  # clear it to stall the consumer, as a busy engine would
         self.draining.set()
@@ -69,10 +69,10 @@ class SourceRun:
             self.events.append(event["graphics"])
             self._new.set()
 
-    def matching(self, **where) -> list[dict]:
+    def matching(self, **where: Any) -> list[dict[str, Any]]:
         return [e for e in self.events if all(_get(e, k) == v for k, v in where.items())]
 
-    async def wait_for(self, count: int = 1, timeout: float = 30, **where) -> list[dict]:
+    async def wait_for(self, count: int = 1, timeout: float = 30, **where: Any) -> list[dict[str, Any]]:
         """Wait until ``count`` events match ``where`` (keys use __ for nesting: remote__service)."""
         deadline = time.monotonic() + timeout
         while True:
@@ -89,12 +89,12 @@ class SourceRun:
             self._new.clear()
             try:
                 await asyncio.wait_for(self._new.wait(), remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
 
-def _get(event: dict, dotted: str):
-    value = event
+def _get(event: dict[str, Any], dotted: str) -> object:
+    value: object = event
     for part in dotted.split("__"):
         if not isinstance(value, dict) or part not in value:
             return None
@@ -171,10 +171,10 @@ class HandRun:
                                          f"log: {''.join(self.log[-20:])}")
                 self._log_changed.wait(min(remaining, 0.5))
 
-    def events(self, count: int, timeout: float = 30, **where: Any) -> list[dict]:
+    def events(self, count: int, timeout: float = 30, **where: Any) -> list[dict[str, Any]]:
         """The next ``count`` printed events that match ``where`` (as SourceRun.wait_for)."""
         deadline = time.monotonic() + timeout
-        found: list[dict] = []
+        found: list[dict[str, Any]] = []
         while len(found) < count:
             try:
                 line = self.stdout.get(timeout=max(0.0, deadline - time.monotonic()))

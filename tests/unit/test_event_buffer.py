@@ -2,6 +2,8 @@
 order and intact, whatever the interleaving of the thread that appends and the feeder that
 sleeps; and the memory a backlog took is given back once it is read."""
 
+from __future__ import annotations
+
 import asyncio
 import random
 import sys
@@ -10,7 +12,11 @@ import time
 
 import pytest
 
-from ansible_collections.virtguard.console.plugins.plugin_utils.event_buffer import EventBuffer, PackedChunk
+from ansible_collections.virtguard.console.plugins.plugin_utils.event_buffer import (
+    EventBuffer,
+    EventRecord,
+    PackedChunk,
+)
 from lab.source_runner import FakeDomain, watcher_without_daemon
 
 
@@ -82,8 +88,10 @@ async def test_hostile_text_comes_back_as_it_went_in():
     buffer = small_buffer()
     subject = [("x509dname", "CN={{ lookup('pipe', 'id') }};$(reboot)\x00\n"), ("saslUsername", "\udcff\u202e" * 3)]
     huge = "O=" + "A" * 200_000  # larger than a chunk: gets one of its own
-    records = [(0, 1.5, "d", "u", 1, 2, {"family": 0, "node": "::1", "service": "1"}, {}, "sasl", subject),
-               (0, 2.5, "d", "u", 1, 1, {}, {}, "vencrypt+x509+sasl", [("x509dname", huge)])]
+    records: list[EventRecord] = [
+        (0, 1.5, "d", "u", 1, 2, {"family": 0, "node": "::1", "service": "1"}, {}, "sasl", subject),
+        (0, 2.5, "d", "u", 1, 1, {}, {}, "vencrypt+x509+sasl", [("x509dname", huge)]),
+    ]
     for record in records:
         buffer.append_event(record)
     assert [await buffer.get(), await buffer.get()] == records
@@ -109,7 +117,7 @@ async def test_a_short_backlog_stays_as_tuples_and_a_long_one_is_packed_in_order
     for record in records:
         buffer.append_event(record)
     kept = [part for part in buffer.parts if not isinstance(part, PackedChunk)]
-    assert kept == records[:100] and all(a is b for a, b in zip(kept, records))
+    assert kept == records[:100] and all(a is b for a, b in zip(kept, records[:100], strict=True))
     assert sum(isinstance(part, PackedChunk) for part in buffer.parts) >= 1
     got = [await buffer.get() for _record in records]
     assert got == records

@@ -1,5 +1,9 @@
 """The libvirt-to-payload mapping and session tracking (pure logic)."""
 
+from __future__ import annotations
+
+from typing import Any
+
 from ansible_collections.virtguard.console.plugins.module_utils import graphics_event as ge
 from ansible_collections.virtguard.console.plugins.module_utils.session_tracking import SessionTracker
 
@@ -121,7 +125,7 @@ async def test_the_payload_of_a_disconnect_found_by_a_snapshot_says_its_duration
     watcher = watcher_without_daemon(asyncio.get_running_loop())
     client = {"family": 0, "node": "192.0.2.7", "service": "40000"}
 
-    def live_event(phase: int) -> dict:
+    def live_event(phase: int) -> dict[str, Any]:
         """libvirt's callback, then the feeder's payload for what it buffered."""
         watcher.on_graphics(None, FakeDomain("web", 1, "uuid-w"), phase, client, client, "none", [], None)
         return watcher.live_payload(*watcher.buffer.take()[1:])["graphics"]
@@ -145,7 +149,7 @@ def test_timestamps_are_what_datetime_writes_to_the_character():
     walls += [rnd.uniform(1.6e9, 2.1e9) for _n in range(20000)]
     walls += [int(w) + rnd.choice((0.0, 0.5, 1e-6, 0.9999995)) for w in walls[:2000]]
     for wall in walls:
-        expected = datetime.datetime.fromtimestamp(wall, datetime.timezone.utc).isoformat()
+        expected = datetime.datetime.fromtimestamp(wall, datetime.UTC).isoformat()
         assert ge.iso_timestamp_utc(wall) == expected, wall
     # the same second again after another one: not the cached text of the previous call
     assert ge.iso_timestamp_utc(86400.0) == "1970-01-02T00:00:00+00:00"

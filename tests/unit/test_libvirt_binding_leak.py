@@ -13,12 +13,20 @@ import contextlib
 import ctypes
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import pytest
 
 from ansible_collections.virtguard.console.plugins.plugin_utils import libvirt_binding
+from ansible_collections.virtguard.console.plugins.plugin_utils.libvirt_binding import (
+    GraphicsAddress,
+    GraphicsHandler,
+    GraphicsSubject,
+)
 from lab.source_runner import FakeDomain, watcher_without_daemon
+
+# (local, remote, subject): what libvirt-python builds for one graphics callback
+GraphicsArguments = tuple[GraphicsAddress, GraphicsAddress, GraphicsSubject]
 
 
 @pytest.mark.parametrize("version, leaks", [
@@ -39,15 +47,16 @@ def test_the_installed_binding_is_one_the_source_knows():
         "callback's arguments, then update GRAPHICS_REFERENCES_LEAK_IN")
 
 
-def graphics_arguments() -> tuple[dict, dict, list]:
+def graphics_arguments() -> GraphicsArguments:
     return {"family": 0, "node": "::1", "service": "5900"}, {"family": 0, "node": "::1"}, [("x509dname", "CN=a")]
 
 
-def refcounts(objects) -> list[int]:
+def refcounts(objects: Iterable[object]) -> list[int]:
     return [sys.getrefcount(obj) for obj in objects]
 
 
-def binding_call(callback, dom, local: dict, remote: dict, subject: list, keeps_references: bool) -> None:
+def binding_call(callback: GraphicsHandler, dom: FakeDomain, local: GraphicsAddress, remote: GraphicsAddress,
+                 subject: GraphicsSubject, keeps_references: bool) -> None:
     """What libvirt-python does for one graphics event: build the arguments, keep a reference to
     each of local, remote and subject when ``keeps_references`` (the leak), call the callback."""
     if keeps_references:
@@ -57,7 +66,7 @@ def binding_call(callback, dom, local: dict, remote: dict, subject: list, keeps_
 
 
 @pytest.fixture
-def guarded() -> Iterator[tuple[dict, dict, list]]:
+def guarded() -> Iterator[GraphicsArguments]:
     """Graphics arguments with one extra reference held for the test's whole length, so that a
     reference wrongly given back shows as a count one too low instead of freeing live objects."""
     objects = graphics_arguments()
@@ -68,7 +77,7 @@ def guarded() -> Iterator[tuple[dict, dict, list]]:
         ctypes.pythonapi.Py_DecRef(ctypes.py_object(obj))
 
 
-def test_the_watchers_callback_gives_back_the_reference_the_binding_kept_once(monkeypatch, guarded):
+def test_the_watchers_callback_gives_back_the_reference_the_binding_kept_once(monkeypatch, guarded: GraphicsArguments):
     monkeypatch.setattr(libvirt_binding, "RELEASE_GRAPHICS_REFERENCES", True)
     watcher = watcher_without_daemon(asyncio.new_event_loop())
     before = refcounts(guarded)
@@ -78,7 +87,7 @@ def test_the_watchers_callback_gives_back_the_reference_the_binding_kept_once(mo
     assert refcounts(guarded) == before
 
 
-def test_a_binding_not_known_to_keep_references_is_left_alone(monkeypatch, guarded):
+def test_a_binding_not_known_to_keep_references_is_left_alone(monkeypatch, guarded: GraphicsArguments):
     monkeypatch.setattr(libvirt_binding, "RELEASE_GRAPHICS_REFERENCES", False)
     watcher = watcher_without_daemon(asyncio.new_event_loop())
     before = refcounts(guarded)
@@ -104,16 +113,17 @@ def source_log_as_text() -> Iterator[TextHandler]:
     """The source's log as text, and nowhere else meanwhile: pytest's log capture (whose
     handlers it attaches when the test body starts) keeps records."""
     logger = libvirt_binding.LOGGER
+    handler = TextHandler()
     handlers, propagate = logger.handlers, logger.propagate
-    logger.handlers, logger.propagate = [TextHandler()], False
+    logger.handlers, logger.propagate = [handler], False
     try:
-        yield logger.handlers[0]
+        yield handler
     finally:
         logger.handlers, logger.propagate = handlers, propagate
 
 
 @pytest.mark.parametrize("keeps_references", [True, False])
-def test_a_failing_callback_does_not_raise_into_the_binding(guarded, keeps_references):
+def test_a_failing_callback_does_not_raise_into_the_binding(guarded: GraphicsArguments, keeps_references: bool):
     """When a callback raises, libvirt-python releases the arguments itself: the callback must
     return normally, and give back exactly what the binding kept, failure or not."""
 
