@@ -12,19 +12,15 @@ and sessions.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
-import socket
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import pytest
 
-from lab import rfb
-from lab.fleet import FleetHost, route_clients_to_fleet, start_hosts, stop_hosts
+from lab.fleet import FleetHost, start_hosts, stop_hosts
+from lab.fleet_sessions import ConsoleSession, FleetClients, open_console_session
 from lab.hypervisor import Domain
 from lab.netns import ClientNamespace
-from lab.server_view import established_peers, vnc_clients
 from lab.source_log import SourceLog
 from lab.source_runner import SourceRun
 
@@ -64,64 +60,21 @@ def fleet() -> Iterator[Fleet]:
 def clients() -> Iterator[Callable[[], ClientNamespace]]:
     """``clients()`` makes a client namespace that reaches every host of the fleet; each is
     deleted after the test."""
-    made: list[ClientNamespace] = []
-
-    def make() -> ClientNamespace:
-        ns = ClientNamespace(CLIENT_INDEXES[len(made)], tag="fs").create()
-        made.append(ns)
-        route_clients_to_fleet(ns)
-        return ns
-
-    yield make
-    for ns in made:
-        ns.delete()
+    made = FleetClients(CLIENT_INDEXES, tag="fs")
+    try:
+        yield made.make
+    finally:
+        made.delete()
 
 
-@dataclass
-class Session:
-    """A VNC session from a client namespace to the domain of one host of the fleet."""
-
-    ns: ClientNamespace
-    hostname: str
-    sock: socket.socket
-    port: int  # the client's
-
-    @property
-    def peer(self) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
-        return ipaddress.ip_address(self.ns.client_ip), self.port
-
-    @property
-    def remote(self) -> dict[str, str]:
-        """The event's ``remote`` for this session."""
-        return {"family": "ipv4", "node": self.ns.client_ip, "service": str(self.port)}
+async def open_session(fleet: Fleet, ns: ClientNamespace, hostname: str) -> ConsoleSession:
+    """A session from ``ns`` to the domain of ``hostname``, which the host holds once this returns."""
+    return await asyncio.to_thread(open_console_session, ns, fleet.hosts[hostname], fleet.domains[hostname])
 
 
-async def open_session(fleet: Fleet, ns: ClientNamespace, hostname: str) -> Session:
-    """A session (RFB handshake done) from ``ns`` to the domain of ``hostname``, which the host
-    holds once this returns."""
-    host, domain = fleet.hosts[hostname], fleet.domains[hostname]
-    sock = await asyncio.to_thread(ns.call, rfb.open_session, host.address, domain.vnc_port)
-    session = Session(ns, hostname, sock, sock.getsockname()[1])
-    assert await held_on_host(fleet, session), f"{hostname} does not hold the session of {ns.client_ip}"
-    return session
-
-
-async def held_on_host(fleet: Fleet, session: Session) -> bool:
-    """Whether the session's host holds it: its kernel's established connections and QEMU's
-    client list both have it."""
-    host, domain = fleet.hosts[session.hostname], fleet.domains[session.hostname]
-    kernel = await asyncio.to_thread(established_peers, [domain.vnc_port], host.name)
-    qemu = vnc_clients(await asyncio.to_thread(host.query_vnc, domain.name))
-    return session.peer in kernel and session.peer in qemu
-
-
-async def close_session(fleet: Fleet, session: Session) -> None:
-    """Close the client's socket and wait until the host no longer holds the session."""
-    session.sock.close()
-    deadline = time.monotonic() + 30
-    while await held_on_host(fleet, session):
-        assert time.monotonic() < deadline, f"{session.hostname} still holds the closed session {session.peer}"
-        await asyncio.sleep(0.2)
+async def close_session(session: ConsoleSession) -> None:
+    """Close the client's end and wait until the host has let go of the session."""
+    await asyncio.to_thread(session.close)
 
 
 @pytest.mark.parametrize("transport", ["tls", "ssh"])
@@ -135,11 +88,11 @@ async def test_sessions_on_one_host_are_reported_with_that_hosts_uri_only(fleet:
             await source_log.subscribed(uri, run, timeout=60)
         sessions = [await open_session(fleet, ns, "kvm-b") for ns in (first, second)]
         for session in sessions:
-            await close_session(fleet, session)
+            await close_session(session)
         reported = [await run.wait_for(3, remote__node=session.ns.client_ip) for session in sessions]
         on_b = list(run.events)
         # A session on C afterwards is reported with C's URI: the source does watch the others.
-        await close_session(fleet, await open_session(fleet, first, "kvm-c"))
+        await close_session(await open_session(fleet, first, "kvm-c"))
         on_c = await run.wait_for(3, hypervisor__uri=uris["kvm-c"])
 
     for session, events in zip(sessions, reported, strict=True):
@@ -173,10 +126,10 @@ async def test_partitioned_host_is_resynchronised_by_snapshot_after_the_heal(fle
             await asyncio.to_thread(host_b.partition)
             partitioned_from = len(run.events)
             await source_log.wait_for(1, f"{uris['kvm-b']}: connection closed", run=run, timeout=60)
-            await close_session(fleet, leaving)
+            await close_session(leaving)
             arriving = await open_session(fleet, arriving_ns, "kvm-b")
             # A stays watched meanwhile: its session is reported live.
-            await close_session(fleet, await open_session(fleet, elsewhere_ns, "kvm-a"))
+            await close_session(await open_session(fleet, elsewhere_ns, "kvm-a"))
             on_a = await run.wait_for(3, remote__node=elsewhere_ns.client_ip)
             during_gap = [e for e in run.events[partitioned_from:] if e["hypervisor"]["uri"] == uris["kvm-b"]]
 
@@ -187,7 +140,7 @@ async def test_partitioned_host_is_resynchronised_by_snapshot_after_the_heal(fle
             [gone] = await run.wait_for(1, remote__node=leaving_ns.client_ip, phase="disconnect", timeout=WAIT)
             [found] = await run.wait_for(1, remote__node=arriving_ns.client_ip, phase="initialize", timeout=WAIT)
             # and B is live again: the arriving session's end comes as a live event
-            await close_session(fleet, arriving)
+            await close_session(arriving)
             [arriving_end] = await run.wait_for(1, remote__node=arriving_ns.client_ip, phase="disconnect",
                                                  timeout=WAIT)
     finally:
@@ -232,13 +185,13 @@ async def test_killed_and_restarted_libvirtd_is_watched_again(fleet: Fleet, clie
             await asyncio.to_thread(host_b.kill_libvirtd)
             await source_log.wait_for(1, f"{uris['kvm-b']}: connection closed", run=run, timeout=60)
             await asyncio.to_thread(host_b.start_libvirtd)
-            assert await held_on_host(fleet, staying), "QEMU lost the session with libvirtd"
+            assert await asyncio.to_thread(staying.held), "QEMU lost the session with libvirtd"
             await source_log.subscribed(uris["kvm-b"], run, timeout=WAIT)
             snapshots = await run.wait_for(1, remote__node=staying_ns.client_ip, snapshot=True, timeout=WAIT)
 
-            await close_session(fleet, await open_session(fleet, later_ns, "kvm-b"))
+            await close_session(await open_session(fleet, later_ns, "kvm-b"))
             after_restart = await run.wait_for(3, remote__node=later_ns.client_ip, timeout=60)
-            await close_session(fleet, staying)
+            await close_session(staying)
             [staying_end] = await run.wait_for(1, remote__node=staying_ns.client_ip, phase="disconnect", timeout=60)
     finally:
         if host_b.libvirtd_pid() is None:
