@@ -220,9 +220,10 @@ class FleetHost:
 
     def __init__(self, hostname: str | None = None) -> None:
         self.slot, self.subnet = _allocate_slot()
-        self.name = f"{PREFIX}f{self.slot}"  # the network namespace
-        self.host_link = f"{PREFIX}fh{self.slot}"[:15]  # the machine's end of the veth
-        self.ns_link = f"{PREFIX}fn{self.slot}"[:15]
+        # a dash, which lab.netns's names (prefix, letters, index) never hold, keeps them apart
+        self.name = f"{PREFIX}-h{self.slot}"  # the network namespace
+        self.host_link = f"{PREFIX}-m{self.slot}"[:15]  # the machine's end of the veth
+        self.ns_link = f"{PREFIX}-n{self.slot}"[:15]
         self.gateway, self.address = str(self.subnet[1]), str(self.subnet[2])
         self.hostname = hostname or self.name
         self.root = Path(tempfile.mkdtemp(prefix=f"{self.name}-"))
@@ -564,10 +565,15 @@ class FleetHost:
 
 def start_hosts(hostnames: Iterable[str | None], workers: int = 3) -> list[FleetHost]:
     """Start a host per name (None: the netns name) on ``workers`` threads; all or none: when
-    one fails, the others are stopped and the first error is raised."""
+    one fails, the others are stopped and the first error is raised. While this process has no
+    QEMU capabilities to share yet, the first host starts alone and probes QEMU for the others
+    (about 8 s of a core that each of them would spend again)."""
     hosts = [FleetHost(hostname) for hostname in hostnames]
+    with _capabilities_lock:
+        first_alone = _capabilities_seed is None
+    results = [_start_quietly(hosts[0])] if first_alone and hosts else []
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{PREFIX}fleet") as pool:
-        results = list(pool.map(_start_quietly, hosts))
+        results += list(pool.map(_start_quietly, hosts[len(results):]))
     errors = [error for error in results if error is not None]
     if errors:
         stop_hosts(hosts)
