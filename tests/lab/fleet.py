@@ -110,8 +110,8 @@ PrintMotd no
 Subsystem sftp /usr/lib/openssh/sftp-server
 """
 
-# What libvirt's ssh transport and Ansible run: the host's key only, known beforehand (no prompt,
-# nothing written to root's ~/.ssh), and a connection master of the host's own.
+# What libvirt's ssh transport (the URI's command=) and host.ssh() use: the host's key only, known
+# beforehand (no prompt, nothing written to root's ~/.ssh). Ansible gets the same from inventory_vars.
 SSH_CLIENT_CONFIG = """\
 Host *
   User root
