@@ -234,7 +234,7 @@ class Classifier:
                 verdict["verdict"] = "cut"
                 if address is not None and network is not None:
                     self.batches.add(host, Offender(session_id, str(address), str(network), verdict["remote"]["port"],
-                                                    verdict["local_port"], list(reasons)))
+                                                    verdict["local_port"], list(reasons)), now)
         elif verdict["phase"] == "disconnect":
             was_offender = self.batches.ended(host, session_id)
             failed_login = not (was_offender or verdict["snapshot"] or session.get("authenticated"))
@@ -244,7 +244,7 @@ class Classifier:
                 reasons.append(BRUTEFORCE)
                 verdict["verdict"] = "block"
                 self.batches.add(host, Offender("", str(address), str(network), None, verdict["local_port"],
-                                                [BRUTEFORCE]))
+                                                [BRUTEFORCE]), now)
 
         batch = self.batches.take_batch(host, now) if self.remediating else []
         if batch:

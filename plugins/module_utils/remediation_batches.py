@@ -14,6 +14,13 @@ next batch. A run that does not cut everything (the playbook failed, the host wa
 is given up after ``lease`` seconds; its sessions that are still open go into the next batch.
 An offending session is never taken as "covered": it stays in the queue until its disconnect.
 
+A second run may start while one is in flight, once that one has been in flight ``overlap``
+seconds (0.5 by default): the first offender of a storm is sent alone at once, and the storm
+behind it should not wait for that run's whole length. Never more than ``max_in_flight`` (2).
+
+A network to block with no session (brute force) holds nothing, since nothing comes back for it;
+it is sent once per ``lease``: further failures from it meanwhile are refused by that block.
+
 Pure logic: times come from the caller (monotonic seconds), nothing here does I/O.
 """
 
@@ -25,6 +32,8 @@ from typing import Any
 
 DEFAULT_MAX_BATCH = 1000
 DEFAULT_MAX_OFFENDERS = 100_000
+DEFAULT_MAX_IN_FLIGHT = 2
+DEFAULT_OVERLAP = 0.5
 
 
 @dataclass
@@ -46,13 +55,20 @@ class Offender:
 
 
 @dataclass
+class Run:
+    """A run sent and not known to be over: the sessions it was sent to cut, still open."""
+
+    sent_at: float
+    sessions: set[str]
+
+
+@dataclass
 class HostQueue:
-    """The offenders of one hypervisor host and the run in flight."""
+    """The offenders of one hypervisor host and its runs in flight."""
 
     # session id (or "net:" + network for block-only offenders) -> offender, in arrival order
     offenders: collections.OrderedDict[str, Offender] = field(default_factory=collections.OrderedDict)
-    in_flight: set[str] = field(default_factory=set)
-    sent_at: float | None = None
+    running: list[Run] = field(default_factory=list)
     runs: int = 0
 
 
@@ -64,87 +80,103 @@ class RemediationBatches:
     the run that blocks their network still cuts every console connection from it)."""
 
     def __init__(self, lease: float, max_batch: int = DEFAULT_MAX_BATCH,
-                 max_offenders: int = DEFAULT_MAX_OFFENDERS) -> None:
+                 max_offenders: int = DEFAULT_MAX_OFFENDERS, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+                 overlap: float = DEFAULT_OVERLAP) -> None:
         self.lease = lease
         self.max_batch = max_batch
         self.max_offenders = max_offenders
+        self.max_in_flight = max_in_flight
+        self.overlap = overlap
         self.hosts: dict[str, HostQueue] = {}
         self.held = 0
         self.forgotten = 0
+        # (host, network) -> when a block alone was sent, so a brute force sends it once a lease
+        self.blocks_sent: collections.OrderedDict[tuple[str, str], float] = collections.OrderedDict()
 
-    def add(self, host: str, offender: Offender) -> None:
-        """Queue an offender (a session already queued keeps its place and its state)."""
+    def add(self, host: str, offender: Offender, now: float = 0.0) -> None:
+        """Queue an offender (a session already queued keeps its place and its state; a block
+        alone already sent within the lease is not queued again)."""
         queue = self.hosts.setdefault(host, HostQueue())
+        if not offender.session_id:
+            sent = self.blocks_sent.get((host, offender.network))
+            if sent is not None and now - sent < self.lease:
+                return
         key = offender.session_id or f"net:{offender.network}"
         known = queue.offenders.get(key)
         if known is not None:
-            if offender.session_id:
-                for reason in offender.reasons:
-                    if reason not in known.reasons:
-                        known.reasons.append(reason)
-                return
-            if known.sent_at is not None:  # a network to block again: a new attempt
-                del queue.offenders[key]
-                self.held -= 1
-        if key not in queue.offenders:
-            queue.offenders[key] = offender
-            self.held += 1
-            self._bound()
+            for reason in offender.reasons:
+                if reason not in known.reasons:
+                    known.reasons.append(reason)
+            return
+        queue.offenders[key] = offender
+        self.held += 1
+        self._bound()
 
     def ended(self, host: str, session_id: str) -> bool:
         """A session disconnected; True when it was an offender."""
         queue = self.hosts.get(host)
         if queue is None or not session_id:
             return False
-        queue.in_flight.discard(session_id)
+        for run in queue.running:
+            run.sessions.discard(session_id)
         known = queue.offenders.pop(session_id, None) is not None
         if known:
             self.held -= 1
-        if not queue.offenders and not queue.in_flight:
-            del self.hosts[host]
+        self._forget_if_idle(host, queue)
         return known
 
-    def in_flight(self, host: str, now: float) -> bool:
+    def in_flight(self, host: str, now: float) -> list[Run]:
+        """The runs of ``host`` still in flight: sessions of theirs still open, within the lease."""
         queue = self.hosts.get(host)
-        return bool(queue and queue.in_flight and queue.sent_at is not None and now - queue.sent_at < self.lease)
+        if queue is None:
+            return []
+        queue.running = [run for run in queue.running if run.sessions and now - run.sent_at < self.lease]
+        return queue.running
 
     def take_batch(self, host: str, now: float) -> list[Offender]:
-        """The next batch of ``host`` if one should be sent now (nothing in flight, offenders
-        waiting, or the run in flight has outlived its lease); empty otherwise."""
+        """The next batch of ``host`` if one should be sent now; empty otherwise."""
         queue = self.hosts.get(host)
-        if queue is None or not queue.offenders or self.in_flight(host, now):
+        if queue is None or not queue.offenders:
+            return []
+        running = self.in_flight(host, now)
+        if len(running) >= self.max_in_flight or (running and now - running[-1].sent_at < self.overlap):
             return []
         batch: list[Offender] = []
         for offender in queue.offenders.values():
-            waiting = offender.sent_at is None or now - offender.sent_at >= self.lease
-            if waiting:
+            if offender.sent_at is None or now - offender.sent_at >= self.lease:
                 batch.append(offender)
                 if len(batch) >= self.max_batch:
                     break
         if not batch:
             return []
-        queue.in_flight = {o.session_id for o in batch if o.session_id}
-        queue.sent_at = now
+        queue.running.append(Run(now, {o.session_id for o in batch if o.session_id}))
         queue.runs += 1
         for offender in batch:
             offender.sent_at = now
             if not offender.session_id:  # nothing comes back for a block alone
                 del queue.offenders[f"net:{offender.network}"]
                 self.held -= 1
-        if not queue.offenders and not queue.in_flight:
-            del self.hosts[host]
+                self.blocks_sent.pop((host, offender.network), None)
+                self.blocks_sent[(host, offender.network)] = now
+                if len(self.blocks_sent) > self.max_offenders:
+                    self.blocks_sent.popitem(last=False)
+        self._forget_if_idle(host, queue)
         return batch
 
     def waiting(self, host: str) -> int:
         queue = self.hosts.get(host)
         return sum(1 for o in queue.offenders.values() if o.sent_at is None) if queue else 0
 
+    def _forget_if_idle(self, host: str, queue: HostQueue) -> None:
+        if not queue.offenders and not any(run.sessions for run in queue.running):
+            del self.hosts[host]
+
     def _bound(self) -> None:
         while self.held > self.max_offenders:
             host, queue = next((h, q) for h, q in self.hosts.items() if q.offenders)
             key, _offender = queue.offenders.popitem(last=False)
-            queue.in_flight.discard(key)
+            for run in queue.running:
+                run.sessions.discard(key)
             self.held -= 1
             self.forgotten += 1
-            if not queue.offenders and not queue.in_flight:
-                del self.hosts[host]
+            self._forget_if_idle(host, queue)

@@ -122,8 +122,9 @@ def test_verdict_never_holds_client_text():
 
 
 def test_a_storm_is_remediated_in_batches_and_no_session_is_left_covered():
-    """500 offending sessions from 500 addresses while runs are in flight: the first run has
-    one, the next takes every one that waited; each session is in exactly one batch."""
+    """500 offending sessions from 500 addresses in 2 s while runs are in flight: the first run
+    has one, a second starts once the first has been in flight half a second, and the event that
+    ends the first run sends the rest; each session is in exactly one batch."""
     classifier = classifier_for(ConsolePolicy(trusted_networks=["10.0.0.0/8"]))
     sent: list[list[str]] = []
     for n in range(500):
@@ -132,12 +133,12 @@ def test_a_storm_is_remediated_in_batches_and_no_session_is_left_covered():
             sent.append([entry["session_id"] for entry in verdict["batch"]])
         else:
             assert verdict["queued"] is True
-    assert sent == [["0"]]
+    assert sent == [["0"], [f"{n:x}" for n in range(1, 126)]]
     # the first run's cut comes back as its session's disconnect: that event sends the rest
     verdict = classifier.classify(graphics("disconnect", node="192.0.0.1", session_id="0"), 2.5)
     assert verdict["remediate"] is True
-    assert [entry["session_id"] for entry in verdict["batch"]] == [f"{n:x}" for n in range(1, 500)]
-    # another hypervisor host is not held by this one's run
+    assert [entry["session_id"] for entry in verdict["batch"]] == [f"{n:x}" for n in range(126, 500)]
+    # another hypervisor host is not held by this one's runs
     other = classifier.classify(graphics(uri="qemu+ssh://kvm2/system", session_id="ff"), 2.6)
     assert other["remediate"] is True and other["target_host"] == "kvm2"
 
@@ -177,6 +178,11 @@ def test_bruteforce_from_a_rotating_ipv6_prefix_blocks_the_prefix():
                 for n in range(1, 6)]
     assert [v["verdict"] for v in verdicts] == ["allow"] * 4 + ["block"]
     assert verdicts[-1]["batch"][0]["network"] == "2001:db8:7:7::/64"
+    # the rotation goes on while the block lands: the /64 is not sent again within the lease
+    more = [classifier.classify(graphics("disconnect", node=f"2001:db8:7:7::1:{n:x}", family="ipv6",
+                                         authenticated=False, session_id=f"1{n:x}"), 1 + n * 0.01)
+            for n in range(100)]
+    assert not any(v["remediate"] for v in more)
 
 
 def test_failed_logins_are_bounded():

@@ -26,7 +26,7 @@ def test_a_lone_offender_is_sent_at_once():
 
 
 def test_offenders_arriving_during_a_run_go_together_into_the_next_run():
-    batches = RemediationBatches(LEASE)
+    batches = RemediationBatches(LEASE, max_in_flight=1)
     batches.add("h", offender("a"))
     assert sessions(batches.take_batch("h", 0.0)) == ["a"]
     for index, sid in enumerate("bcd"):
@@ -36,6 +36,31 @@ def test_offenders_arriving_during_a_run_go_together_into_the_next_run():
     assert batches.ended("h", "a") is True  # the run's cut comes back as a disconnect
     assert sessions(batches.take_batch("h", 1.0)) == ["b", "c", "d"]
     assert batches.waiting("h") == 0
+
+
+def test_a_second_run_starts_after_the_overlap_and_never_a_third():
+    batches = RemediationBatches(LEASE, max_in_flight=2, overlap=0.5)
+    batches.add("h", offender("a"))
+    assert sessions(batches.take_batch("h", 0.0)) == ["a"]
+    batches.add("h", offender("b"))
+    assert batches.take_batch("h", 0.4) == [], "the first run has been in flight less than the overlap"
+    batches.add("h", offender("c"))
+    assert sessions(batches.take_batch("h", 0.5)) == ["b", "c"]
+    batches.add("h", offender("d"))
+    assert batches.take_batch("h", 5.0) == [], "two runs in flight"
+    batches.ended("h", "a")
+    assert sessions(batches.take_batch("h", 5.1)) == ["d"]
+
+
+def test_a_block_alone_is_sent_once_per_lease():
+    batches = RemediationBatches(LEASE)
+    block = Offender("", "2001:db8::7", "2001:db8::/64", None, None, ["bruteforce"])
+    batches.add("h", block, 0.0)
+    assert len(batches.take_batch("h", 0.0)) == 1
+    batches.add("h", Offender("", "2001:db8::8", "2001:db8::/64", None, None, ["bruteforce"]), 1.0)
+    assert batches.take_batch("h", 1.0) == [] and batches.held == 0
+    batches.add("h", Offender("", "2001:db8::9", "2001:db8::/64", None, None, ["bruteforce"]), LEASE + 1)
+    assert len(batches.take_batch("h", LEASE + 1)) == 1, "after the lease a failed block is sent again"
 
 
 def test_an_offender_seen_again_after_its_run_is_remediated_again():
@@ -76,7 +101,7 @@ def test_a_block_without_a_session_does_not_hold_the_host():
 
 
 def test_a_batch_has_at_most_max_batch_offenders_and_the_rest_follow():
-    batches = RemediationBatches(LEASE, max_batch=2)
+    batches = RemediationBatches(LEASE, max_batch=2, max_in_flight=1)
     for sid in "abc":
         batches.add("h", offender(sid))
     assert sessions(batches.take_batch("h", 0.0)) == ["a", "b"]
