@@ -9,6 +9,7 @@ that overflows the buffer. ``feed`` moves the buffered events of every watcher t
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import time
@@ -55,8 +56,13 @@ class Snapshot:
 class HypervisorWatcher:
     """One libvirt connection: connect with backoff, subscribe, snapshot, wait for close."""
 
-    def __init__(self, uri: str, config: SourceArguments, buffer: EventBuffer):
+    def __init__(self, uri: str, config: SourceArguments, buffer: EventBuffer,
+                 executor: concurrent.futures.Executor | None = None):
         self.uri = uri
+        # blocking libvirt calls (open has no connect timeout: minutes to an unreachable host)
+        # run here; the source gives each watcher a thread of its own, so hosts that hang never
+        # hold up the others (asyncio's default pool has only cores + 4 threads)
+        self.executor = executor
         self.config = config
         self.buffer = buffer
         self.index = buffer.add_watcher(self)
@@ -158,7 +164,7 @@ class HypervisorWatcher:
         delay = self.config.reconnect_delay
         while True:
             try:
-                self.conn = await loop.run_in_executor(None, libvirt.open, self.uri)
+                self.conn = await loop.run_in_executor(self.executor, libvirt.open, self.uri)
             except libvirt.libvirtError as exc:
                 LOGGER.warning("%s: cannot connect (%s); retrying in %.1fs", self.uri, exc, delay)
                 await asyncio.sleep(delay)
@@ -185,7 +191,7 @@ class HypervisorWatcher:
             conn.setKeepAlive(self.config.keepalive_interval, self.config.keepalive_count)
         conn.registerCloseCallback(self.on_close, None)
         self.callback_id = self.subscribe(conn)
-        self.hypervisor = {"uri": self.uri, "hostname": await loop.run_in_executor(None, conn.getHostname)}
+        self.hypervisor = {"uri": self.uri, "hostname": await loop.run_in_executor(self.executor, conn.getHostname)}
         LOGGER.info("%s: watching graphics events on %s", self.uri, self.hypervisor["hostname"])
         if self.config.snapshot:
             await self.take_snapshot(loop)
@@ -230,7 +236,7 @@ class HypervisorWatcher:
         generation = self.snapshot_generation
         # Live events from here on win over what the snapshot says about the same session.
         self.touched_since_snapshot = set()
-        present = await loop.run_in_executor(None, self.query_clients, self.conn)
+        present = await loop.run_in_executor(self.executor, self.query_clients, self.conn)
         self.buffer.append(Snapshot(self, present, generation))
 
     def query_clients(self, conn: Any) -> dict[str, Details]:
@@ -266,7 +272,7 @@ class HypervisorWatcher:
             except (libvirt.libvirtError, AttributeError):
                 pass
         try:
-            await loop.run_in_executor(None, conn.close)
+            await loop.run_in_executor(self.executor, conn.close)
         except libvirt.libvirtError:
             pass
 

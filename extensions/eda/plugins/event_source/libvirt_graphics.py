@@ -141,6 +141,7 @@ graphics:
 """
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import os
@@ -199,7 +200,10 @@ async def main(queue: asyncio.Queue[dict[str, Any]], args: dict[str, Any]) -> No
     ensure_libvirt_event_loop()
     warn_if_unchecked()
     buffer = EventBuffer(config.max_buffered_events, asyncio.get_running_loop())
-    watchers = [HypervisorWatcher(uri, config, buffer) for uri in config.uris]
+    # a thread per hypervisor for its blocking libvirt calls: unreachable hosts never starve the others
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=len(config.uris),
+                                                     thread_name_prefix="libvirt_graphics connect")
+    watchers = [HypervisorWatcher(uri, config, buffer, executor) for uri in config.uris]
     tasks = [asyncio.create_task(w.run(), name=f"libvirt_graphics {w.uri}") for w in watchers]
     try:
         await feed(queue, buffer)
@@ -207,6 +211,7 @@ async def main(queue: asyncio.Queue[dict[str, Any]], args: dict[str, Any]) -> No
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        executor.shutdown(wait=False, cancel_futures=True)
 
 
 class PrintingQueue(asyncio.Queue[dict[str, Any]]):
