@@ -14,9 +14,10 @@ next batch. A run that does not cut everything (the playbook failed, the host wa
 is given up after ``lease`` seconds; its sessions that are still open go into the next batch.
 An offending session is never taken as "covered": it stays in the queue until its disconnect.
 
-A second run may start while one is in flight, once that one has been in flight ``overlap``
-seconds (0.5 by default): the first offender of a storm is sent alone at once, and the storm
-behind it should not wait for that run's whole length. Never more than ``max_in_flight`` (2).
+``max_in_flight`` (default 1) runs may be in flight per host, a later one only once the previous
+has been in flight ``overlap`` seconds. Measured on 2 cores, a second run in flight made both
+slower than waiting (each ansible-playbook run is about 2 s of CPU): a storm of 200 took p50
+8.2 s with two, 5.7 s with one (docs/performance.md).
 
 A network to block with no session (brute force) holds nothing, since nothing comes back for it;
 it is sent once per ``lease``: further failures from it meanwhile are refused by that block.
@@ -32,7 +33,7 @@ from typing import Any
 
 DEFAULT_MAX_BATCH = 1000
 DEFAULT_MAX_OFFENDERS = 100_000
-DEFAULT_MAX_IN_FLIGHT = 2
+DEFAULT_MAX_IN_FLIGHT = 1
 DEFAULT_OVERLAP = 0.5
 
 
