@@ -24,6 +24,10 @@ import re
 from typing import Iterable, NamedTuple, Sequence
 
 from ansible_collections.virtguard.console.plugins.module_utils.host_commands import Run
+from ansible_collections.virtguard.console.plugins.module_utils.ip_addresses import (
+    format_port_ranges,
+    parse_port_ranges,
+)
 
 DEFAULT_CONSOLE_PROCESSES: tuple[str, ...] = ("qemu-system-*", "qemu-kvm")
 SS_LISTENING: list[str] = ["ss", "-t", "-l", "-n", "-p", "-H"]
@@ -93,3 +97,19 @@ def read_listeners(run: Run) -> list[Listener]:
 def qemu_listening_ports(run: Run, processes: Sequence[str] = DEFAULT_CONSOLE_PROCESSES) -> set[int]:
     """The TCP ports on which this host's QEMU processes (or ``processes``) listen."""
     return console_ports_of(read_listeners(run), processes)
+
+
+def ports_to_protect(run: Run, configured: Iterable[int | str], discover: bool,
+                     processes: Sequence[str] = DEFAULT_CONSOLE_PROCESSES) -> tuple[list[str], set[int], str | None]:
+    """The ports a block or cut acts on: the ``configured`` ones (checked; AddressError if
+    wrong) and, with ``discover``, every port the console processes listen on. Returns the ports
+    as nft/ss port strings, the discovered ports, and a warning when discovery failed (the
+    configured and already protected ports still count: acting on them matters more)."""
+    ports = format_port_ranges(parse_port_ranges(list(configured)))
+    if not discover:
+        return ports, set(), None
+    try:
+        discovered = qemu_listening_ports(run, processes)
+    except PortDiscoveryError as exc:
+        return ports, set(), f"console ports not discovered, using the configured and already protected ones: {exc}"
+    return ports + [str(port) for port in sorted(discovered)], discovered, None

@@ -202,10 +202,7 @@ from ansible_collections.virtguard.console.plugins.module_utils.client_batch imp
     batch_addresses,
     batch_argument_spec,
 )
-from ansible_collections.virtguard.console.plugins.module_utils.console_ports import (
-    PortDiscoveryError,
-    qemu_listening_ports,
-)
+from ansible_collections.virtguard.console.plugins.module_utils.console_ports import ports_to_protect
 from ansible_collections.virtguard.console.plugins.module_utils.host_commands import module_runner
 from ansible_collections.virtguard.console.plugins.module_utils.ip_addresses import (
     DEFAULT_SET_SIZE,
@@ -242,15 +239,10 @@ def main() -> None:
         table = BlockTable(run, table=params["table"], set_size=params["set_size"])
         if params["state"] == "absent":
             module.exit_json(**table.unblock(addresses, check_mode=module.check_mode))
-        if params["discover_ports"]:
-            try:
-                discovered = qemu_listening_ports(run, params["console_processes"])
-            except PortDiscoveryError as exc:
-                # The block matters more than the ports list: block with what is known.
-                module.warn(f"console ports not discovered, blocking from the configured and already "
-                            f"protected ports only: {exc}")
-        configured = format_port_ranges(parse_port_ranges(params["ports"]))
-        ports = configured + [str(port) for port in sorted(discovered)]
+        ports, discovered, warning = ports_to_protect(run, params["ports"], params["discover_ports"],
+                                                      params["console_processes"])
+        if warning:
+            module.warn(warning)
         result = table.block(addresses, params["timeout"], ports, refresh=params["refresh"],
                              check_mode=module.check_mode)
     except SetFullError as exc:

@@ -78,15 +78,12 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.virtguard.console.plugins.module_utils.console_ports import (
     DEFAULT_CONSOLE_PROCESSES,
-    PortDiscoveryError,
-    qemu_listening_ports,
+    ports_to_protect,
 )
 from ansible_collections.virtguard.console.plugins.module_utils.host_commands import module_runner
 from ansible_collections.virtguard.console.plugins.module_utils.ip_addresses import (
     DEFAULT_SET_SIZE,
     AddressError,
-    format_port_ranges,
-    parse_port_ranges,
 )
 from ansible_collections.virtguard.console.plugins.module_utils.nftables_block import (
     BlockTable,
@@ -114,14 +111,12 @@ def main() -> None:
     run = module_runner(module)
 
     try:
-        ports = format_port_ranges(parse_port_ranges(params["ports"]))
+        ports, _discovered, warning = ports_to_protect(run, params["ports"], params["discover_ports"],
+                                                       params["console_processes"])
     except AddressError as exc:
         module.fail_json(msg=f"ports: {exc}")
-    if params["discover_ports"]:
-        try:
-            ports += [str(port) for port in sorted(qemu_listening_ports(run, params["console_processes"]))]
-        except PortDiscoveryError as exc:
-            module.warn(f"console ports not discovered, using the configured ones only: {exc}")
+    if warning:
+        module.warn(warning)
 
     block: dict[str, Any] = {"ok": True}
     try:
