@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+from typing import Any
 
 import pytest
 
@@ -37,7 +38,7 @@ async def open_session(port: int) -> socket.socket:
     return await asyncio.to_thread(rfb.open_session, "127.0.0.1", port)
 
 
-async def one_session(run: SourceRun, port: int) -> list[dict]:
+async def one_session(run: SourceRun, port: int) -> list[dict[str, Any]]:
     """A whole session on the console ``port``, and its three events as the source reports them."""
     sock = await open_session(port)
     client_port = client_port_of(sock)
@@ -109,7 +110,7 @@ async def test_two_hypervisors_in_one_source(hypervisor, second_hypervisor, sour
         client_ports = [client_port_of(sock) for sock in sockets]
         for sock in sockets:
             sock.close()
-        for hv, client_port in zip(hypervisors, client_ports):
+        for hv, client_port in zip(hypervisors, client_ports, strict=True):
             events = await run.wait_for(3, remote__service=client_port)
             assert {e["hypervisor"]["uri"] for e in events} == {hv.uri}
             assert {e["domain"]["uuid"] for e in events} == {hv.domains[0].uuid}
@@ -187,10 +188,16 @@ async def test_events_leave_nothing_of_libvirts_arguments_behind(hypervisor, sou
     (about 15 memory blocks, 1 KB, an event, forever) unless the source gives those references
     back. 900 events would leave some 13 000 blocks behind."""
     ports = [d.vnc_port for d in hypervisor.domains]
+
+    def sessions(rounds: int) -> None:
+        for _round in range(rounds):
+            for port in ports:
+                rfb.run_session("127.0.0.1", port)
+
     async with SourceRun({"uri": hypervisor.uri, **LIVE_ONLY}) as run:
         await source_log.subscribed(hypervisor.uri, run)
         for rounds in (10, 150):
-            await asyncio.to_thread(lambda n=rounds: [rfb.run_session("127.0.0.1", p) for _r in range(n) for p in ports])
+            await asyncio.to_thread(sessions, rounds)
             await run.wait_for(3 * rounds * len(ports))
             run.events.clear()
             if rounds == 10:

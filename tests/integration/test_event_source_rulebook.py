@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import re
+from typing import Any
 
 import pytest
 from ansible_rulebook.terminal import Display
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.slow
 LOG_LINE = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}")
 
 
-def printed_events(output: str) -> list[dict]:
+def printed_events(output: str) -> list[dict[str, Any]]:
     """The events ansible-rulebook's print_event printed (pretty: one banner each, holding the
     event as pprint writes it), in order; a log line another thread wrote in between is skipped."""
     events = []
@@ -32,7 +33,7 @@ def test_ansible_rulebook_runs_the_source_and_matches_events(hypervisor, ruleboo
     client_port = str(sock.getsockname()[1])
     sock.close()
 
-    def session(output: str) -> list[dict]:
+    def session(output: str) -> list[dict[str, Any]]:
         return [e["graphics"] for e in printed_events(output)
                 if e["graphics"]["remote"]["service"] == client_port and not e["graphics"]["snapshot"]]
 

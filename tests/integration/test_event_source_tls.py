@@ -30,7 +30,7 @@ LIVE_ONLY = {"snapshot": False}  # no session is open when these tests start the
 def tls_console():
     ns = ClientNamespace(7, tag="s").create()
     hv = SessionHypervisor("st")
-    tls = None
+    tls: TlsSaslLab | None = None
     try:
         tls = TlsSaslLab(hv.base / "tls", [ns.host_ip])
         hv.qemu_conf = tls.qemu_conf()
@@ -44,7 +44,7 @@ def tls_console():
         }
         yield hv, domain, ns, clients
     finally:
-        if tls:
+        if tls is not None:
             tls.cleanup()
         hv.stop()
         ns.delete()

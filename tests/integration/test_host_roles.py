@@ -88,12 +88,12 @@ class Site:
     def path(self, host_path: str) -> Path:
         return self.system.host.path(host_path)
 
-    def configuration(self) -> dict[str, tuple | None]:
+    def configuration(self) -> dict[str, tuple[str, int, int, int] | None]:
         """What the roles write on the host, and the controller's CA."""
         return snapshot(self.path(QEMU_CONF), self.path(CERT_DIR), self.path(SASL_DIR), self.controller / "ca")
 
     def playbook(self, variables: dict[str, Any], *extra: str,
-                 playbook: str = "site.yml") -> tuple[subprocess.CompletedProcess, dict[str, int]]:
+                 playbook: str = "site.yml") -> tuple[subprocess.CompletedProcess[str], dict[str, int]]:
         """ansible-playbook from the machine (the controller) on the host over SSH, in the group
         ``hypervisors``; the role variables as extra vars (a 0600 file)."""
         inventory = self.controller / "inventory.yml"
@@ -107,7 +107,7 @@ class Site:
             capture_output=True, text=True, env=playbook_env(), cwd=self.controller, timeout=300, check=False)
         return proc, recap(proc.stdout, self.system.host.name)
 
-    def configure(self) -> subprocess.CompletedProcess:
+    def configure(self) -> subprocess.CompletedProcess[str]:
         """Apply role_vars; the run must succeed."""
         proc, _counts = self.playbook(self.role_vars)
         assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -120,7 +120,7 @@ class FirstRun:
     """The roles' first run on a host and what it left there, recorded right after it (later
     tests may change the host)."""
 
-    proc: subprocess.CompletedProcess
+    proc: subprocess.CompletedProcess[str]
     counts: dict[str, int]
     pid_before: int | None
     pid_after: int | None
@@ -164,9 +164,9 @@ def recap(output: str, host: str) -> dict[str, int]:
     return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", match.group(1))} if match else {}
 
 
-def snapshot(*paths: Path) -> dict[str, tuple | None]:
+def snapshot(*paths: Path) -> dict[str, tuple[str, int, int, int] | None]:
     """Content, mode and owner of every file under the paths (None for a missing path)."""
-    state: dict[str, tuple | None] = {}
+    state: dict[str, tuple[str, int, int, int] | None] = {}
     for top in paths:
         if not top.exists():
             state[str(top)] = None
@@ -211,9 +211,9 @@ def subject_alt_names(cert: Path) -> set[str]:
             | {f"IP:{a}" for a in ext.get_values_for_type(x509.IPAddress)})
 
 
-def events_of(output: str) -> list[dict]:
+def events_of(output: str) -> list[dict[str, str]]:
     """virsh event lines: one dict per event with its phase and identity lines."""
-    events: list[dict] = []
+    events: list[dict[str, str]] = []
     for line in output.splitlines():
         match = re.match(r"event 'graphics' for domain '([^']+)': (\w+) .* (\S+)$", line)
         if match:

@@ -17,8 +17,10 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from xml.sax.saxutils import escape
 
 PREFIX = os.environ.get("VGT_LAB_PREFIX", f"vgt{os.getpid() % 100000}")
@@ -36,7 +38,7 @@ class CommandFailed(subprocess.CalledProcessError):
         return text
 
 
-def run(cmd: list[str], check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+def run(cmd: list[str], check: bool = True, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, **kwargs)
     if check and proc.returncode != 0:
         raise CommandFailed(proc.returncode, cmd, proc.stdout, proc.stderr)
@@ -104,14 +106,15 @@ class EventWitness:
             raise
 
     def _read(self) -> None:
+        assert self.proc.stdout is not None
         for line in self.proc.stdout:
             with self.changed:
                 self.lines.append(line.rstrip("\n"))
                 self.changed.notify_all()
 
-    def _wait(self, predicate, timeout: float) -> bool:
+    def _wait(self, predicate: Callable[[], bool], timeout: float) -> bool:
         with self.changed:
-            return self.changed.wait_for(predicate, timeout)
+            return bool(self.changed.wait_for(predicate, timeout))
 
     def output(self) -> str:
         with self.changed:
@@ -160,7 +163,8 @@ def heal_event_delivery(uri: str, domain: str, attempts: int = 3) -> None:
     for attempt in range(attempts):
         if relays_events(uri, domain):
             if attempt:
-                warnings.warn(f"{uri}: libvirt's event queue was stuck; healed (attempt {attempt + 1})")
+                warnings.warn(f"{uri}: libvirt's event queue was stuck; healed (attempt {attempt + 1})",
+                              stacklevel=2)
             return
     raise RuntimeError(f"{uri} delivers no domain events, even to a new listener")
 
@@ -211,9 +215,10 @@ class SessionHypervisor:
         self.socket = self.base / "run" / "libvirt" / "libvirt-sock"
         self.uri = f"qemu+unix:///session?socket={self.socket}"
         self._user_made = False
+        self.domains: list[Domain] = []  # for the caller's bookkeeping (the integration fixtures)
 
     # -- daemon ---------------------------------------------------------------------------
-    def start(self) -> "SessionHypervisor":
+    def start(self) -> SessionHypervisor:
         try:
             pwd.getpwnam(self.user)
         except KeyError:
@@ -268,7 +273,7 @@ class SessionHypervisor:
             shutil.rmtree(self.base, ignore_errors=True)
 
     # -- domains --------------------------------------------------------------------------
-    def virsh(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    def virsh(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return run(["virsh", "-q", "-c", self.uri, *args], check=check)
 
     def create_domain(self, name: str, listen: str = "127.0.0.1") -> Domain:

@@ -18,10 +18,13 @@ import ipaddress
 import os
 import socket
 import subprocess
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from lab.hypervisor import PREFIX, run
 
 CLONE_NEWNET = 0x40000000
+T = TypeVar("T")
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -61,7 +64,7 @@ class ClientNamespace:
         self.network6 = str(ipaddress.ip_network(f"{v6}::/64"))
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
-    def create(self) -> "ClientNamespace":
+    def create(self) -> ClientNamespace:
         self.delete()
         try:
             run(["ip", "netns", "add", self.name])
@@ -87,10 +90,10 @@ class ClientNamespace:
         run(["ip", "netns", "del", self.name], check=False)
         run(["ip", "link", "del", self.host_link], check=False)
 
-    def run(self, cmd: list[str], check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    def run(self, cmd: list[str], check: bool = True, **kwargs: Any) -> subprocess.CompletedProcess[str]:
         return run(["ip", "netns", "exec", self.name, *cmd], check=check, **kwargs)
 
-    def call(self, fn, *args, **kwargs):
+    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn`` on a thread inside the namespace; sockets it opens belong there."""
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(

@@ -41,7 +41,7 @@ class SystemLibvirtd:
         self.extra_qemu_conf = extra_qemu_conf
         self.uri = self.host.local_uri  # from the machine; qemu:///system inside the host
 
-    def start(self) -> "SystemLibvirtd":
+    def start(self) -> SystemLibvirtd:
         self.host.start()
         try:
             self._kvm_for_qemu_account()

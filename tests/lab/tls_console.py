@@ -28,17 +28,17 @@ from cryptography.x509.oid import NameOID
 from lab.hypervisor import PREFIX, create_user, delete_user, run
 
 
-def _key():
+def _key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _pem_key(key) -> bytes:
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
 
 
 def _cert(subject, issuer, key, issuer_key, ca=False, sans=None, client=False):
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
                .public_key(key.public_key()).serial_number(x509.random_serial_number())
                .not_valid_before(now - datetime.timedelta(hours=1))
@@ -92,7 +92,7 @@ class TlsSaslLab:
     def add_sasl_user(self, name: str, password: str) -> None:
         run(["saslpasswd2", "-p", "-c", "-a", "qemu", "-f", str(self.sasldb), name], input=password)
 
-    def client(self, tag: str, common_name: str, organization: str = "virtguard lab") -> "ConsoleClient":
+    def client(self, tag: str, common_name: str, organization: str = "virtguard lab") -> ConsoleClient:
         """A unix user whose gvnccapture presents a certificate for ``CN=common_name``."""
         console_client = ConsoleClient.create(tag, self.homes)
         self.users.append(console_client.user)
@@ -173,7 +173,7 @@ class ConsoleClient:
         self.home = home
 
     @classmethod
-    def create(cls, tag: str, homes: Path) -> "ConsoleClient":
+    def create(cls, tag: str, homes: Path) -> ConsoleClient:
         """A new unix user (per-process name), its home in ``homes`` (which the user must be
         able to traverse); ``remove()`` deletes it."""
         user = f"{PREFIX}{tag}"[:31]
