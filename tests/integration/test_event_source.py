@@ -116,8 +116,8 @@ async def test_two_hypervisors_in_one_source(hypervisor, second_hypervisor, sour
             assert {e["domain"]["uuid"] for e in events} == {hv.domains[0].uuid}
 
 
-async def test_two_sources_in_one_event_loop_share_libvirts_registration(hypervisor, second_hypervisor,
-                                                                        source_log: SourceLog):
+async def test_two_sources_in_one_event_loop_share_libvirts_registration(
+        hypervisor, second_hypervisor, source_log: SourceLog):
     """ansible-rulebook runs every source of a rulebook on one loop: both must work."""
     async with SourceRun({"uri": hypervisor.uri, **LIVE_ONLY}) as first, \
             SourceRun({"uri": second_hypervisor.uri, **LIVE_ONLY}) as second:

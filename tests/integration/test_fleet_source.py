@@ -78,8 +78,8 @@ async def close_session(session: ConsoleSession) -> None:
 
 
 @pytest.mark.parametrize("transport", ["tls", "ssh"])
-async def test_sessions_on_one_host_are_reported_with_that_hosts_uri_only(fleet: Fleet, clients, transport: str,
-                                                                         source_log: SourceLog):
+async def test_sessions_on_one_host_are_reported_with_that_hosts_uri_only(
+        fleet: Fleet, clients, transport: str, source_log: SourceLog):
     uris = {hostname: fleet.uri(hostname, transport) for hostname in HOSTNAMES}
     first, second = clients(), clients()
     domain_b = fleet.domains["kvm-b"]
@@ -108,8 +108,8 @@ async def test_sessions_on_one_host_are_reported_with_that_hosts_uri_only(fleet:
 
 
 @pytest.mark.parametrize("transport", ["tls", "ssh"])
-async def test_partitioned_host_is_resynchronised_by_snapshot_after_the_heal(fleet: Fleet, clients, transport: str,
-                                                                            source_log: SourceLog):
+async def test_partitioned_host_is_resynchronised_by_snapshot_after_the_heal(
+        fleet: Fleet, clients, transport: str, source_log: SourceLog):
     """B's management network is cut (libvirt's TLS port and SSH dropped on B) while a session
     closes and another opens there; A stays watched; after the heal the snapshot reports both,
     the closed one with an upper bound as its duration."""
@@ -141,8 +141,8 @@ async def test_partitioned_host_is_resynchronised_by_snapshot_after_the_heal(fle
             [found] = await run.wait_for(1, remote__node=arriving_ns.client_ip, phase="initialize", timeout=WAIT)
             # and B is live again: the arriving session's end comes as a live event
             await close_session(arriving)
-            [arriving_end] = await run.wait_for(1, remote__node=arriving_ns.client_ip, phase="disconnect",
-                                                 timeout=WAIT)
+            [arriving_end] = await run.wait_for(
+                1, remote__node=arriving_ns.client_ip, phase="disconnect", timeout=WAIT)
     finally:
         await asyncio.to_thread(host_b.heal)
 
