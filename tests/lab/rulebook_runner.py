@@ -71,6 +71,9 @@ class RulebookRun:
     def stop(self) -> None:
         if self.proc is None:
             return
+        # ansible-runner starts ansible-playbook in a session of its own (a pty): remember every
+        # descendant now, so a playbook run cannot outlive the test and write after its cleanup
+        descendants = descendants_of(self.proc.pid)
         if self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGINT)
@@ -85,7 +88,29 @@ class RulebookRun:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        for pid in descendants:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.proc = None
+
+
+def descendants_of(root: int) -> list[int]:
+    """Every process below ``root``, whatever session or group it moved to (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
