@@ -363,6 +363,18 @@ def test_check_mode_reports_changes_and_changes_nothing(fresh_site: Site):
     assert fresh_site.system.pid() == pid
 
 
+def test_check_mode_with_the_operators_ca_on_a_fresh_host_succeeds_and_changes_nothing(fresh_site: Site, tmp_path):
+    """The operator's CA exists, the host has no certificate directory yet: check mode must not
+    ask for a certificate request from a server key it did not make (issue 12)."""
+    ca_cert, ca_key = certtool_ca(tmp_path / "operator-ca", "Operator CA, check mode")
+    before = fresh_site.configuration()
+    proc, counts = fresh_site.playbook({**fresh_site.role_vars, "vnc_tls_ca_cert_file": str(ca_cert),
+                                        "vnc_tls_ca_key_file": str(ca_key)}, "--check", playbook="tls.yml")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert counts["changed"] > 0
+    assert fresh_site.configuration() == before
+
+
 def test_first_run_configures_the_host_and_restarts_libvirtd(configured_site: Site):
     first = configured_site.first_run
     assert first is not None
