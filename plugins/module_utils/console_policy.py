@@ -185,7 +185,7 @@ class Classifier:
         self.network_of = functools.lru_cache(maxsize=65536)(policy.network_to_block)
         self.target_of = functools.lru_cache(maxsize=4096)(functools.partial(target_host_for, host_map=policy.host_map))
         # None: verdicts only, nothing is queued for remediation (the console_audit rulebook)
-        self.batches = batches if batches is not None else RemediationBatches(lease=0, max_offenders=0)
+        self.batches = batches if batches is not None else RemediationBatches(lease=0)
         self.remediating = batches is not None
         self.failures = FailedLogins(policy.bruteforce_threshold, policy.bruteforce_window)
 
@@ -232,7 +232,7 @@ class Classifier:
                 reasons.extend(policy.identity_reasons(graphics))
             if reasons:
                 verdict["verdict"] = "cut"
-                if address is not None and network is not None:
+                if address is not None and network is not None and self.remediating:
                     self.batches.add(host, Offender(session_id, str(address), str(network), verdict["remote"]["port"],
                                                     verdict["local_port"], list(reasons)), now)
         elif verdict["phase"] == "disconnect":
@@ -243,8 +243,9 @@ class Classifier:
                     and self.failures.failed((host, str(network)), now)):
                 reasons.append(BRUTEFORCE)
                 verdict["verdict"] = "block"
-                self.batches.add(host, Offender("", str(address), str(network), None, verdict["local_port"],
-                                                [BRUTEFORCE]), now)
+                if self.remediating:
+                    self.batches.add(host, Offender("", str(address), str(network), None, verdict["local_port"],
+                                                    [BRUTEFORCE]), now)
 
         batch = self.batches.take_batch(host, now) if self.remediating else []
         if batch:

@@ -20,12 +20,11 @@ import socket
 import subprocess
 from pathlib import Path
 from typing import Any
-from xml.sax.saxutils import escape
 
 import pytest
 
 from lab import rfb
-from lab.hypervisor import DOMAIN_XML, PREFIX, Domain, SessionHypervisor, wait_for
+from lab.hypervisor import PREFIX, Domain, SessionHypervisor, wait_for
 from lab.netns import ClientNamespace
 from lab.rulebook_runner import RulebookRun, read_jsonl
 from lab.server_view import established_peers, nft_blocks, vnc_clients
@@ -306,16 +305,6 @@ def test_a_distributed_storm_is_cut_session_by_session_in_batches(lab):
             sock.close()
 
 
-def create_domain_on_port(hv: SessionHypervisor, name: str, port: int) -> Domain:
-    """A domain whose VNC listens on a fixed port of our choice, outside libvirt's autoport range."""
-    xml = DOMAIN_XML.format(name=escape(name), listen="::").replace(
-        "autoport='yes'", f"autoport='no' port='{port}'")
-    path = hv.base / f"{name}.xml"
-    path.write_text(xml)
-    hv.virsh("create", "--paused", str(path))
-    return Domain(name=name, uuid=hv.virsh("domuuid", name).stdout.strip(), vnc_port=port)
-
-
 def test_a_console_port_outside_the_usual_range_after_a_first_cut_is_cut_too(lab):
     odd = lab.ns["odd"]
     first = odd.call(rfb.open_session, odd.host_ip, lab.plain_domain.vnc_port)
@@ -325,7 +314,7 @@ def test_a_console_port_outside_the_usual_range_after_a_first_cut_is_cut_too(lab
         wait_until_gone(lab, {first_client}, [lab.plain_domain])
         wait_for_remediation(lab, odd.client_ip)
         # a console that did not exist at the first run, on a port no range guessed
-        domain = create_domain_on_port(lab.plain, f"{lab.plain.user}-odd", ODD_PORT)
+        domain = lab.plain.create_domain(f"{lab.plain.user}-odd", listen="::", port=ODD_PORT)
         try:
             sock = odd.call(rfb.open_session, odd.host_ip, ODD_PORT)
         except ConnectionRefusedError:

@@ -276,13 +276,18 @@ class SessionHypervisor:
     def virsh(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return run(["virsh", "-q", "-c", self.uri, *args], check=check)
 
-    def create_domain(self, name: str, listen: str = "127.0.0.1") -> Domain:
+    def create_domain(self, name: str, listen: str = "127.0.0.1", port: int | None = None) -> Domain:
+        """A paused domain; its VNC on ``port`` when given (outside libvirt's autoport range,
+        say), else on the port libvirt picks."""
         xml = DOMAIN_XML.format(name=escape(name), listen=escape(listen))
+        if port is not None:
+            xml = xml.replace("autoport='yes'", f"autoport='no' port='{port}'")
         xml_file = self.base / f"{name}.xml"
         xml_file.write_text(xml)
         self.virsh("create", "--paused", str(xml_file))
-        display = self.virsh("domdisplay", name).stdout.strip()
-        port = 5900 + int(display.rsplit(":", 1)[1])
+        if port is None:
+            display = self.virsh("domdisplay", name).stdout.strip()
+            port = 5900 + int(display.rsplit(":", 1)[1])
         uuid = self.virsh("domuuid", name).stdout.strip()
         return Domain(name=name, uuid=uuid, vnc_port=port)
 
