@@ -115,36 +115,58 @@ def test_the_writer_counts_what_a_file_size_limit_refused(tmp_path: Path) -> Non
 def test_writers_failing_at_their_size_limits_beside_another_leave_its_records_and_every_line_whole(
         tmp_path: Path) -> None:
     """Processes append at once. Four have file size limits that the file passes one after the
-    other, so their writes fail, part-way when the file's end is just below a limit, and they
-    undo their fragments. The fifth has no limit: all its records are in the file, in order, and
-    every line is whole."""
+    other, so their writes fail, and they undo their fragments. The fifth (this test) has no
+    limit: all its records are in the file, in order, and every line is whole.
+
+    Each limited writer starts when the file ends less than one of its records below its limit,
+    so its first write is always cut part-way (a short write), whatever the scheduler does; it
+    then goes on writing while the free writer appends beside it."""
     path = tmp_path / "audit.jsonl"
+    pad = 2000  # a limited writer's record is longer than the gap it starts in (below)
+    limits = (30_000, 45_000, 60_000, 75_000)
     limited = [subprocess.Popen([sys.executable, "-c", CHILD_PRELUDE + textwrap.dedent("""
         limit = int(sys.argv[2])
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
         log = AuditLog(sys.argv[1], fsync="never", write=counting_write)
         written = failed = 0
         print("ready", flush=True)
-        sys.stdin.readline()  # all start together
+        sys.stdin.readline()  # the file now ends just below the limit
         for n in range(400):
             try:
-                log.append({"writer": limit, "n": n, "pad": "l" * 2000})
+                log.append({"writer": limit, "n": n, "pad": "l" * int(sys.argv[3])})
                 written += 1
             except AuditError:
                 failed += 1
+            if n == 0:
+                print("first", flush=True)
         print(json.dumps({"written": written, "failed": failed, "short_writes": short_writes}))
-    """), str(path), str(limit)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        for limit in (30_000, 45_000, 60_000, 75_000)]
-    free = AuditLog(str(path), fsync="never")
-    free.open()
+    """), str(path), str(limit), str(pad)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for limit in limits]
     for child in limited:
         assert child.stdout is not None and child.stdout.readline() == "ready\n"
-    for child in limited:
-        assert child.stdin is not None
+    free = AuditLog(str(path), fsync="never")
+    free.open()
+    n = 0
+
+    def append_free() -> None:
+        nonlocal n
+        free.append({"writer": "free", "n": n, "pad": "f" * 150})
+        n += 1
+
+    for limit, child in zip(limits, limited):
+        # Other limited writers are past their limits (every write of theirs fails), so the
+        # file grows only by the free writer's records (about 190 bytes) until the gap.
+        while path.stat().st_size < limit - pad // 2:
+            append_free()
+        assert limit - pad < path.stat().st_size < limit
+        assert child.stdin is not None and child.stdout is not None
         child.stdin.write("go\n")
         child.stdin.flush()
-    for n in range(3000):
-        free.append({"writer": "free", "n": n, "pad": "f" * 150})
+        assert child.stdout.readline() == "first\n"  # its first write was tried in the gap
+        for _record in range(50):  # then both write at once
+            append_free()
+    while n < 3000:
+        append_free()
     free.close()
     results = []
     for child in limited:
@@ -154,9 +176,9 @@ def test_writers_failing_at_their_size_limits_beside_another_leave_its_records_a
     records = whole_lines(path)
     assert [r["n"] for r in records if r["writer"] == "free"] == list(range(3000))
     assert len(records) == 3000 + sum(result["written"] for result in results)
-    # the controls: every limit was reached, and some write was cut short and undone
-    assert all(result["failed"] > 0 for result in results)
-    assert sum(result["short_writes"] for result in results) > 0, results
+    # the controls: every writer reached its limit, and its first write was cut short and undone
+    assert all(result["failed"] > 0 for result in results), results
+    assert all(result["short_writes"] > 0 for result in results), results
 
 
 @pytest.fixture
