@@ -153,7 +153,7 @@ def test_writers_failing_at_their_size_limits_beside_another_leave_its_records_a
         free.append({"writer": "free", "n": n, "pad": "f" * 150})
         n += 1
 
-    for limit, child in zip(limits, limited):
+    for limit, child in zip(limits, limited, strict=True):
         # Other limited writers are past their limits (every write of theirs fails), so the
         # file grows only by the free writer's records (about 190 bytes) until the gap.
         while path.stat().st_size < limit - pad // 2:
