@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything `make test`, `make demo` and `make bench` need on a Debian 12 machine (as root):
-# Debian packages for libvirt, QEMU, the VNC test client and the host tools, a virtualenv with the
+# Debian packages for libvirt, QEMU, the VNC and SPICE test clients and the host tools, a virtualenv with the
 # pinned Python tool chain, and the collection linked where ansible finds it.
 # Safe to run again: each step is skipped when already done.
 set -euo pipefail
@@ -11,7 +11,7 @@ APT_PACKAGES=(
   libvirt-dev pkg-config gcc python3-dev python3-venv
   gvncviewer gnutls-bin sasl2-bin libsasl2-modules libsasl2-modules-db
   nftables iproute2 procps openjdk-17-jre-headless git rsync
-  shellcheck jq openssh-server
+  shellcheck jq openssh-server spice-client-gtk xvfb xauth
 )
 PYTHON=${PYTHON:-python3}
 
