@@ -40,12 +40,17 @@ from ansible_collections.virtguard.console.plugins.module_utils.remediation_batc
 UNTRUSTED_NETWORK = "untrusted_network"
 IDENTITY_NOT_ALLOWED = "identity_not_allowed"
 IDENTITY_MISSING = "identity_missing"
+SPICE_NO_IDENTITY = "spice_no_identity"  # identity required, and SPICE never carries one
 UNPARSABLE_ADDRESS = "unparsable_address"
 BRUTEFORCE = "bruteforce"
 
 # Subject types that name who the client is (libvirt's identity types).
 IDENTITY_TYPES = ("x509dname", "saslUsername")
 PHASES = ("connect", "initialize", "disconnect")
+PROTOCOLS = ("vnc", "spice")
+# The verdict of the events of a SPICE client's other channels: the client is judged once, on
+# its primary (main) channel's events.
+CHANNEL = "channel"
 
 _HOST_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:@-]*$")
 _SESSION_ID = re.compile(r"^[0-9a-f]{1,64}$")
@@ -136,6 +141,10 @@ class ConsolePolicy:
 
     def identity_reasons(self, graphics: Mapping[str, Any]) -> list[str]:
         """The identity rule for an initialized session: reason codes, empty when allowed."""
+        if graphics.get("protocol") == "spice":
+            # libvirt passes no identity for SPICE (whatever its TLS and SASL say): required,
+            # it is missing for a reason of its own; otherwise there is nothing to check
+            return [SPICE_NO_IDENTITY] if self.require_identity else []
         identities = identities_of(graphics)
         if not identities:
             return [IDENTITY_MISSING] if self.require_identity else []
@@ -199,13 +208,19 @@ class Classifier:
         raw_id = str((graphics.get("session") or {}).get("id", ""))
         session_id = raw_id if _SESSION_ID.match(raw_id) else ""
         session = graphics.get("session") or {}
+        protocol = graphics.get("protocol")
+        # a payload without these (an older source) is one VNC client per connection
+        primary = session.get("primary") is not False
+        channels_left = session.get("channels")
         verdict: dict[str, Any] = {
-            "verdict": "allow",
+            "verdict": "allow" if primary else CHANNEL,
             "reasons": [],
             "remediate": False,
             "queued": False,
             "session_id": session_id,
             "phase": phase if phase in PHASES else "unknown",
+            "protocol": protocol if protocol in PROTOCOLS else "vnc",
+            "primary": primary,
             "snapshot": graphics.get("snapshot") is True,
             "remote": {
                 "family": "unix" if family == "unix" else (f"ipv{address.version}" if address else "unknown"),
@@ -225,7 +240,12 @@ class Classifier:
         network = self.network_of(address) if address is not None else None
         verdict["remote"]["network"] = str(network) if network is not None else None
 
-        if verdict["phase"] in ("connect", "initialize"):
+        if not primary:
+            # another channel of a client judged on its primary channel's events: nothing to
+            # judge; its last channel's disconnect ends the client's session
+            if verdict["phase"] == "disconnect" and not channels_left:
+                self.batches.ended(host, session_id)
+        elif verdict["phase"] in ("connect", "initialize"):
             if family != "unix" and not verdict["remote"]["trusted"]:
                 reasons.append(UNTRUSTED_NETWORK if address is not None else UNPARSABLE_ADDRESS)
             if verdict["phase"] == "initialize":
@@ -236,7 +256,11 @@ class Classifier:
                     self.batches.add(host, Offender(session_id, str(address), str(network), verdict["remote"]["port"],
                                                     verdict["local_port"], list(reasons)), now)
         elif verdict["phase"] == "disconnect":
-            was_offender = self.batches.ended(host, session_id)
+            # the session ends with its last channel (a SPICE client's main channel may leave first)
+            if channels_left:
+                was_offender = self.batches.holds(host, session_id)
+            else:
+                was_offender = self.batches.ended(host, session_id)
             failed_login = not (was_offender or verdict["snapshot"] or session.get("authenticated"))
             # failed() counts this failure: only a failed login of a network that has one is counted.
             if (failed_login and policy.bruteforce_threshold > 0 and network is not None

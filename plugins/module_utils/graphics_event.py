@@ -14,14 +14,19 @@ import datetime
 import hashlib
 import math
 import re
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from typing import AbstractSet, Any, Dict, List, Mapping, Sequence, Tuple
 
 # An address as the payload has it: family, node, service (all str).
 Address = Dict[str, str]
 # libvirt's subject: (type, name) pairs.
 Subject = Sequence[Tuple[str, str]]
-# What query-vnc / query-spice give per client: (local, remote, auth_scheme, subject).
-Client = Tuple[Address, Address, str, List[Tuple[str, str]]]
+# What query-vnc / query-spice give per client: (local, remote, auth_scheme, subject, protocol,
+# remote addresses of all its channels). A VNC client is one channel; the local and remote
+# addresses of a SPICE client are its main channel's.
+Client = Tuple[Address, Address, str, List[Tuple[str, str]], str, List[Address]]
+
+# query-spice's channel-type of the main channel (SPICE_CHANNEL_MAIN), the one a client links first.
+SPICE_MAIN_CHANNEL = 1
 
 # virDomainEventGraphicsPhase and virDomainEventGraphicsAddressType, as numbered by libvirt.
 PHASES = ("connect", "initialize", "disconnect")
@@ -116,17 +121,33 @@ def session_id_for(hypervisor_uri: str, domain_uuid: str, remote: Address) -> st
     return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:32]
 
 
+def live_protocol(auth_scheme: str, local: Address, spice_ports: AbstractSet[str] = frozenset()) -> str:
+    """``vnc`` or ``spice`` for a live event of a channel the source has not seen connect.
+
+    QEMU's VNC events always name the VNC server's auth scheme (``none``, ``vnc``,
+    ``vencrypt+x509+sasl``, ...); its SPICE ``connect`` and ``disconnect`` events carry none
+    (``''``), and its SPICE ``initialize`` names SPICE's (``none``, ``spice``, ``sasl``). Only an
+    ``initialize`` of ``none`` or ``sasl`` whose ``connect`` was missed is ambiguous: then the
+    domain's SPICE ports, as the last snapshot found them (``spice_ports``), decide."""
+    if auth_scheme in ("", "spice") or local["service"] in spice_ports:
+        return "spice"
+    return "vnc"
+
+
 def graphics_payload(phase: str, timestamp: str, hypervisor: Mapping[str, Any], domain: Mapping[str, Any],
                      local: Address, remote: Address, auth_scheme: str, subject: Subject,
-                     session: Mapping[str, Any], snapshot: bool = False) -> dict[str, dict[str, Any]]:
+                     session: Mapping[str, Any], snapshot: bool = False, protocol: str = "vnc",
+                     ) -> dict[str, dict[str, Any]]:
     """The event put on the rulebook queue: ``{"graphics": {...}}``.
 
     ``phase`` is the phase name, ``local`` and ``remote`` payload addresses, ``subject`` libvirt's
-    list of ``(type, name)`` pairs and ``session`` the mapping SessionTracker made (session_tracking).
+    list of ``(type, name)`` pairs, ``session`` the mapping SessionTracker made (session_tracking)
+    and ``protocol`` ``vnc`` or ``spice``.
     """
     return {
         "graphics": {
             "phase": phase,
+            "protocol": protocol,
             "snapshot": snapshot,
             "timestamp": timestamp,
             "hypervisor": hypervisor,
@@ -151,31 +172,45 @@ def _vnc_subject(client: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 
 def clients_from_query_vnc(result: Mapping[str, Any] | None) -> list[Client]:
-    """QEMU's ``query-vnc`` answer as ``(local, remote, auth_scheme, subject)`` per client.
+    """QEMU's ``query-vnc`` answer as one ``Client`` per VNC client.
 
     The local address is the VNC listener, as libvirt reports it in live events."""
     if not result or not result.get("enabled"):
         return []
     local = qemu_address(result)
     auth_scheme = result.get("auth", "none")
-    return [
-        (local, qemu_address(client), auth_scheme, _vnc_subject(client))
-        for client in result.get("clients", [])
-    ]
+    clients: list[Client] = []
+    for client in result.get("clients", []):
+        remote = qemu_address(client)
+        clients.append((local, remote, auth_scheme, _vnc_subject(client), "vnc", [remote]))
+    return clients
+
+
+def spice_ports(result: Mapping[str, Any] | None) -> set[str]:
+    """The ports of a ``query-spice`` answer's server (plain and TLS), as payload services."""
+    if not result or not result.get("enabled"):
+        return set()
+    return {str(result[key]) for key in ("port", "tls-port") if result.get(key) is not None}
 
 
 def clients_from_query_spice(result: Mapping[str, Any] | None) -> list[Client]:
-    """QEMU's ``query-spice`` answer as ``(local, remote, auth_scheme, subject)`` per channel
-    (every SPICE channel is its own connection, with its own graphics events)."""
+    """QEMU's ``query-spice`` answer as one ``Client`` per SPICE client: its channels grouped by
+    ``connection-id``, the main channel (``channel-type`` 1) giving the client's addresses (the
+    first listed channel when none is the main one)."""
     if not result or not result.get("enabled"):
         return []
     auth_scheme = result.get("auth", "none")
-    clients: list[Client] = []
+    by_connection: dict[Any, list[Mapping[str, Any]]] = {}
     for channel in result.get("channels", []):
-        port = result.get("tls-port") if channel.get("tls") else result.get("port")
-        local = qemu_address({"family": channel.get("family", "ipv4"), "host": result.get("host", ""),
+        by_connection.setdefault(channel.get("connection-id"), []).append(channel)
+    clients: list[Client] = []
+    for channels in by_connection.values():
+        main = next((c for c in channels if c.get("channel-type") == SPICE_MAIN_CHANNEL), channels[0])
+        port = result.get("tls-port") if main.get("tls") else result.get("port")
+        local = qemu_address({"family": main.get("family", "ipv4"), "host": result.get("host", ""),
                               "service": "" if port is None else port})
-        remote = qemu_address({"family": channel.get("family", "ipv4"), "host": channel.get("host", ""),
-                               "service": channel.get("port", "")})
-        clients.append((local, remote, auth_scheme, []))
+        ordered = [main] + [channel for channel in channels if channel is not main]
+        remotes = [qemu_address({"family": c.get("family", "ipv4"), "host": c.get("host", ""),
+                                 "service": c.get("port", "")}) for c in ordered]
+        clients.append((local, remotes[0], auth_scheme, [], "spice", remotes))
     return clients

@@ -126,6 +126,11 @@ class RemediationBatches:
         self._forget_if_idle(host, queue)
         return known
 
+    def holds(self, host: str, session_id: str) -> bool:
+        """Whether the session is a queued or sent offender of ``host``."""
+        queue = self.hosts.get(host)
+        return bool(session_id) and queue is not None and session_id in queue.offenders
+
     def in_flight(self, host: str, now: float) -> list[Run]:
         """The runs of ``host`` still in flight: sessions of theirs still open, within the lease."""
         queue = self.hosts.get(host)

@@ -3,98 +3,199 @@
 """Console sessions as the event source knows them: which are open on one hypervisor, whether
 each has passed ``initialize``, how long it lasted (and whether that length is exact, or only a
 bound because the source did not see the session begin or end), and how a snapshot of the
-clients QEMU reports is reconciled with that knowledge after a (re)connection."""
+clients QEMU reports is reconciled with that knowledge after a (re)connection.
+
+A session is one client. A VNC client is one TCP connection: one channel, the session's
+primary. A SPICE client opens a channel per function (main, display, inputs, cursor, ...), each
+its own TCP connection with its own graphics events; libvirt's live events do not say which
+client a channel belongs to. Live SPICE channels are grouped by domain and client address: the
+first channel of an address with no open session on that domain opens one (it is the main
+channel: a SPICE client always links it first) and is its primary; the address's later channels
+join it while it has a channel open. A snapshot (QEMU's ``query-spice``: ``connection-id`` and
+``channel-type``) regroups them exactly.
+"""
 
 from __future__ import annotations
 
-from typing import AbstractSet, Any, Dict, List, Mapping, Tuple
+from typing import AbstractSet, Any, Dict, List, Mapping, NamedTuple, Sequence, Tuple
 
 # (domain, local, remote, auth_scheme, subject) as last seen
 Details = Tuple[Dict[str, Any], Dict[str, Any], Dict[str, Any], str, List[Any]]
-# (session id, the payload's session mapping, details) for each event a snapshot yields
-SnapshotEntry = Tuple[str, Dict[str, Any], Details]
+# (session id, the payload's session mapping, details, protocol) for each event a snapshot yields
+SnapshotEntry = Tuple[str, Dict[str, Any], Details, str]
+
+
+class PresentClient(NamedTuple):
+    """One client a snapshot found: its primary channel's details, its protocol, and the ids of
+    all its channels (the primary's id, which is the session id, first)."""
+
+    details: Details
+    protocol: str
+    channels: Sequence[str]
 
 
 class OpenSession:
     """What is remembered of an open session: enough to report its disconnect later.
     ``start_seen``: the source saw its ``connect`` live, so ``started`` is when it began."""
 
-    __slots__ = ("started", "authenticated", "details", "start_seen")
+    __slots__ = ("started", "authenticated", "details", "start_seen", "protocol", "primary", "channels", "group")
 
-    def __init__(self, started: float, authenticated: bool, details: Details, start_seen: bool) -> None:
+    def __init__(self, started: float, authenticated: bool, details: Details, start_seen: bool, protocol: str,
+                 primary: str, group: tuple[str, str] | None) -> None:
         self.started = started
         self.authenticated = authenticated
         self.details = details
         self.start_seen = start_seen
+        self.protocol = protocol
+        self.primary = primary  # the id of the channel that opened the session
+        self.channels: set[str] = {primary}  # the ids of its open channels
+        self.group = group  # SPICE: (domain uuid, client address), the key live channels join by
+
+
+def _group_of(protocol: str, details: Details) -> tuple[str, str] | None:
+    if protocol != "spice":
+        return None
+    return (str(details[0].get("uuid", "")), str(details[2].get("node", "")))
 
 
 class SessionTracker:
-    """The open sessions of one hypervisor, keyed by session id."""
+    """The open sessions of one hypervisor, keyed by session id, and their open channels."""
 
     def __init__(self) -> None:
         self.sessions: dict[str, OpenSession] = {}
+        self.channel_sessions: dict[str, str] = {}  # open channel id -> its session's id
+        self.spice_groups: dict[tuple[str, str], str] = {}  # (domain uuid, client address) -> session id
 
     def __len__(self) -> int:
         return len(self.sessions)
 
-    def observe(self, session_id: str, phase: str, now: float, details: Details) -> dict[str, Any]:
-        """Record a live event; return the payload's ``session`` mapping for it."""
+    def protocol_of_channel(self, channel_id: str) -> str | None:
+        """The protocol of an open channel the tracker knows, else None."""
+        session_id = self.channel_sessions.get(channel_id)
+        return None if session_id is None else self.sessions[session_id].protocol
+
+    def _open(self, channel_id: str, now: float, details: Details, protocol: str, start_seen: bool,
+              authenticated: bool) -> tuple[OpenSession, str]:
+        """The session a channel that was not open belongs to: the open SPICE session of its
+        group, or a new one it is the primary of."""
+        group = _group_of(protocol, details)
+        if group is not None:
+            session_id = self.spice_groups.get(group)
+            if session_id is not None:
+                session = self.sessions[session_id]
+                session.channels.add(channel_id)
+                self.channel_sessions[channel_id] = session_id
+                return session, session_id
+        session = OpenSession(now, authenticated, details, start_seen, protocol, channel_id, group)
+        self.sessions[channel_id] = session
+        self.channel_sessions[channel_id] = channel_id
+        if group is not None:
+            self.spice_groups[group] = channel_id
+        return session, channel_id
+
+    def _close(self, session_id: str) -> OpenSession:
+        session = self.sessions.pop(session_id)
+        for channel_id in session.channels:
+            self.channel_sessions.pop(channel_id, None)
+        if session.group is not None and self.spice_groups.get(session.group) == session_id:
+            del self.spice_groups[session.group]
+        return session
+
+    def observe(self, channel_id: str, phase: str, now: float, details: Details,
+                protocol: str = "vnc") -> tuple[str, dict[str, Any]]:
+        """Record a live event of the channel ``channel_id`` (a hash of where the connection is);
+        return the session's id and the payload's ``session`` mapping for it."""
         subject = details[4]
-        if phase == "connect":
-            self.sessions[session_id] = OpenSession(now, False, details, start_seen=True)
-            return {"id": session_id, "authenticated": False}
-        if phase == "initialize":
-            session = self.sessions.get(session_id)
-            if session is None:  # its connect came before the source listened
-                session = self.sessions[session_id] = OpenSession(now, True, details, start_seen=False)
-            session.authenticated = True
-            session.details = details
-            return {"id": session_id, "authenticated": True}
-        # disconnect (and any phase libvirt may add later) ends the session
-        session = self.sessions.pop(session_id, None)
-        if session is None:
+        session_id = self.channel_sessions.get(channel_id)
+        session = None if session_id is None else self.sessions[session_id]
+        if phase in ("connect", "initialize"):
+            if session is None or session_id is None or (
+                    phase == "connect" and channel_id == session.primary == session_id and len(session.channels) == 1):
+                if session is not None:  # a connect again on an open lone channel: a new session
+                    self._close(channel_id)
+                session, session_id = self._open(channel_id, now, details, protocol,
+                                                 start_seen=phase == "connect", authenticated=False)
+            primary = channel_id == session.primary
+            if phase == "initialize" and primary:
+                session.authenticated = True
+                session.details = details
+            return session_id, {"id": session_id, "authenticated": session.authenticated, "primary": primary,
+                                "channels": len(session.channels)}
+        # disconnect (and any phase libvirt may add later) ends the channel
+        if session is None or session_id is None:
+            group = _group_of(protocol, details)
+            owner = self.spice_groups.get(group) if group is not None else None
+            if owner is not None:  # a channel of an open client that opened before the source saw it
+                known = self.sessions[owner]
+                return owner, {"id": owner, "authenticated": known.authenticated, "primary": False,
+                               "channels": len(known.channels)}
             # Began before the source saw it and no snapshot told us: libvirt repeats the
             # subject on the disconnect of an authenticated session only.
-            return {"id": session_id, "authenticated": bool(subject), "duration_s": None,
-                    "duration_exact": False}
-        return {
-            "id": session_id,
-            "authenticated": session.authenticated,
-            "duration_s": round(now - session.started, 3),
-            "duration_exact": session.start_seen,  # else a lower bound: it began earlier
-        }
+            return channel_id, {"id": channel_id, "authenticated": bool(subject), "primary": True, "channels": 0,
+                                "duration_s": None, "duration_exact": False}
+        session.channels.discard(channel_id)
+        self.channel_sessions.pop(channel_id, None)
+        mapping: dict[str, Any] = {"id": session_id, "authenticated": session.authenticated,
+                                   "primary": channel_id == session.primary, "channels": len(session.channels)}
+        if mapping["primary"]:
+            mapping["duration_s"] = round(now - session.started, 3)
+            mapping["duration_exact"] = session.start_seen  # else a lower bound: it began earlier
+        if not session.channels:
+            self._close(session_id)
+        return session_id, mapping
 
-    def reconcile(self, present: Mapping[str, Details], now: float,
+    def reconcile(self, present: Mapping[str, PresentClient], now: float,
                   touched: AbstractSet[str] = frozenset()) -> tuple[list[SnapshotEntry], list[SnapshotEntry]]:
         """Merge a snapshot into the tracker.
 
-        ``present`` maps session id -> details of every client QEMU reports now. Sessions with a
-        live event since the snapshot was taken (``touched``) are left to those live events.
-        Returns ``(initialized, gone)``: lists of ``(session_id, session mapping, details)`` for
-        the snapshot ``initialize`` and ``disconnect`` events to emit, in a stable order.
+        ``present`` maps session id -> every client QEMU reports now. Sessions with a live event
+        since the snapshot was taken (``touched``) are left to those live events. Returns
+        ``(initialized, gone)``: lists of ``(session_id, session mapping, details, protocol)``
+        for the snapshot ``initialize`` and ``disconnect`` events to emit, in a stable order.
+        The snapshot's grouping of channels replaces the live one.
 
         A session that is gone ended at some moment before ``now`` that the source did not see
         (it was not connected, or not listening): its ``duration_s`` runs to ``now``, an upper
         bound, hence ``duration_exact`` false.
         """
         initialized: list[SnapshotEntry] = []
-        for session_id, details in present.items():
+        for session_id, client in present.items():
             if session_id in touched:
                 continue
             session = self.sessions.get(session_id)
             if session is None:
-                session = self.sessions[session_id] = OpenSession(now, True, details, start_seen=False)
+                session = OpenSession(now, True, client.details, False, client.protocol, session_id,
+                                      _group_of(client.protocol, client.details))
+                self.sessions[session_id] = session
+            self._regroup(session_id, session, client.channels)
             session.authenticated = True
-            if details[4] or not session.details[4]:
-                session.details = details
-            initialized.append((session_id, {"id": session_id, "authenticated": True}, session.details))
+            if client.details[4] or not session.details[4]:
+                session.details = client.details
+            initialized.append((session_id, {"id": session_id, "authenticated": True, "primary": True,
+                                             "channels": len(session.channels)}, session.details, session.protocol))
         gone: list[SnapshotEntry] = []
         for session_id in [sid for sid in self.sessions if sid not in present and sid not in touched]:
-            session = self.sessions.pop(session_id)
+            session = self._close(session_id)
             gone.append((
                 session_id,
-                {"id": session_id, "authenticated": session.authenticated,
+                {"id": session_id, "authenticated": session.authenticated, "primary": True, "channels": 0,
                  "duration_s": round(now - session.started, 3), "duration_exact": False},
                 session.details,
+                session.protocol,
             ))
         return initialized, gone
+
+    def _regroup(self, session_id: str, session: OpenSession, channels: Sequence[str]) -> None:
+        """Give ``session`` exactly ``channels`` (the snapshot's), taking them from any session
+        the live grouping had put them in."""
+        for channel_id in session.channels - set(channels):
+            if self.channel_sessions.get(channel_id) == session_id:
+                del self.channel_sessions[channel_id]
+        session.channels = set(channels) or {session_id}
+        for channel_id in session.channels:
+            previous = self.channel_sessions.get(channel_id)
+            if previous is not None and previous != session_id and previous in self.sessions:
+                self.sessions[previous].channels.discard(channel_id)
+            self.channel_sessions[channel_id] = session_id
+        if session.group is not None:
+            self.spice_groups[session.group] = session_id

@@ -21,10 +21,12 @@ from ansible_collections.virtguard.console.plugins.module_utils.graphics_event i
     clients_from_query_vnc,
     graphics_payload,
     iso_timestamp_utc,
+    live_protocol,
     phase_name,
     session_id_for,
+    spice_ports,
 )
-from ansible_collections.virtguard.console.plugins.module_utils.session_tracking import Details, SessionTracker
+from ansible_collections.virtguard.console.plugins.module_utils.session_tracking import PresentClient, SessionTracker
 from ansible_collections.virtguard.console.plugins.plugin_utils.event_buffer import EventBuffer
 from ansible_collections.virtguard.console.plugins.plugin_utils.libvirt_binding import (
     GraphicsAddress,
@@ -45,11 +47,13 @@ def now_iso() -> str:
 class Snapshot:
     """The clients QEMU reported on one hypervisor at one moment, to be merged in order."""
 
-    __slots__ = ("watcher", "present", "generation")
+    __slots__ = ("watcher", "present", "spice_ports", "generation")
 
-    def __init__(self, watcher: HypervisorWatcher, present: dict[str, Details], generation: int):
+    def __init__(self, watcher: HypervisorWatcher, present: dict[str, PresentClient],
+                 spice_ports: dict[str, set[str]], generation: int):
         self.watcher = watcher
         self.present = present
+        self.spice_ports = spice_ports  # domain UUID -> its SPICE server's ports
         self.generation = generation
 
 
@@ -69,6 +73,7 @@ class HypervisorWatcher:
         self.uuids: dict[tuple[str, int], str] = {}  # (name, id) -> UUID, this connection's
         self.hypervisor: dict[str, str | None] = {"uri": uri, "hostname": None}
         self.sessions = SessionTracker()
+        self.spice_ports: dict[str, set[str]] = {}  # domain UUID -> SPICE ports, from the last snapshot
         self.conn: Any = None  # libvirt.virConnect while connected
         self.closed = asyncio.Event()
         self.wakeup = asyncio.Event()  # closed, or the buffer overflowed
@@ -134,28 +139,32 @@ class HypervisorWatcher:
         domain = {"name": name, "uuid": uuid, "id": dom_id}
         remote_address = address(remote)
         local_address = address(local)
-        session_id = session_id_for(self.uri, uuid, remote_address)
+        channel_id = session_id_for(self.uri, uuid, remote_address)
+        protocol = self.sessions.protocol_of_channel(channel_id) or live_protocol(
+            auth_scheme, local_address, self.spice_ports.get(uuid, frozenset()))
+        phase_text = phase_name(phase)
+        session_id, session = self.sessions.observe(channel_id, phase_text, time.monotonic(),
+                                                    (domain, local_address, remote_address, auth_scheme, subject),
+                                                    protocol)
         if self.touched_since_snapshot is not None:
             self.touched_since_snapshot.add(session_id)
-        phase_text = phase_name(phase)
-        session = self.sessions.observe(session_id, phase_text, time.monotonic(),
-                                        (domain, local_address, remote_address, auth_scheme, subject))
         timestamp = iso_timestamp_utc(wall)
         return graphics_payload(phase_text, timestamp, self.hypervisor, domain, local_address, remote_address,
-                                auth_scheme, subject, session)
+                                auth_scheme, subject, session, protocol=protocol)
 
     def snapshot_payloads(self, snap: Snapshot) -> list[dict[str, dict[str, Any]]]:
         if snap.generation != self.snapshot_generation:
             return []  # superseded by a later snapshot of the same hypervisor
         touched = self.touched_since_snapshot or set()
         self.touched_since_snapshot = None
+        self.spice_ports = snap.spice_ports
         initialized, gone = self.sessions.reconcile(snap.present, time.monotonic(), touched)
         timestamp = now_iso()
         payloads: list[dict[str, dict[str, Any]]] = []
         for phase, entries in (("initialize", initialized), ("disconnect", gone)):
-            for _sid, session, (domain, local, remote, auth_scheme, subject) in entries:
+            for _sid, session, (domain, local, remote, auth_scheme, subject), protocol in entries:
                 payloads.append(graphics_payload(phase, timestamp, self.hypervisor, domain, local, remote,
-                                                 auth_scheme, subject, session, snapshot=True))
+                                                 auth_scheme, subject, session, snapshot=True, protocol=protocol))
         return payloads
 
     # -- connection life cycle --------------------------------------------------------------
@@ -236,12 +245,14 @@ class HypervisorWatcher:
         generation = self.snapshot_generation
         # Live events from here on win over what the snapshot says about the same session.
         self.touched_since_snapshot = set()
-        present = await loop.run_in_executor(self.executor, self.query_clients, self.conn)
-        self.buffer.append(Snapshot(self, present, generation))
+        ports: dict[str, set[str]] = {}
+        present = await loop.run_in_executor(self.executor, self.query_clients, self.conn, ports)
+        self.buffer.append(Snapshot(self, present, ports, generation))
 
-    def query_clients(self, conn: Any) -> dict[str, Details]:
-        """Blocking: every console client QEMU reports, keyed by session id (executor thread)."""
-        present: dict[str, Details] = {}
+    def query_clients(self, conn: Any, ports: dict[str, set[str]]) -> dict[str, PresentClient]:
+        """Blocking: every console client QEMU reports, keyed by session id (executor thread);
+        fills ``ports`` with each domain's SPICE ports."""
+        present: dict[str, PresentClient] = {}
         for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
             domain = {"name": dom.name(), "uuid": dom.UUIDString(), "id": dom.ID()}
             if not self.config.watches_domain(domain["name"]):
@@ -257,9 +268,13 @@ class HypervisorWatcher:
                     if command == "query-vnc" or "CommandNotFound" not in str(exc):
                         LOGGER.debug("%s: %s on %s failed: %s", self.uri, command, domain["name"], exc)
                     continue
-                for local, remote, auth_scheme, subject in parse(json.loads(answer).get("return")):
-                    session_id = session_id_for(self.uri, domain["uuid"], remote)
-                    present[session_id] = (domain, local, remote, auth_scheme, subject)
+                result = json.loads(answer).get("return")
+                if command == "query-spice":
+                    ports[domain["uuid"]] = spice_ports(result)
+                for local, remote, auth_scheme, subject, protocol, channel_remotes in parse(result):
+                    channels = [session_id_for(self.uri, domain["uuid"], channel) for channel in channel_remotes]
+                    present[channels[0]] = PresentClient((domain, local, remote, auth_scheme, subject), protocol,
+                                                         channels)
         return present
 
     async def disconnect(self, loop: asyncio.AbstractEventLoop) -> None:

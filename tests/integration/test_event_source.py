@@ -65,6 +65,9 @@ async def test_one_plain_session_gives_connect_initialize_disconnect(hypervisor,
     assert [e["phase"] for e in events] == ["connect", "initialize", "disconnect"]
     assert len({e["session"]["id"] for e in events}) == 1
     assert [e["session"]["authenticated"] for e in events] == [False, True, True]
+    # a VNC client is one connection: its events are its session's primary ones
+    assert [(e["protocol"], e["session"]["primary"], e["session"]["channels"]) for e in events] == [
+        ("vnc", True, 1), ("vnc", True, 1), ("vnc", True, 0)]
     assert "duration_s" not in events[0]["session"]
     assert events[2]["session"]["duration_s"] >= 0
     for event in events:

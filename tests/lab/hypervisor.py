@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
 import signal
 import subprocess
@@ -182,7 +183,9 @@ def console_holds(console_port: int, client_port: int) -> bool:
 class Domain:
     name: str
     uuid: str
-    vnc_port: int
+    vnc_port: int  # the console's port: VNC, or SPICE's plain port for a SPICE domain
+    protocol: str = "vnc"
+    tls_port: int | None = None  # SPICE's TLS port, when the daemon gives one (spice_tls = 1)
 
 
 DOMAIN_XML = """<domain type='qemu'>
@@ -276,20 +279,34 @@ class SessionHypervisor:
     def virsh(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return run(["virsh", "-q", "-c", self.uri, *args], check=check)
 
-    def create_domain(self, name: str, listen: str = "127.0.0.1", port: int | None = None) -> Domain:
-        """A paused domain; its VNC on ``port`` when given (outside libvirt's autoport range,
-        say), else on the port libvirt picks."""
+    def create_domain(self, name: str, listen: str = "127.0.0.1", port: int | None = None,
+                      graphics: str = "vnc", password: str | None = None) -> Domain:
+        """A paused domain; its VNC (or SPICE, ``graphics="spice"``, with qxl video) on
+        ``port`` when given (outside libvirt's autoport range, say), else on the port libvirt
+        picks; ``password`` sets the console's password (``passwd=``)."""
         xml = DOMAIN_XML.format(name=escape(name), listen=escape(listen))
+        if graphics == "spice":
+            xml = xml.replace("<graphics type='vnc'", "<graphics type='spice'").replace("'cirrus'", "'qxl'")
+        elif graphics != "vnc":
+            raise ValueError(f"graphics must be vnc or spice, not {graphics!r}")
+        if password is not None:
+            xml = xml.replace(" autoport=", f" passwd='{escape(password)}' autoport=")
         if port is not None:
             xml = xml.replace("autoport='yes'", f"autoport='no' port='{port}'")
         xml_file = self.base / f"{name}.xml"
         xml_file.write_text(xml)
         self.virsh("create", "--paused", str(xml_file))
-        if port is None:
+        tls_port = None
+        if graphics == "spice":
+            xml_now = self.virsh("dumpxml", name).stdout
+            port = int(re.search(r"<graphics type='spice' port='(\d+)'", xml_now).group(1))  # type: ignore[union-attr]
+            found = re.search(r"<graphics type='spice'[^>]* tlsPort='(\d+)'", xml_now)
+            tls_port = int(found.group(1)) if found else None
+        elif port is None:
             display = self.virsh("domdisplay", name).stdout.strip()
             port = 5900 + int(display.rsplit(":", 1)[1])
         uuid = self.virsh("domuuid", name).stdout.strip()
-        return Domain(name=name, uuid=uuid, vnc_port=port)
+        return Domain(name=name, uuid=uuid, vnc_port=port, protocol=graphics, tls_port=tls_port)
 
     def destroy_domain(self, name: str) -> None:
         self.virsh("destroy", name, check=False)

@@ -24,13 +24,33 @@ DN_ALICE = "O=Example,CN=alice"
 
 def graphics(phase: str = "connect", node: str = "192.0.2.7", family: str = "ipv4", service: str = "40000",
              subject: Iterable[tuple[str, str]] = (), snapshot: bool = False, authenticated: bool | None = None,
-             uri: str = URI, session_id: str = "ab12") -> dict[str, Any]:
-    session = {"id": session_id, "authenticated": phase != "connect" if authenticated is None else authenticated}
+             uri: str = URI, session_id: str = "ab12", protocol: str = "vnc", primary: bool = True,
+             channels: int | None = None) -> dict[str, Any]:
+    session = {"id": session_id, "authenticated": phase != "connect" if authenticated is None else authenticated,
+               "primary": primary, "channels": (0 if phase == "disconnect" else 1) if channels is None else channels}
     return graphics_payload(phase, "2025-01-01T00:00:00+00:00", {"uri": uri, "hostname": "kvm1"},
                             {"name": "vm", "uuid": "u", "id": 1},
                             {"family": "ipv4", "node": "0.0.0.0", "service": "5901"},
                             {"family": family, "node": node, "service": service},
-                            "vencrypt+x509+sasl", list(subject), session, snapshot=snapshot)["graphics"]
+                            "vencrypt+x509+sasl" if protocol == "vnc" else "", list(subject), session,
+                            snapshot=snapshot, protocol=protocol)["graphics"]
+
+
+def spice_client(classifier: Classifier, phases: list[tuple[str, str, int]], now: float = 0.0,
+                 node: str = "192.0.2.7", authenticated: bool = True) -> list[dict[str, Any]]:
+    """The verdicts of a SPICE client's channel events, as the source gives them: ``phases``
+    holds (phase, channel, open channels after the event); channel "main" is the primary."""
+    ports = {"main": "40000", "display": "40001", "inputs": "40002", "cursor": "40003"}
+    return [classifier.classify(graphics(phase, node=node, service=ports[channel],
+                                         protocol="spice", primary=channel == "main", channels=left,
+                                         authenticated=authenticated if phase != "connect" or channel != "main"
+                                         else False, session_id="5b1ce"), now)
+            for phase, channel, left in phases]
+
+
+HELD_SPICY = [("connect", "main", 1), ("initialize", "main", 1), ("connect", "display", 2),
+              ("initialize", "display", 2), ("connect", "inputs", 3), ("initialize", "inputs", 3),
+              ("connect", "cursor", 4), ("initialize", "cursor", 4)]
 
 
 def classifier_for(policy: ConsolePolicy, lease: float = 30.0) -> Classifier:
@@ -225,3 +245,43 @@ def test_target_host(uri, host_map, expected):
 def test_bad_configuration_is_refused_with_the_setting_named(kwargs, message):
     with pytest.raises(PolicyError, match=message):
         ConsolePolicy(**kwargs)
+
+
+def test_a_spice_client_gets_one_verdict_and_one_remediation():
+    classifier = classifier_for(ConsolePolicy(trusted_networks=["10.0.0.0/8"]))
+    verdicts = spice_client(classifier, HELD_SPICY)
+    assert [v["verdict"] for v in verdicts] == ["cut", "cut"] + ["channel"] * 6
+    assert [v["remediate"] for v in verdicts] == [True] + [False] * 7
+    assert all(v["protocol"] == "spice" and v["primary"] is (n < 2) for n, v in enumerate(verdicts))
+    assert all(v["reasons"] == [] for v in verdicts[2:])
+    # the run is in flight until the client's last channel leaves (the main one may go first)
+    ends = spice_client(classifier, [("disconnect", "main", 3), ("disconnect", "display", 2),
+                                     ("disconnect", "inputs", 1)], now=1.0)
+    assert classifier.batches.holds("kvm1", "5b1ce") and not any(v["remediate"] for v in ends)
+    spice_client(classifier, [("disconnect", "cursor", 0)], now=1.1)
+    assert not classifier.batches.holds("kvm1", "5b1ce") and not classifier.batches.in_flight("kvm1", 1.2)
+
+
+def test_a_failed_spice_login_counts_once_per_attempt():
+    """A wrong ticket: the main channel connects and leaves without initialize. A client that
+    got in and opened channels is no failure, however its channels leave."""
+    classifier = classifier_for(ConsolePolicy(bruteforce_threshold=3, bruteforce_window=60))
+    attempt = [("connect", "main", 1), ("disconnect", "main", 0)]
+    assert [v["verdict"] for v in spice_client(classifier, attempt, authenticated=False)] == ["allow", "allow"]
+    assert [v["verdict"] for v in spice_client(classifier, attempt, now=1, authenticated=False)] == ["allow"] * 2
+    session = HELD_SPICY + [("disconnect", "display", 3), ("disconnect", "inputs", 2), ("disconnect", "cursor", 1),
+                            ("disconnect", "main", 0)]
+    assert "block" not in [v["verdict"] for v in spice_client(classifier, session, now=2)]
+    third = spice_client(classifier, attempt, now=3, authenticated=False)
+    assert [v["verdict"] for v in third] == ["allow", "block"] and third[1]["reasons"] == ["bruteforce"]
+
+
+def test_spice_sessions_carry_no_identity_and_have_their_own_reason_when_one_is_required():
+    required = ConsolePolicy(trusted_networks=["192.0.2.0/24"], require_identity=True)
+    verdict = classify(required, graphics("initialize", protocol="spice"))
+    assert verdict["verdict"] == "cut" and verdict["reasons"] == ["spice_no_identity"]
+    # a VNC session without identity keeps its reason
+    assert classify(required, graphics("initialize"))["reasons"] == ["identity_missing"]
+    # an allow-list of identities alone does not cut SPICE (there is nothing to compare)
+    listed = ConsolePolicy(trusted_networks=["192.0.2.0/24"], allowed_identities=[DN_ALICE])
+    assert classify(listed, graphics("initialize", protocol="spice"))["verdict"] == "allow"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ansible_collections.virtguard.console.plugins.module_utils import graphics_event as ge
-from ansible_collections.virtguard.console.plugins.module_utils.session_tracking import SessionTracker
+from ansible_collections.virtguard.console.plugins.module_utils.session_tracking import PresentClient, SessionTracker
 
 REMOTE = {"family": "ipv4", "node": "192.0.2.7", "service": "40000"}
 
@@ -40,42 +40,123 @@ def test_query_vnc_clients():
               "clients": [{"family": "ipv6", "host": "::ffff:192.0.2.1", "service": "41000", "websocket": False,
                            "x509_dname": "CN=a", "sasl_username": "alice"},
                           {"family": "ipv4", "host": "192.0.2.2", "service": "41001", "websocket": False}]}
-    [(local, remote, auth, subject), second] = ge.clients_from_query_vnc(answer)
+    [(local, remote, auth, subject, protocol, channels), second] = ge.clients_from_query_vnc(answer)
     bare = second[3]
     assert local == {"family": "ipv4", "node": "0.0.0.0", "service": "5901"}
     assert remote == {"family": "ipv6", "node": "::ffff:192.0.2.1", "service": "41000"}
-    assert auth == "vencrypt+x509+sasl"
+    assert auth == "vencrypt+x509+sasl" and protocol == "vnc" and channels == [remote]
     assert subject == [("x509dname", "CN=a"), ("saslUsername", "alice")] and bare == []
     assert ge.clients_from_query_vnc({"enabled": False}) == []
 
 
-def test_query_spice_channels():
+def spice_channel(port: str, connection: int, kind: int, host: str = "192.0.2.3", tls: bool = True) -> dict[str, Any]:
+    return {"family": "ipv4", "host": host, "port": port, "tls": tls, "connection-id": connection,
+            "channel-type": kind, "channel-id": 0}
+
+
+def test_query_spice_groups_channels_by_connection_with_the_main_channel_first():
+    # as QEMU 7.2 answers for a held spicy (main, display, inputs, cursor) and a second client
     answer = {"enabled": True, "auth": "spice", "host": "0.0.0.0", "port": 5930, "tls-port": 5931,
-              "channels": [{"family": "ipv4", "host": "192.0.2.3", "port": "42000", "tls": True}]}
-    [(local, remote, auth, subject)] = ge.clients_from_query_spice(answer)
+              "channels": [spice_channel("42001", 7, 2), spice_channel("42000", 7, 1), spice_channel("42002", 7, 3),
+                           spice_channel("42003", 7, 4), spice_channel("43000", -9, 1, "192.0.2.4", tls=False)]}
+    [first, second] = ge.clients_from_query_spice(answer)
+    local, remote, auth, subject, protocol, channels = first
     assert local["service"] == "5931" and remote == {"family": "ipv4", "node": "192.0.2.3", "service": "42000"}
-    assert auth == "spice" and subject == []
+    assert [c["service"] for c in channels] == ["42000", "42001", "42002", "42003"]
+    assert auth == "spice" and subject == [] and protocol == "spice"
+    assert second[0]["service"] == "5930" and [c["service"] for c in second[5]] == ["43000"]
+    assert ge.spice_ports(answer) == {"5930", "5931"}
+    assert ge.clients_from_query_spice({"enabled": False}) == [] and ge.spice_ports(None) == set()
 
 
-def details(subject=()):
-    return ({"name": "d"}, {}, REMOTE, "none", list(subject))
+def test_the_protocol_of_a_live_event_follows_qemus_auth_schemes():
+    vnc_local = {"family": "ipv4", "node": "0.0.0.0", "service": "5900"}
+    spice_local = dict(vnc_local, service="5930")
+    assert ge.live_protocol("", spice_local) == "spice"  # SPICE connect and disconnect
+    assert ge.live_protocol("spice", spice_local) == "spice"
+    for scheme in ("none", "vnc", "vencrypt+x509+sasl", "sasl"):
+        assert ge.live_protocol(scheme, vnc_local) == "vnc"
+    # an initialize of "none" or "sasl" whose connect was missed: the snapshot's SPICE ports decide
+    assert ge.live_protocol("sasl", spice_local, {"5930", "5931"}) == "spice"
+    assert ge.live_protocol("sasl", vnc_local, {"5930", "5931"}) == "vnc"
+
+
+def test_the_payload_names_its_protocol():
+    payload = ge.graphics_payload("connect", "t", {}, {}, REMOTE, REMOTE, "", [], {"id": "s"}, protocol="spice")
+    assert payload["graphics"]["protocol"] == "spice"
+    assert ge.graphics_payload("connect", "t", {}, {}, REMOTE, REMOTE, "none", [], {})["graphics"]["protocol"] == "vnc"
+
+
+def details(subject=(), remote=REMOTE, uuid="u-1"):
+    return ({"name": "d", "uuid": uuid}, {}, remote, "none", list(subject))
+
+
+def present(*channels: str, subject=(), protocol: str = "vnc") -> PresentClient:
+    return PresentClient(details(subject), protocol, list(channels))
 
 
 def test_tracker_live_session():
     tracker = SessionTracker()
-    assert tracker.observe("s", "connect", 10.0, details()) == {"id": "s", "authenticated": False}
-    assert tracker.observe("s", "initialize", 10.5, details()) == {"id": "s", "authenticated": True}
-    assert tracker.observe("s", "disconnect", 12.25, details()) == {"id": "s", "authenticated": True,
-                                                                    "duration_s": 2.25, "duration_exact": True}
-    assert len(tracker) == 0
+    assert tracker.observe("s", "connect", 10.0, details()) == (
+        "s", {"id": "s", "authenticated": False, "primary": True, "channels": 1})
+    assert tracker.observe("s", "initialize", 10.5, details())[1] == {"id": "s", "authenticated": True,
+                                                                      "primary": True, "channels": 1}
+    assert tracker.observe("s", "disconnect", 12.25, details())[1] == {
+        "id": "s", "authenticated": True, "primary": True, "channels": 0, "duration_s": 2.25, "duration_exact": True}
+    assert len(tracker) == 0 and not tracker.channel_sessions
 
 
 def test_tracker_failed_authentication_and_unknown_disconnects():
     tracker = SessionTracker()
     tracker.observe("s", "connect", 1.0, details())
-    assert tracker.observe("s", "disconnect", 2.0, details())["authenticated"] is False
-    assert tracker.observe("u", "disconnect", 3.0, details([("saslUsername", "x")])) == {
-        "id": "u", "authenticated": True, "duration_s": None, "duration_exact": False}
+    assert tracker.observe("s", "disconnect", 2.0, details())[1]["authenticated"] is False
+    assert tracker.observe("u", "disconnect", 3.0, details([("saslUsername", "x")]))[1] == {
+        "id": "u", "authenticated": True, "primary": True, "channels": 0, "duration_s": None, "duration_exact": False}
+
+
+def spice_events(tracker: SessionTracker, channel: str, phases: str, now: float, remote=REMOTE, uuid="u-1"):
+    return [tracker.observe(channel, phase, now, details(remote=remote, uuid=uuid), "spice")
+            for phase in phases.split()]
+
+
+def test_the_channels_of_a_spice_client_are_one_session_whose_primary_is_the_main_channel():
+    """As spicy makes them: main, then display, inputs and cursor, each connect + initialize;
+    the channels leave, the main one last."""
+    tracker = SessionTracker()
+    main = spice_events(tracker, "main", "connect initialize", 1.0)
+    assert main == [("main", {"id": "main", "authenticated": False, "primary": True, "channels": 1}),
+                    ("main", {"id": "main", "authenticated": True, "primary": True, "channels": 1})]
+    for n, channel in enumerate(("display", "inputs", "cursor"), start=2):
+        connect, initialize = spice_events(tracker, channel, "connect initialize", 1.1)
+        assert connect == ("main", {"id": "main", "authenticated": True, "primary": False, "channels": n})
+        assert initialize[1]["primary"] is False
+    ends = [spice_events(tracker, channel, "disconnect", 7.0)[0] for channel in ("inputs", "display", "cursor")]
+    assert [(sid, end["channels"]) for sid, end in ends] == [("main", 3), ("main", 2), ("main", 1)]
+    assert all(end["primary"] is False and "duration_s" not in end for _sid, end in ends)
+    [(sid, last)] = spice_events(tracker, "main", "disconnect", 7.5)
+    assert (sid, last) == ("main", {"id": "main", "authenticated": True, "primary": True, "channels": 0,
+                                    "duration_s": 6.5, "duration_exact": True})
+    assert len(tracker) == 0 and not tracker.channel_sessions and not tracker.spice_groups
+
+
+def test_spice_clients_are_kept_apart_by_address_and_domain_and_a_new_client_after_the_last_channel():
+    tracker = SessionTracker()
+    other_address = dict(REMOTE, node="192.0.2.99")
+    assert spice_events(tracker, "a", "connect", 1.0)[0][0] == "a"
+    assert spice_events(tracker, "b", "connect", 1.0, remote=other_address)[0][0] == "b"
+    assert spice_events(tracker, "c", "connect", 1.0, uuid="u-2")[0][0] == "c"
+    assert spice_events(tracker, "a2", "connect", 1.1)[0][0] == "a"
+    spice_events(tracker, "a2", "disconnect", 2.0)
+    spice_events(tracker, "a", "disconnect", 2.0)  # a failed login: main only, never initialized
+    assert tracker.observe("a", "disconnect", 2.0, details(), "spice")[1]["primary"] is True
+    [(sid, again)] = spice_events(tracker, "a3", "connect", 3.0)  # the same address again: a new client
+    assert sid == "a3" and again["primary"] is True
+
+
+def test_vnc_sessions_from_one_address_are_never_grouped():
+    tracker = SessionTracker()
+    assert tracker.observe("v1", "connect", 1.0, details())[0] == "v1"
+    assert tracker.observe("v2", "connect", 1.0, details())[0] == "v2"
 
 
 def test_reconcile_reports_present_and_gone_but_leaves_touched_sessions_to_live_events():
@@ -83,20 +164,37 @@ def test_reconcile_reports_present_and_gone_but_leaves_touched_sessions_to_live_
     tracker.observe("stays", "connect", 1.0, details())
     tracker.observe("gone", "connect", 1.0, details())
     tracker.observe("live-new", "connect", 5.0, details())
-    present = {"stays": details(), "new": details([("saslUsername", "a")]), "ended-live": details()}
-    initialized, gone = tracker.reconcile(present, 6.0, touched={"ended-live", "live-new"})
+    clients = {"stays": present("stays"), "new": present("new", subject=[("saslUsername", "a")]),
+               "ended-live": present("ended-live")}
+    initialized, gone = tracker.reconcile(clients, 6.0, touched={"ended-live", "live-new"})
     assert [entry[0] for entry in initialized] == ["stays", "new"]
-    assert all(entry[1]["authenticated"] for entry in initialized)
+    assert all(entry[1]["authenticated"] and entry[1]["primary"] for entry in initialized)
     assert [(entry[0], entry[1]["duration_s"], entry[1]["duration_exact"]) for entry in gone] == [("gone", 5.0, False)]
     assert set(tracker.sessions) == {"stays", "new", "live-new"}
+
+
+def test_a_snapshot_regroups_spice_channels_exactly():
+    """Two clients behind one address, the second linked while the first still had channels
+    open: live events merge them; query-spice's connection ids part them again."""
+    tracker = SessionTracker()
+    for channel in ("a-main", "a-display", "b-main", "b-display"):
+        spice_events(tracker, channel, "connect", 1.0)
+    assert set(tracker.sessions) == {"a-main"}
+    initialized, gone = tracker.reconcile({"a-main": present("a-main", "a-display", protocol="spice"),
+                                           "b-main": present("b-main", "b-display", protocol="spice")}, 2.0)
+    assert [(sid, s["channels"], protocol) for sid, s, _d, protocol in initialized] == [
+        ("a-main", 2, "spice"), ("b-main", 2, "spice")]
+    assert gone == []
+    assert tracker.observe("b-display", "disconnect", 3.0, details(), "spice")[0] == "b-main"
+    assert tracker.observe("a-display", "disconnect", 3.0, details(), "spice")[0] == "a-main"
 
 
 def test_a_duration_is_exact_only_when_the_source_saw_the_session_begin_and_end():
     tracker = SessionTracker()
     tracker.observe("live", "connect", 1.0, details())
     tracker.observe("missed-connect", "initialize", 1.0, details())  # the source started after its connect
-    tracker.reconcile({"live": details(), "missed-connect": details(), "from-snapshot": details()}, 2.0)
-    ends = {sid: tracker.observe(sid, "disconnect", 4.0, details())
+    tracker.reconcile({sid: present(sid) for sid in ("live", "missed-connect", "from-snapshot")}, 2.0)
+    ends = {sid: tracker.observe(sid, "disconnect", 4.0, details())[1]
             for sid in ("live", "missed-connect", "from-snapshot")}
     assert {sid: (end["duration_s"], end["duration_exact"]) for sid, end in ends.items()} == {
         "live": (3.0, True),  # both ends seen
@@ -111,9 +209,10 @@ def test_a_disconnect_found_by_a_snapshot_is_an_upper_bound():
     tracker = SessionTracker()
     tracker.observe("s", "connect", 10.0, details())
     tracker.observe("s", "initialize", 10.5, details())
-    _initialized, [(session_id, session, _details)] = tracker.reconcile({}, 68.7)
-    assert session_id == "s"
-    assert session == {"id": "s", "authenticated": True, "duration_s": 58.7, "duration_exact": False}
+    _initialized, [(session_id, session, _details, protocol)] = tracker.reconcile({}, 68.7)
+    assert (session_id, protocol) == ("s", "vnc")
+    assert session == {"id": "s", "authenticated": True, "primary": True, "channels": 0, "duration_s": 58.7,
+                       "duration_exact": False}
 
 
 async def test_the_payload_of_a_disconnect_found_by_a_snapshot_says_its_duration_is_not_exact():
@@ -134,7 +233,7 @@ async def test_the_payload_of_a_disconnect_found_by_a_snapshot_says_its_duration
     assert live_event(2)["session"]["duration_exact"] is True  # a live session, both ends seen
     live_event(0)  # connected; then the source loses the hypervisor, and the client leaves
     watcher.snapshot_generation = 1  # the snapshot taken after the reconnection finds no client
-    [gone] = watcher.snapshot_payloads(Snapshot(watcher, {}, 1))
+    [gone] = watcher.snapshot_payloads(Snapshot(watcher, {}, {}, 1))
     assert gone["graphics"]["phase"] == "disconnect" and gone["graphics"]["snapshot"] is True
     assert gone["graphics"]["session"]["duration_exact"] is False
 
