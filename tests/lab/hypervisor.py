@@ -280,13 +280,18 @@ class SessionHypervisor:
         return run(["virsh", "-q", "-c", self.uri, *args], check=check)
 
     def create_domain(self, name: str, listen: str = "127.0.0.1", port: int | None = None,
-                      graphics: str = "vnc", password: str | None = None) -> Domain:
+                      graphics: str = "vnc", password: str | None = None,
+                      secure_channels: tuple[str, ...] = ()) -> Domain:
         """A paused domain; its VNC (or SPICE, ``graphics="spice"``, with qxl video) on
         ``port`` when given (outside libvirt's autoport range, say), else on the port libvirt
-        picks; ``password`` sets the console's password (``passwd=``)."""
+        picks; ``password`` sets the console's password (``passwd=``); ``secure_channels`` are
+        SPICE channels served on the TLS port only (``<channel name=... mode='secure'/>``)."""
         xml = DOMAIN_XML.format(name=escape(name), listen=escape(listen))
         if graphics == "spice":
             xml = xml.replace("<graphics type='vnc'", "<graphics type='spice'").replace("'cirrus'", "'qxl'")
+            channels = "".join(f"<channel name='{escape(c)}' mode='secure'/>" for c in secure_channels)
+            if channels:
+                xml = xml.replace(f"listen='{escape(listen)}'/>", f"listen='{escape(listen)}'>{channels}</graphics>")
         elif graphics != "vnc":
             raise ValueError(f"graphics must be vnc or spice, not {graphics!r}")
         if password is not None:
