@@ -151,16 +151,24 @@ virtguard:
   type: dict
   contains:
     verdict:
-      description: C(allow), C(cut), C(block), or C(error) for an event that could not be judged.
+      description: >-
+        C(allow), C(cut), C(block), C(channel) for the events of a SPICE client's other channels
+        (the client is judged on its primary channel), or C(error) for an event that could not be judged.
       type: str
     reasons:
       description: >-
         Codes among C(untrusted_network), C(identity_not_allowed), C(identity_missing),
-        C(unparsable_address), C(bruteforce).
+        C(spice_no_identity), C(unparsable_address), C(bruteforce).
       type: list
       elements: str
     remediate:
       description: True for the event that starts a remediation run; the run's offenders are in C(batch).
+      type: bool
+    protocol:
+      description: C(vnc) or C(spice).
+      type: str
+    primary:
+      description: Whether the event is of the session's primary connection (a SPICE client's main channel).
       type: bool
     queued:
       description: True when this event's offender waits for a run (the next one of its host).

@@ -106,6 +106,11 @@ graphics:
   returned: always
   contains:
     phase: {description: C(connect), C(initialize) or C(disconnect)., type: str}
+    protocol:
+      description:
+        - C(vnc) or C(spice). A SPICE client opens several channels (connections), each with its own
+          events; they are one session (below).
+      type: str
     snapshot: {description: True for events derived from a snapshot of connected clients., type: bool}
     timestamp: {description: ISO-8601 with time zone, when the source received the event., type: str}
     hypervisor: {description: "C(uri) as configured and C(hostname) from libvirt.", type: dict}
@@ -121,14 +126,24 @@ graphics:
       description: The client session the event belongs to.
       type: dict
       contains:
-        id: {description: Stable per client session (32 hex digits)., type: str}
+        id:
+          description:
+            - Stable per client session (32 hex digits); the same on every channel event of one SPICE client.
+          type: str
+        primary:
+          description:
+            - True on the events of the connection that opened the session (always for VNC; the main
+              channel for SPICE), so C(session.primary) selects one connect, initialize and disconnect
+              per client.
+          type: bool
+        channels: {description: The client's open channels (connections) after the event., type: int}
         authenticated:
           description: True from C(initialize) on; on C(disconnect), whether the session ever initialized.
           type: bool
         duration_s:
           description:
-            - On C(disconnect) only. Seconds from when the source first saw the session to its end;
-              null for a session the source never saw begin.
+            - On the primary C(disconnect) only. Seconds from when the source first saw the session to
+              its end; null for a session the source never saw begin.
           type: float
         duration_exact:
           description:
