@@ -50,6 +50,22 @@ def spice() -> Iterator[SpiceLab]:
         tls.cleanup()
 
 
+@pytest.fixture(scope="module")
+def spice_sasl() -> Iterator[SpiceLab]:
+    """A session daemon whose SPICE consoles require SASL (SCRAM-SHA-256, over TLS)."""
+    hv = SessionHypervisor("ss")
+    tls = TlsSaslLab(hv.base / "tls", ["127.0.0.1"])
+    hv.qemu_conf = (f'spice_listen = "127.0.0.1"\nspice_tls = 1\nspice_tls_x509_cert_dir = "{tls.pki}"\n'
+                    f'spice_sasl = 1\nspice_sasl_dir = "{tls.sasl}"\n')
+    try:
+        tls.add_sasl_user("alice", "alice-pw")
+        hv.start()
+        yield SpiceLab(hv, tls, {"sasl": hv.create_domain(f"{hv.user}-sasl", graphics="spice")})
+    finally:
+        hv.stop()
+        tls.cleanup()
+
+
 def by_session(events: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     sessions: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
     for event in events:
@@ -196,3 +212,24 @@ async def test_a_burst_of_spice_clients_loses_no_session_and_merges_none(spice, 
         assert len(sessions) == BURST_ROUNDS, domain.name
         for client in sessions.values():
             check_one_client(client, channels=2)
+
+
+async def test_a_sasl_login_is_one_session_and_a_failed_one_a_main_channel_that_never_initializes(
+        spice_sasl, source_log: SourceLog):
+    """SPICE with SASL: libvirt passes no identity for it (no saslUsername), and QEMU 7.2 names
+    no SASL scheme either (its SPICE events know only the ticket: ``none`` or ``spice``)."""
+    domain = spice_sasl.domains["sasl"]
+    login = {"tls_port": domain.tls_port, "ca_pem": spice_sasl.tls.ca_pem, "username": "alice"}
+    async with SourceRun({"uri": spice_sasl.hv.uri, **LIVE_ONLY}) as run:
+        await source_log.subscribed(spice_sasl.hv.uri, run)
+        status, output = await screenshot(domain, password="wrong-pw", **login)
+        assert status != 0, output
+        failed = await run.wait_for(2, domain__name=domain.name)
+        events = await whole_client(run, domain, 2 + 6, password="alice-pw", **login)
+    assert [(e["phase"], e["session"]["primary"], e["session"]["authenticated"]) for e in failed] == [
+        ("connect", True, False), ("disconnect", True, False)]
+    good = [e for e in events if e["session"]["id"] != failed[0]["session"]["id"]]
+    check_one_client(good, channels=2)
+    assert {e["local"]["service"] for e in good} == {str(domain.tls_port)}
+    assert {e["auth_scheme"] for e in good if e["phase"] == "initialize"} == {"none"}
+    assert all(e["subject"] == [] and e["identity"] == {} for e in events)

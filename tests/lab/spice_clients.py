@@ -44,15 +44,23 @@ def _in_netns(netns: str | None, argv: list[str]) -> list[str]:
 
 
 def spice_screenshot(host: str, port: int | None = None, tls_port: int | None = None, password: str | None = None,
-                     ca_pem: bytes | None = None, netns: str | None = None, timeout: float = 60) -> tuple[int, str]:
+                     ca_pem: bytes | None = None, netns: str | None = None, username: str | None = None,
+                     timeout: float = 60) -> tuple[int, str]:
     """One whole ``spicy-screenshot`` session; returns its exit status and what it printed
-    (0 and "wrote screen shot" when it got a frame)."""
+    (0 and "wrote screen shot" when it got a frame). A SASL login takes ``username`` (given in
+    a ``spice://user@host`` URI, the only way spicy-screenshot has) and ``password``; with
+    SCRAM it needs TLS (spice-gtk asks for a security layer on a plain connection)."""
     env, home = _client_env(ca_pem)
-    argv = ["spicy-screenshot", "-h", host, "-o", str(home / "shot.ppm")]
-    if port is not None:
-        argv += ["-p", str(port)]
-    if tls_port is not None:
-        argv += ["-s", str(tls_port)]
+    argv = ["spicy-screenshot", "-o", str(home / "shot.ppm")]
+    if username is not None:
+        ports = "&".join(f"{key}={value}" for key, value in (("port", port), ("tls-port", tls_port)) if value)
+        argv += ["--uri", f"spice://{username}@{host}?{ports}"]
+    else:
+        argv += ["-h", host]
+        if port is not None:
+            argv += ["-p", str(port)]
+        if tls_port is not None:
+            argv += ["-s", str(tls_port)]
     if password is not None:
         argv += ["-w", password]
     try:
