@@ -43,26 +43,29 @@ def _in_netns(netns: str | None, argv: list[str]) -> list[str]:
     return ["ip", "netns", "exec", netns, *argv] if netns else argv
 
 
+def _target(host: str, port: int | None, tls_port: int | None, password: str | None,
+            username: str | None = None) -> list[str]:
+    """The options of spicy and spicy-screenshot that say where to connect and how to log in;
+    a SASL ``username`` goes in a ``spice://user@host`` URI, the only way spicy-screenshot has."""
+    if username is not None:
+        ports = "&".join(f"{key}={value}" for key, value in (("port", port), ("tls-port", tls_port)) if value)
+        argv = ["--uri", f"spice://{username}@{host}?{ports}"]
+    else:
+        argv = ["-h", host]
+        argv += ["-p", str(port)] if port is not None else []
+        argv += ["-s", str(tls_port)] if tls_port is not None else []
+    return argv + (["-w", password] if password is not None else [])
+
+
 def spice_screenshot(host: str, port: int | None = None, tls_port: int | None = None, password: str | None = None,
                      ca_pem: bytes | None = None, netns: str | None = None, username: str | None = None,
                      timeout: float = 60) -> tuple[int, str]:
     """One whole ``spicy-screenshot`` session; returns its exit status and what it printed
-    (0 and "wrote screen shot" when it got a frame). A SASL login takes ``username`` (given in
-    a ``spice://user@host`` URI, the only way spicy-screenshot has) and ``password``; with
-    SCRAM it needs TLS (spice-gtk asks for a security layer on a plain connection)."""
+    (0 and "wrote screen shot" when it got a frame). A SASL login takes ``username`` and
+    ``password``; with SCRAM it needs TLS (spice-gtk asks for a security layer on a plain
+    connection)."""
     env, home = _client_env(ca_pem)
-    argv = ["spicy-screenshot", "-o", str(home / "shot.ppm")]
-    if username is not None:
-        ports = "&".join(f"{key}={value}" for key, value in (("port", port), ("tls-port", tls_port)) if value)
-        argv += ["--uri", f"spice://{username}@{host}?{ports}"]
-    else:
-        argv += ["-h", host]
-        if port is not None:
-            argv += ["-p", str(port)]
-        if tls_port is not None:
-            argv += ["-s", str(tls_port)]
-    if password is not None:
-        argv += ["-w", password]
+    argv = ["spicy-screenshot", "-o", str(home / "shot.ppm"), *_target(host, port, tls_port, password, username)]
     try:
         done = subprocess.run(_in_netns(netns, argv), env=env, capture_output=True, text=True, timeout=timeout,
                               check=False)
@@ -77,13 +80,7 @@ class HeldSpicy:
     def __init__(self, host: str, port: int | None = None, tls_port: int | None = None, password: str | None = None,
                  ca_pem: bytes | None = None, netns: str | None = None) -> None:
         self.env, self.home = _client_env(ca_pem)
-        argv = ["xvfb-run", "-a", "-e", str(self.home / "xvfb.log"), "spicy", "-h", host]
-        if port is not None:
-            argv += ["-p", str(port)]
-        if tls_port is not None:
-            argv += ["-s", str(tls_port)]
-        if password is not None:
-            argv += ["-w", password]
+        argv = ["xvfb-run", "-a", "-e", str(self.home / "xvfb.log"), "spicy", *_target(host, port, tls_port, password)]
         self.log = open(self.home / "spicy.log", "wb")  # noqa: SIM115 closed in close()
         self.proc = subprocess.Popen(_in_netns(netns, argv), env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
