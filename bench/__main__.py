@@ -20,7 +20,7 @@ from bench import ROOT
 from bench.lab import Lab
 from bench.stats import load_average, mem_available_mib
 
-MEASUREMENTS = ("burst", "endtoend", "scale", "soak", "audit", "storm")
+MEASUREMENTS = ("burst", "endtoend", "scale", "soak", "audit", "storm", "fleet")
 # Real resident memory of one tiny paused TCG domain here (MemAvailable drop per domain),
 # plus the daemons' share: the scale test is sized down when the machine has less to spare.
 MIB_PER_DOMAIN = 18
@@ -76,6 +76,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--storm-ipv6", type=int, default=1000,
                         help="addresses of one IPv6 /64 failing logins against the bruteforce rulebook "
                              "(default 1000; 0: none)")
+    parser.add_argument("--fleet-hosts", type=int, default=100,
+                        help="remote TLS hypervisor hosts (tests/lab/fleet.py) in the fleet scale run (default 100)")
+    parser.add_argument("--fleet-workers", type=int, default=4, help="hosts started at once (default 4)")
+    parser.add_argument("--fleet-partition", type=float, default=40,
+                        help="seconds every fleet host stays partitioned (default 40)")
+    parser.add_argument("--fleet-block-hosts", type=int, nargs="*", default=[3, 10],
+                        help="fleet sizes of the fleet-wide block run (default 3 10; none: skip it)")
     parser.add_argument("--profile", metavar="DIR",
                         help="profile the source (cProfile) in the bursts, the real activation and the soak, into DIR; "
                              "profiled figures are slower and only for finding where time goes")
@@ -299,6 +306,46 @@ def report_storm(report: Report, r: dict[str, Any]) -> None:
                       "True", ipv6["blocked"])
 
 
+def report_fleet(report: Report, r: dict[str, Any]) -> None:
+    args = r["source_args"]
+    report.line(f"  {r['hosts']} fleet hosts (system libvirtd each, own netns), qemu+tls, one running domain and one "
+                f"held console session each; up in {r['hosts_start_s']:.0f} s; "
+                f"load at start {r['load_average_start']}; "
+                f"keepalive {args['keepalive_interval']} s x {args['keepalive_count']}, reconnect_max_delay "
+                f"{args['reconnect_max_delay']} s")
+    report.figure("start to every snapshot delivered",
+                  "not all" if r["snapshot_s"] is None
+                  else f"{r['snapshot_s']:.2f} s (p50 {r['snapshot_p50_s']:.2f} s)",
+                  "<= 5 s", r["snapshot_s"] is not None and r["snapshot_s"] <= 5.0)
+    report.figure("source memory per hypervisor (RSS after the snapshots less before main, / hosts)",
+                  f"{r['rss_delta_kib'] / r['hosts']:.0f} KiB ({r['base_rss_kib'] / 1024:.0f} -> "
+                  f"{r['rss_after_snapshots_kib'] / 1024:.0f} MiB; {r['rss_end_kib'] / 1024:.0f} MiB at the end)")
+    noticed, resync = r["partition_noticed_s"], r["resync_s"]
+    report.figure(f"partition of all {r['hosts']} ({r['partition_s']:.0f} s): noticed by keepalive",
+                  f"{noticed['first']:.1f}..{noticed['last']:.1f} s after it began")
+    report.figure("heal of all at once to every host resynchronised (watched again, snapshot on the queue)",
+                  f"{r['resynchronised']} of {r['hosts']}; p50 {resync['median']:.1f} s, last {resync['last']:.1f} s"
+                  if resync["last"] is not None else "none",
+                  "<= 30 s", r["resynchronised"] == r["hosts"] and resync["last"] is not None and resync["last"] <= 30)
+    report.figure("live events raised on the hosts / delivered / lost / duplicated",
+                  f"{r['live_events_raised']} / {r['live_events_delivered']} / {r['live_events_lost']} / "
+                  f"{r['duplicates']}", "0 lost", r["live_events_lost"] == 0 and r["duplicates"] == 0)
+    report.lost += r["live_events_lost"] + r["duplicates"] + r["hosts"] - r["snapshots_delivered"]
+
+
+def report_fleet_block(report: Report, r: dict[str, Any]) -> None:
+    report.line("  the shipped unauthorized_console rulebook through ansible-rulebook, virtguard_block_scope: fleet, "
+                "remediation over SSH to every host of virtguard_fleet_group; one untrusted session on the second host")
+    for run in r["runs"]:
+        report.figure(f"{run['hosts']} hosts: connection to the last host's block (first, median)",
+                      f"{run['last_block_s']:.2f} s ({run['first_block_s']:.2f}, {run['median_block_s']:.2f}); "
+                      f"blocked on {run['blocked_on']} of {run['hosts']}, {run['audit_hosts']} hosts audited"
+                      if run["last_block_s"] is not None else "no block",
+                      "every host blocks", run["blocked_on"] == run["hosts"] == run["audit_hosts"])
+        report.figure(f"{run['hosts']} hosts: the session's connect to its cut (libvirt's times)",
+                      "not cut" if run["cut_s"] is None else f"{run['cut_s']:.2f} s")
+
+
 def run_scale(lab: Lab, report: Report, options: argparse.Namespace) -> dict[str, Any]:
     from lab import rfb
 
@@ -422,6 +469,19 @@ def main(argv: list[str] | None = None) -> int:
                                          sustained_seconds=options.storm_sustained_seconds,
                                          ipv6_failures=options.storm_ipv6)
                 report_storm(report, results["storm"])
+            if "fleet" in chosen:
+                from bench.fleet_block import measure as fleet_block
+                from bench.fleet_scale import measure as fleet_scale
+
+                report.section("8. Fleet: one source over remote TLS hypervisor hosts, a partition of all of them")
+                results["fleet"] = fleet_scale(lab, report.line, hosts=options.fleet_hosts,
+                                               workers=options.fleet_workers, partition_s=options.fleet_partition)
+                report_fleet(report, results["fleet"])
+                if options.fleet_block_hosts:
+                    report.section("9. Fleet-wide block: time until the last host blocks")
+                    results["fleet_block"] = fleet_block(report.line, sizes=tuple(options.fleet_block_hosts),
+                                                         workers=options.fleet_workers)
+                    report_fleet_block(report, results["fleet_block"])
         except KeyboardInterrupt:
             report.line("# interrupted: cleaning up")
             status = 130
