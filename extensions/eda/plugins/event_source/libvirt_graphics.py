@@ -91,7 +91,8 @@ EXAMPLES = r"""
         domains: ["web-*", "db-*"]
   rules:
     - name: Someone opened a console
-      condition: event.graphics.phase == "initialize"
+      # once per client: a SPICE client's other channels have session.primary false
+      condition: event.graphics.phase == "initialize" and event.graphics.session.primary == true
       action:
         debug:
           msg: "{{ event.graphics.remote.node }} on {{ event.graphics.domain.name }}"
