@@ -79,8 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fleet-hosts", type=int, default=100,
                         help="remote TLS hypervisor hosts (tests/lab/fleet.py) in the fleet scale run (default 100)")
     parser.add_argument("--fleet-workers", type=int, default=4, help="hosts started at once (default 4)")
-    parser.add_argument("--fleet-partition", type=float, default=40,
-                        help="seconds every fleet host stays partitioned (default 40)")
+    parser.add_argument("--fleet-partition", type=float, nargs="+", default=[40, 60],
+                        help="seconds every fleet host stays partitioned, one partition (healed at once) "
+                             "per value (default 40 60)")
     parser.add_argument("--fleet-block-hosts", type=int, nargs="*", default=[3, 10],
                         help="fleet sizes of the fleet-wide block run (default 3 10; none: skip it)")
     parser.add_argument("--profile", metavar="DIR",
@@ -320,13 +321,16 @@ def report_fleet(report: Report, r: dict[str, Any]) -> None:
     report.figure("source memory per hypervisor (RSS after the snapshots less before main, / hosts)",
                   f"{r['rss_delta_kib'] / r['hosts']:.0f} KiB ({r['base_rss_kib'] / 1024:.0f} -> "
                   f"{r['rss_after_snapshots_kib'] / 1024:.0f} MiB; {r['rss_end_kib'] / 1024:.0f} MiB at the end)")
-    noticed, resync = r["partition_noticed_s"], r["resync_s"]
-    report.figure(f"partition of all {r['hosts']} ({r['partition_s']:.0f} s): noticed by keepalive",
-                  f"{noticed['first']:.1f}..{noticed['last']:.1f} s after it began")
-    report.figure("heal of all at once to every host resynchronised (watched again, snapshot on the queue)",
-                  f"{r['resynchronised']} of {r['hosts']}; p50 {resync['median']:.1f} s, last {resync['last']:.1f} s"
-                  if resync["last"] is not None else "none",
-                  "<= 30 s", r["resynchronised"] == r["hosts"] and resync["last"] is not None and resync["last"] <= 30)
+    for partition in r["partitions"]:
+        noticed, resync = partition["partition_noticed_s"], partition["resync_s"]
+        report.figure(f"partition of all {r['hosts']} for {partition['seconds']:.0f} s: noticed by keepalive",
+                      f"{noticed['first']:.1f}..{noticed['last']:.1f} s after it began")
+        report.figure(f"partition of {partition['seconds']:.0f} s: heal of all at once to every host "
+                      "resynchronised (watched again, snapshot on the queue)",
+                      f"{partition['resynchronised']} of {r['hosts']}; p50 {resync['median']:.1f} s, "
+                      f"last {resync['last']:.1f} s" if resync["last"] is not None else "none",
+                      "<= 30 s", partition["resynchronised"] == r["hosts"] and resync["last"] is not None
+                      and resync["last"] <= 30)
     report.figure("live events raised on the hosts / delivered / lost / duplicated",
                   f"{r['live_events_raised']} / {r['live_events_delivered']} / {r['live_events_lost']} / "
                   f"{r['duplicates']}", "0 lost", r["live_events_lost"] == 0 and r["duplicates"] == 0)
@@ -475,7 +479,8 @@ def main(argv: list[str] | None = None) -> int:
 
                 report.section("8. Fleet: one source over remote TLS hypervisor hosts, a partition of all of them")
                 results["fleet"] = fleet_scale(lab, report.line, hosts=options.fleet_hosts,
-                                               workers=options.fleet_workers, partition_s=options.fleet_partition)
+                                               workers=options.fleet_workers,
+                                               partition_s=tuple(options.fleet_partition))
                 report_fleet(report, results["fleet"])
                 if options.fleet_block_hosts:
                     report.section("9. Fleet-wide block: time until the last host blocks")

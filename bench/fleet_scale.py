@@ -12,7 +12,8 @@ which a partition of the management network leaves alone. In order:
 3. every host partitioned at once (TLS and SSH dropped in the host's namespace), a new session
    held on every host meanwhile; then every host healed at once: from the heal to each host
    watched again with its snapshot (the new session) on the queue;
-4. a second round of live sessions, and the gap's sessions closed;
+4. another round of live sessions, and the gap's sessions closed; 3 and 4 again for each
+   partition length asked for;
 5. events lost: every event the hosts raised in 2 and 4 (the witness) against the source's live
    events, by host, client port and phase.
 """
@@ -108,14 +109,15 @@ def each(hosts: list[FleetHost], action: Callable[[FleetHost], object], workers:
         list(pool.map(action, hosts))
 
 
-def measure(lab: Lab, log: Callable[[str], None], hosts: int = 100, workers: int = 4, partition_s: float = 40,
+def measure(lab: Lab, log: Callable[[str], None], hosts: int = 100, workers: int = 4,
+            partition_s: tuple[float, ...] = (40,),
             keepalive_interval: int = 5, keepalive_count: int = 3, reconnect_max_delay: float = 10,
             wait_s: float = 180) -> dict[str, Any]:
     result: dict[str, Any] = {"hosts": hosts, "load_average_start": load_average(),
                               "source_args": {"keepalive_interval": keepalive_interval,
                                               "keepalive_count": keepalive_count,
                                               "reconnect_max_delay": reconnect_max_delay},
-                              "partition_s": partition_s}
+                              "partition_s": list(partition_s)}
     memory_before = mem_available_mib()
     began = time.monotonic()
     fleet = start_hosts([f"fleet{n}" for n in range(hosts)], workers=workers)
@@ -149,18 +151,21 @@ def measure(lab: Lab, log: Callable[[str], None], hosts: int = 100, workers: int
             result.update(start_figures(source, held_port, wait_s))
             log(f"#   start to every snapshot {result['snapshot_s']:.2f} s, "
                 f"RSS {result['rss_delta_kib'] / hosts:.0f} KiB per host")
-            round1 = live_round(ns, fleet, ports, source)
-            result.update(partition_and_heal(fleet, ns, ports, source, partition_s, wait_s, log))
-            round2 = live_round(ns, fleet, ports, source)
-            gap_ports = result.pop("gap_ports")
-            for sock in result.pop("gap_sockets"):
-                sock.close()
-            gap_closed = {(uri, port, "disconnect") for uri, port in gap_ports.items()}
-            source.wait(lambda lines: gap_closed <= live_keys(lines), 60, "the gap sessions' disconnects")
+            live = live_round(ns, fleet, ports, source)
+            gap_sessions: set[tuple[str, str]] = set()
+            result["partitions"] = []
+            for seconds in partition_s:
+                partition = partition_and_heal(fleet, ns, ports, source, seconds, wait_s, log)
+                live |= live_round(ns, fleet, ports, source)
+                gap_ports = partition.pop("gap_ports")
+                for sock in partition.pop("gap_sockets"):
+                    sock.close()
+                wait_for_disconnects(source, set(gap_ports.items()))
+                gap_sessions |= set(gap_ports.items())
+                result["partitions"].append(partition)
             result["rss_end_kib"] = rss_kib(source.proc.pid)
             time.sleep(1)  # the witness's last lines
-            result.update(loss_figures(witness.snapshot(), source.snapshot(), by_local,
-                                       round1 | round2, set(gap_ports.items())))
+            result.update(loss_figures(witness.snapshot(), source.snapshot(), by_local, live, gap_sessions))
         finally:
             lab.stop_process(source.proc)
             lab.stop_process(witness.proc)
@@ -207,9 +212,14 @@ def live_round(ns: ClientNamespace, fleet: list[FleetHost], ports: dict[str, int
     made = {(host.tls_uri, str(sock.getsockname()[1])) for host, sock in zip(fleet, socks, strict=True)}
     for sock in socks:
         sock.close()
-    closed = {(uri, port, "disconnect") for uri, port in made}
-    source.wait(lambda lines: closed <= live_keys(lines), 60, "a round's disconnects")
+    wait_for_disconnects(source, made)
     return made
+
+
+def wait_for_disconnects(source: ChildLines, sessions: set[tuple[str, str]], timeout: float = 60) -> None:
+    """Until the source has reported the live disconnect of each (uri, client port), or ``timeout``."""
+    closed = {(uri, port, "disconnect") for uri, port in sessions}
+    source.wait(lambda lines: closed <= live_keys(lines), timeout, "the sessions' disconnects")
 
 
 def partition_and_heal(fleet: list[FleetHost], ns: ClientNamespace, ports: dict[str, int], source: ChildLines,
@@ -259,7 +269,7 @@ def partition_and_heal(fleet: list[FleetHost], ns: ClientNamespace, ports: dict[
     detect = sorted(t - began for t in noticed.values())
     log(f"#   partition noticed after {detect[0]:.1f}..{detect[-1]:.1f} s; resynchronised "
         f"{len(resync)} of {len(uris)}, last {resync[-1] if resync else float('nan'):.1f} s after the heal")
-    return {"partition_apply_s": partitioned - began, "heal_apply_s": healed - heal_began,
+    return {"seconds": partition_s, "partition_apply_s": partitioned - began, "heal_apply_s": healed - heal_began,
             "partition_noticed_s": {"first": detect[0], "median": median(detect), "last": detect[-1]},
             "resynchronised": len(resync),
             "resync_s": {"first": resync[0] if resync else None, "median": median(resync),
@@ -292,10 +302,10 @@ def loss_figures(witness: list[dict[str, Any]], source: list[dict[str, Any]], by
 
 
 def main() -> None:
-    """``python -m bench.fleet_scale [HOSTS]``: this measurement alone, its numbers as JSON."""
+    """``python -m bench.fleet_scale [HOSTS [PARTITION_S...]]``: this measurement alone, as JSON."""
     with Lab() as lab:
         hosts = int(sys.argv[1]) if len(sys.argv) > 1 else 5
-        partition_s = float(sys.argv[2]) if len(sys.argv) > 2 else 40
+        partition_s = tuple(float(arg) for arg in sys.argv[2:]) or (40,)
         print(json.dumps(measure(lab, print, hosts=hosts, partition_s=partition_s), indent=2))
     os._exit(0)
 
