@@ -447,5 +447,21 @@ def test_a_separate_spice_certificate_directory_links_the_vnc_files(client_ns: C
         assert shot.returncode == 0, shot.stdout + shot.stderr
 
 
+def test_the_vnc_directory_spelled_differently_keeps_its_files(configured_site: Site):
+    """``/etc/pki/libvirt-vnc/`` is VNC's own directory: its files must stay files, not become
+    links to themselves (the role compares normalised paths)."""
+    site = configured_site
+    before = {name: site.path(f"{CERT_DIR}/{name}").read_bytes() for name in CERT_FILES}
+    try:
+        proc, _counts = site.playbook({**site.role_vars, "vnc_tls_spice_x509_cert_dir": f"{CERT_DIR}/"})
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        for name, content in before.items():
+            path = site.path(f"{CERT_DIR}/{name}")
+            assert not path.is_symlink() and path.read_bytes() == content, name
+    finally:
+        proc, _counts = site.playbook(site.role_vars)  # back to role_vars for the tests after this one
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def qemu_pid(site: Site, domain: SpiceDomain) -> int:
     return int(site.path(f"/run/libvirt/qemu/{domain.name}.pid").read_text().strip())
