@@ -114,8 +114,8 @@ class Site:
         """What the roles write on the host, and the controller's CA."""
         return snapshot(self.path(QEMU_CONF), self.path("/etc/pki"), self.path(SASL_DIR), self.controller / "ca")
 
-    def playbook(self, variables: dict[str, Any], *extra: str) -> tuple[subprocess.CompletedProcess[str],
-                                                                         dict[str, int]]:
+    def playbook(self, variables: dict[str, Any],
+                 *extra: str) -> tuple[subprocess.CompletedProcess[str], dict[str, int]]:
         """The collection's configure_console_tls on the host over SSH (group ``hypervisors``,
         its default); the variables as extra vars (a 0600 file)."""
         inventory = self.controller / "inventory.yml"
@@ -377,8 +377,8 @@ def test_a_held_client_has_every_channel_over_tls(configured_site: Site, tls_dom
     assert len({c["connection-id"] for c in channels}) == 1
 
 
-def test_a_plain_connection_to_a_tls_only_domain_gets_no_channel(configured_site: Site, tls_domain: SpiceDomain,
-                                                                client_ns: ClientNamespace, workdir: Path):
+def test_a_plain_connection_to_a_tls_only_domain_gets_no_channel(
+        configured_site: Site, tls_domain: SpiceDomain, client_ns: ClientNamespace, workdir: Path):
     plain_uri = f"spice://{SASL_USER}@{configured_site.address}?port={tls_domain.tls_port}"
     proc = screenshot(client_ns, plain_uri, configured_site.ca_cert(), PASSWORD, workdir)
     assert proc.returncode != 0

@@ -87,8 +87,8 @@ def test_the_payload_names_its_protocol():
     assert ge.graphics_payload("connect", "t", {}, {}, REMOTE, REMOTE, "none", [], {})["graphics"]["protocol"] == "vnc"
 
 
-def details(subject=(), remote=REMOTE, uuid="u-1"):
-    return ({"name": "d", "uuid": uuid}, {}, remote, "none", list(subject))
+def details(subject=(), remote=None, uuid="u-1"):
+    return ({"name": "d", "uuid": uuid}, {}, REMOTE if remote is None else remote, "none", list(subject))
 
 
 def present(*channels: str, subject=(), protocol: str = "vnc") -> PresentClient:
@@ -114,7 +114,7 @@ def test_tracker_failed_authentication_and_unknown_disconnects():
         "id": "u", "authenticated": True, "primary": True, "channels": 0, "duration_s": None, "duration_exact": False}
 
 
-def spice_events(tracker: SessionTracker, channel: str, phases: str, now: float, remote=REMOTE, uuid="u-1"):
+def spice_events(tracker: SessionTracker, channel: str, phases: str, now: float, remote=None, uuid="u-1"):
     return [tracker.observe(channel, phase, now, details(remote=remote, uuid=uuid), "spice")
             for phase in phases.split()]
 
