@@ -15,7 +15,6 @@ display-reload). The CA lives in a temporary directory standing in for the contr
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -35,6 +34,7 @@ from cryptography import x509
 
 from lab.fleet import ssh_inventory
 from lab.hypervisor import PREFIX, Domain, EventWitness, run
+from lab.playbook_runs import playbook_env, recap, snapshot
 from lab.system_libvirtd import BASE_QEMU_CONF, QEMU_CONF, SystemLibvirtd
 from lab.tls_console import ConsoleClient
 
@@ -60,18 +60,6 @@ SASL_USER = f"{PREFIX}alice"
 GONE_USER = f"{PREFIX}gone"
 PASSWORDS = {SASL_USER: secrets.token_urlsafe(12), GONE_USER: secrets.token_urlsafe(12)}
 
-
-def playbook_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({
-        "PATH": f"{ROOT / '.venv' / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}",
-        "ANSIBLE_COLLECTIONS_PATH": str(ROOT / "build" / "collections"),
-        "ANSIBLE_NOCOLOR": "1",
-        "ANSIBLE_RETRY_FILES_ENABLED": "0",
-        "ANSIBLE_DEPRECATION_WARNINGS": "0",
-        "ANSIBLE_PIPELINING": "1",  # a module a task over SSH, not a file copy a module: 3 times faster here
-    })
-    return env
 
 
 @dataclass
@@ -158,24 +146,6 @@ class FirstRun:
         )
 
 
-def recap(output: str, host: str) -> dict[str, int]:
-    """The PLAY RECAP counts of ``host``."""
-    match = re.search(rf"^{re.escape(host)}\s*:\s*(.*)$", output, re.M)
-    return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", match.group(1))} if match else {}
-
-
-def snapshot(*paths: Path) -> dict[str, tuple[str, int, int, int] | None]:
-    """Content, mode and owner of every file under the paths (None for a missing path)."""
-    state: dict[str, tuple[str, int, int, int] | None] = {}
-    for top in paths:
-        if not top.exists():
-            state[str(top)] = None
-            continue
-        for path in [top, *sorted(top.rglob("*"))] if top.is_dir() else [top]:
-            st = path.lstat()
-            digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
-            state[str(path)] = (digest, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
-    return state
 
 
 def certtool_ca(directory: Path, name: str) -> tuple[Path, Path]:

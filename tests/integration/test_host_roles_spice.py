@@ -17,7 +17,6 @@ TLS-only SPICE domain on it. The clients:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -40,6 +39,7 @@ import yaml
 from lab.fleet import route_clients_to_fleet, ssh_inventory
 from lab.hypervisor import DOMAIN_XML, PREFIX, EventWitness, wait_for
 from lab.netns import ClientNamespace
+from lab.playbook_runs import playbook_env, recap, snapshot
 from lab.system_libvirtd import QEMU_CONF, SystemLibvirtd
 
 pytestmark = pytest.mark.slow
@@ -56,40 +56,7 @@ PASSWORD = secrets.token_urlsafe(12)
 CLIENT_NS_INDEX = 27  # lab.netns index of this module's client namespace (0..31, one per process)
 
 
-def playbook_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({
-        "PATH": f"{ROOT / '.venv' / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}",
-        "ANSIBLE_COLLECTIONS_PATH": str(ROOT / "build" / "collections"),
-        "ANSIBLE_NOCOLOR": "1",
-        "ANSIBLE_RETRY_FILES_ENABLED": "0",
-        "ANSIBLE_DEPRECATION_WARNINGS": "0",
-        "ANSIBLE_PIPELINING": "1",
-    })
-    return env
 
-
-def recap(output: str, host: str) -> dict[str, int]:
-    """The PLAY RECAP counts of ``host``."""
-    match = re.search(rf"^{re.escape(host)}\s*:\s*(.*)$", output, re.M)
-    return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", match.group(1))} if match else {}
-
-
-def snapshot(*paths: Path) -> dict[str, tuple[str, int, int, int] | None]:
-    """Content (or link target), mode and owner of every file under the paths (None: missing)."""
-    state: dict[str, tuple[str, int, int, int] | None] = {}
-    for top in paths:
-        if not top.exists():
-            state[str(top)] = None
-            continue
-        for path in [top, *sorted(top.rglob("*"))] if top.is_dir() else [top]:
-            st = path.lstat()
-            if path.is_symlink():
-                digest = f"-> {os.readlink(path)}"
-            else:
-                digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
-            state[str(path)] = (digest, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
-    return state
 
 
 @dataclass
