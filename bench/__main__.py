@@ -77,13 +77,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="addresses of one IPv6 /64 failing logins against the bruteforce rulebook "
                              "(default 1000; 0: none)")
     parser.add_argument("--fleet-hosts", type=int, default=100,
-                        help="remote TLS hypervisor hosts (tests/lab/fleet.py) in the fleet scale run (default 100)")
+                        help="remote TLS hypervisor hosts (tests/lab/fleet.py) in the fleet scale run "
+                             "(default 100; 0: skip it)")
     parser.add_argument("--fleet-workers", type=int, default=4, help="hosts started at once (default 4)")
     parser.add_argument("--fleet-partition", type=float, nargs="+", default=[40, 60],
                         help="seconds every fleet host stays partitioned, one partition (healed at once) "
                              "per value (default 40 60)")
     parser.add_argument("--fleet-block-hosts", type=int, nargs="*", default=[3, 10],
                         help="fleet sizes of the fleet-wide block run (default 3 10; none: skip it)")
+    parser.add_argument("--fleet-block-forks", type=int,
+                        help="Ansible forks for the fleet-wide block's runs (default: Ansible's, 5)")
     parser.add_argument("--profile", metavar="DIR",
                         help="profile the source (cProfile) in the bursts, the real activation and the soak, into DIR; "
                              "profiled figures are slower and only for finding where time goes")
@@ -339,7 +342,8 @@ def report_fleet(report: Report, r: dict[str, Any]) -> None:
 
 def report_fleet_block(report: Report, r: dict[str, Any]) -> None:
     report.line("  the shipped unauthorized_console rulebook through ansible-rulebook, virtguard_block_scope: fleet, "
-                "remediation over SSH to every host of virtguard_fleet_group; one untrusted session on the second host")
+                "remediation over SSH to every host of virtguard_fleet_group; one untrusted session on the second "
+                f"host; Ansible forks: {r['forks'] or 'default (5)'}; load at start {r['load_average_start']}")
     for run in r["runs"]:
         report.figure(f"{run['hosts']} hosts: connection to the last host's block (first, median)",
                       f"{run['last_block_s']:.2f} s ({run['first_block_s']:.2f}, {run['median_block_s']:.2f}); "
@@ -477,15 +481,17 @@ def main(argv: list[str] | None = None) -> int:
                 from bench.fleet_block import measure as fleet_block
                 from bench.fleet_scale import measure as fleet_scale
 
-                report.section("8. Fleet: one source over remote TLS hypervisor hosts, a partition of all of them")
-                results["fleet"] = fleet_scale(lab, report.line, hosts=options.fleet_hosts,
-                                               workers=options.fleet_workers,
-                                               partition_s=tuple(options.fleet_partition))
-                report_fleet(report, results["fleet"])
+                if options.fleet_hosts:
+                    report.section("8. Fleet: one source over remote TLS hypervisor hosts, a partition of all of them")
+                    results["fleet"] = fleet_scale(lab, report.line, hosts=options.fleet_hosts,
+                                                   workers=options.fleet_workers,
+                                                   partition_s=tuple(options.fleet_partition))
+                    report_fleet(report, results["fleet"])
                 if options.fleet_block_hosts:
                     report.section("9. Fleet-wide block: time until the last host blocks")
                     results["fleet_block"] = fleet_block(report.line, sizes=tuple(options.fleet_block_hosts),
-                                                         workers=options.fleet_workers)
+                                                         workers=options.fleet_workers,
+                                                         forks=options.fleet_block_forks)
                     report_fleet_block(report, results["fleet_block"])
         except KeyboardInterrupt:
             report.line("# interrupted: cleaning up")

@@ -15,6 +15,7 @@ An untrusted client opens one session on the second host; from just before its c
 from __future__ import annotations
 
 import datetime
+import os
 import re
 import subprocess
 import tempfile
@@ -54,8 +55,10 @@ def block_added_at(host: FleetHost, table: str, address: str) -> float | None:
     return listed_at - (nft_seconds(match.group(1)) - nft_seconds(match.group(2)))
 
 
-def measure(log: Callable[[str], None], sizes: tuple[int, ...] = (3, 10), workers: int = 4) -> dict[str, Any]:
-    result: dict[str, Any] = {"load_average_start": load_average(), "runs": []}
+def measure(log: Callable[[str], None], sizes: tuple[int, ...] = (3, 10), workers: int = 4,
+            forks: int | None = None) -> dict[str, Any]:
+    """``forks``: Ansible's forks for the activation's runs (ANSIBLE_FORKS); None, Ansible's default (5)."""
+    result: dict[str, Any] = {"load_average_start": load_average(), "forks": forks, "runs": []}
     began = time.monotonic()
     fleet = start_hosts([f"kvm{n}" for n in range(max(sizes))], workers=workers)
     clients = FleetClients(CLIENT_INDEXES, tag="fk")
@@ -63,7 +66,7 @@ def measure(log: Callable[[str], None], sizes: tuple[int, ...] = (3, 10), worker
         domains = {host.hostname: host.create_domain(f"{host.hostname}-d0") for host in fleet}
         log(f"# fleet block: {len(fleet)} hosts with a domain each up in {time.monotonic() - began:.0f} s")
         for size in sizes:
-            run = one_size(fleet[:size], domains, clients)
+            run = one_size(fleet[:size], domains, clients, forks)
             cut = "not cut" if run["cut_s"] is None else f"cut {run['cut_s']:.2f} s after its connect"
             log(f"#   {size} hosts: last host blocks {run['last_block_s']:.2f} s after the connection, {cut}")
             result["runs"].append(run)
@@ -74,7 +77,8 @@ def measure(log: Callable[[str], None], sizes: tuple[int, ...] = (3, 10), worker
     return result
 
 
-def one_size(hosts: list[FleetHost], domains: dict[str, Domain], clients: FleetClients) -> dict[str, Any]:
+def one_size(hosts: list[FleetHost], domains: dict[str, Domain], clients: FleetClients,
+             forks: int | None) -> dict[str, Any]:
     table = f"vgfk{len(hosts)}"
     work = Path(tempfile.mkdtemp(prefix=f"vgt-bench-fleet-block-{len(hosts)}-", dir=ROOT / "build"))
     names = {host.hostname: host for host in hosts}
@@ -90,7 +94,10 @@ def one_size(hosts: list[FleetHost], domains: dict[str, Domain], clients: FleetC
     }, work, inventory=ssh_inventory(names, group=FLEET_GROUP))
     untrusted = clients.make()
     target = hosts[1]
+    saved_forks = os.environ.get("ANSIBLE_FORKS")
     try:
+        if forks is not None:  # the activation, ansible-runner and its ansible-playbook runs inherit it
+            os.environ["ANSIBLE_FORKS"] = str(forks)
         activation.start(timeout=120)
         wait_for(lambda: activation.output().count("watching graphics events") >= len(hosts), 120,
                  "the activation to watch every host", interval=0.5)
@@ -109,10 +116,15 @@ def one_size(hosts: list[FleetHost], domains: dict[str, Domain], clients: FleetC
                 cut_at = time.monotonic()
             time.sleep(0.3)
         offender.sock.close()
-        time.sleep(2)  # the last hosts' audit records
+        def block_records() -> list[dict[str, Any]]:
+            return [r for r in read_jsonl(work / "audit.jsonl") if r["record"] == "remediation"
+                    and r["action"] == "block" and untrusted.client_ip in r.get("addresses", [])]
+        # a run writes its audit records once its module ran on every host (forks at a time)
+        deadline = time.monotonic() + 60
+        while len({r["target_host"] for r in block_records()}) < len(hosts) and time.monotonic() < deadline:
+            time.sleep(0.5)
         records = read_jsonl(work / "audit.jsonl")
-        blocks = [r for r in records if r["record"] == "remediation" and r["action"] == "block"
-                  and untrusted.client_ip in r.get("addresses", [])]
+        blocks = block_records()
         # the cut as libvirt timed it: the session's connect to its disconnect (as bench/storm.py)
         phases = {r["graphics"]["phase"]: datetime.datetime.fromisoformat(r["graphics"]["timestamp"]).timestamp()
                   for r in records if r["record"] == "event"
@@ -125,6 +137,10 @@ def one_size(hosts: list[FleetHost], domains: dict[str, Domain], clients: FleetC
                 "audit_block_records": len(blocks), "audit_hosts": len({r["target_host"] for r in blocks}),
                 "runs": len({r.get("session_id") for r in blocks})}
     finally:
+        if saved_forks is None:
+            os.environ.pop("ANSIBLE_FORKS", None)
+        else:
+            os.environ["ANSIBLE_FORKS"] = saved_forks
         activation.stop()
         for host in hosts:
             subprocess.run(["ip", "netns", "exec", host.name, "nft", "delete", "table", "inet", table],
