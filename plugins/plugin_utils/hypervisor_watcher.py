@@ -35,7 +35,10 @@ from ansible_collections.virtguard.console.plugins.plugin_utils.libvirt_binding 
     libvirt,
     libvirt_qemu,
 )
-from ansible_collections.virtguard.console.plugins.plugin_utils.source_arguments import SourceArguments
+from ansible_collections.virtguard.console.plugins.plugin_utils.source_arguments import (
+    SourceArguments,
+    direct_endpoint,
+)
 
 LOGGER = logging.getLogger("virtguard.console.libvirt_graphics")  # the source's one logger
 
@@ -171,7 +174,18 @@ class HypervisorWatcher:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         delay = self.config.reconnect_delay
+        endpoint = direct_endpoint(self.uri)
+        first = True
         while True:
+            if not first and endpoint is not None and not await host_answers(*endpoint, self.config.connect_timeout):
+                # libvirt.open would wait for the kernel's SYN retries (over two minutes) and
+                # miss the heal of a partition by that much: try again at the next turn instead
+                LOGGER.warning("%s: %s:%d did not answer within %.1fs; retrying in %.1fs", self.uri, *endpoint,
+                               self.config.connect_timeout, delay)
+                await asyncio.sleep(max(0.0, delay - self.config.connect_timeout))
+                delay = min(delay * 2, self.config.reconnect_max_delay)
+                continue
+            first = False
             try:
                 self.conn = await loop.run_in_executor(self.executor, libvirt.open, self.uri)
             except libvirt.libvirtError as exc:
@@ -290,6 +304,24 @@ class HypervisorWatcher:
             await loop.run_in_executor(self.executor, conn.close)
         except libvirt.libvirtError:
             pass
+
+
+async def host_answers(host: str, port: int, timeout: float) -> bool:
+    """Whether ``host`` answers a TCP connection to ``port`` within ``timeout`` seconds. A
+    refusal or a name that does not resolve is an answer too: libvirt's own attempt then fails
+    at once and says why; only silence (a partition, a host that is down) is not."""
+    try:
+        _reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except asyncio.TimeoutError:
+        return False
+    except OSError:
+        return True
+    writer.close()
+    try:
+        await writer.wait_closed()
+    except OSError:
+        pass
+    return True
 
 
 async def feed(queue: asyncio.Queue[dict[str, Any]], buffer: EventBuffer) -> None:

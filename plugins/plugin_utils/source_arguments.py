@@ -35,6 +35,9 @@ SOURCE_OPTIONS = (
            description="Seconds before the first reconnection attempt (more than 0); doubled after each failure."),
     Option("reconnect_max_delay", "float", default=60.0,
            description="Upper bound of the reconnection delay in seconds (at least reconnect_delay)."),
+    Option("connect_timeout", "float", default=5.0,
+           description="Seconds a reconnection to a qemu+tls or qemu+tcp URI waits for the host to answer on "
+                       "libvirt's port before it counts as failed (libvirt's own connect has no timeout)."),
     Option("snapshot", "bool", default=True,
            description="Report the clients already connected at every (re)connection."),
     Option("max_buffered_events", "int", default=100000, minimum=1,
@@ -76,7 +79,8 @@ class SourceArguments:
         self.keepalive_count: int = checked["keepalive_count"]
         self.reconnect_delay: float = checked["reconnect_delay"]
         self.reconnect_max_delay: float = checked["reconnect_max_delay"]
-        for name in ("reconnect_delay", "reconnect_max_delay"):
+        self.connect_timeout: float = checked["connect_timeout"]
+        for name in ("reconnect_delay", "reconnect_max_delay", "connect_timeout"):
             if checked[name] <= 0:
                 raise fail(name, f"must be greater than 0, got {given_value(name)}")
         if self.reconnect_max_delay < self.reconnect_delay:
@@ -88,3 +92,23 @@ class SourceArguments:
     def watches_domain(self, name: str) -> bool:
         """Whether ``domains`` lets the domain called ``name`` through (all, without patterns)."""
         return not self.domains or any(fnmatch.fnmatchcase(name, p) for p in self.domains)
+
+
+# libvirt's TCP ports for the transports where libvirt itself connects to the host (TLS is the
+# transport of a remote URI that names none). SSH transports go through ssh, whose configuration
+# (another HostName or Port, a jump host) the source cannot see: they are not probed.
+DIRECT_TRANSPORT_PORTS = {"": 16514, "tls": 16514, "tcp": 16509}
+
+
+def direct_endpoint(uri: str) -> tuple[str, int] | None:
+    """The host and port libvirt connects to for ``uri``, when it connects directly (qemu+tls,
+    qemu+tcp, or a remote qemu:// URI); None for local, unix, SSH and ext URIs."""
+    parts = urlsplit(uri)
+    transport = parts.scheme.partition("+")[2]
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:  # a port that is not a number: libvirt says what is wrong
+        return None
+    if not host or transport not in DIRECT_TRANSPORT_PORTS:
+        return None
+    return host, port or DIRECT_TRANSPORT_PORTS[transport]

@@ -13,6 +13,7 @@ from ansible_collections.virtguard.console.plugins.plugin_utils.source_arguments
     SOURCE_OPTIONS,
     ArgumentError,
     SourceArguments,
+    direct_endpoint,
 )
 from lab.source_runner import source_plugin
 
@@ -62,6 +63,8 @@ def test_null_arguments_take_their_defaults():
     ({"reconnect_delay": "nan"}, "reconnect_delay"),
     ({"reconnect_max_delay": float("inf")}, "reconnect_max_delay"),
     ({"reconnect_delay": 10, "reconnect_max_delay": 5}, "reconnect_max_delay"),
+    ({"connect_timeout": 0}, "connect_timeout"),
+    ({"connect_timeout": "soon"}, "connect_timeout"),
     ({"snapshot": "maybe"}, "snapshot"),
     ({"snapshot": "1"}, "snapshot"),
     ({"snapshot": 0}, "snapshot"),
@@ -101,3 +104,19 @@ def test_documentation_states_the_declared_options():
         assert doc.get("elements") == option.elements, name
         assert doc.get("default") == option.default, name
         assert doc.get("required", False) == option.required, name
+
+
+@pytest.mark.parametrize(("uri", "endpoint"), [
+    ("qemu+tls://kvm1.example.com/system", ("kvm1.example.com", 16514)),
+    ("qemu+tls://kvm1:16600/system?no_verify=1", ("kvm1", 16600)),
+    ("qemu+tcp://10.0.0.5/system", ("10.0.0.5", 16509)),
+    ("qemu://[2001:db8::5]/system", ("2001:db8::5", 16514)),  # a remote URI without transport: TLS
+    ("qemu+ssh://root@kvm1/system", None),  # ssh's configuration says where it connects
+    ("qemu+libssh2://kvm1/system", None),
+    ("qemu:///system", None),
+    ("qemu+unix:///session?socket=/run/x.sock", None),
+    ("qemu+ext://kvm1/system?command=/bin/x", None),
+    ("qemu+tls://kvm1:notaport/system", None),
+])
+def test_direct_endpoint_is_where_libvirt_itself_connects(uri, endpoint):
+    assert direct_endpoint(uri) == endpoint

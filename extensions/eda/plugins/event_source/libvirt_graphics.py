@@ -65,6 +65,16 @@ options:
     description: Upper bound of the reconnection delay in seconds; at least O(reconnect_delay).
     type: float
     default: 60
+  connect_timeout:
+    description:
+      - Seconds (more than 0) a reconnection to a C(qemu+tls://), C(qemu+tcp://) or remote C(qemu://)
+        URI waits for the host to answer on libvirt's port. Silence counts as a failed attempt, and
+        the next one follows the reconnection delay; without it a connection attempt to a
+        partitioned host waits for the kernel's SYN retries (over two minutes) and can miss the heal
+        by that much. SSH URIs are not probed (ssh's own configuration says where it connects; set
+        C(ConnectTimeout) there).
+    type: float
+    default: 5
   snapshot:
     description:
       - Report the console clients already connected when a connection is (re)established,
