@@ -3,7 +3,8 @@ ansible-rulebook running the shipped ``unauthorized_console`` rulebook over N fl
 (tests/lab/fleet.py) by ``qemu+tls``, remediation by Ansible over SSH to every host of the
 inventory group ``virtguard_fleet_group``.
 
-An untrusted client opens one session on the second host; from just before its connection:
+An untrusted client opens one session on the last host of the inventory (the one Ansible
+would reach last in a run over the group); from just before its connection:
 - the time until each host's nftables holds the client's address, taken from the element
   itself (nft lists its timeout and what is left of it, in ms: the element was added
   ``timeout - expires`` before the listing), so polling slowly costs no precision;
@@ -93,7 +94,7 @@ def one_size(hosts: list[FleetHost], domains: dict[str, Domain], clients: FleetC
         "virtguard_audit_log": str(work / "audit.jsonl"),
     }, work, inventory=ssh_inventory(names, group=FLEET_GROUP))
     untrusted = clients.make()
-    target = hosts[1]
+    target = hosts[-1]  # last in the inventory: the serving host must not wait for its turn
     saved_forks = os.environ.get("ANSIBLE_FORKS")
     try:
         if forks is not None:  # the activation, ansible-runner and its ansible-playbook runs inherit it
