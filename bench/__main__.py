@@ -342,7 +342,7 @@ def report_fleet(report: Report, r: dict[str, Any]) -> None:
 
 def report_fleet_block(report: Report, r: dict[str, Any]) -> None:
     report.line("  the shipped unauthorized_console rulebook through ansible-rulebook, virtguard_block_scope: fleet, "
-                "remediation over SSH to every host of virtguard_fleet_group; one untrusted session on the second "
+                "remediation over SSH to every host of virtguard_fleet_group; one untrusted session on the last "
                 f"host; Ansible forks: {r['forks'] or 'default (5)'}; load at start {r['load_average_start']}")
     for run in r["runs"]:
         report.figure(f"{run['hosts']} hosts: connection to the last host's block (first, median)",
