@@ -11,7 +11,7 @@ Python 3.8+ (the module_utils run on managed hosts): the aliases use typing's fo
 
 from __future__ import annotations
 
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, Sequence, Tuple
 
 Run = Callable[..., Tuple[int, str, str]]
 GetBinPath = Callable[..., str]
@@ -33,3 +33,20 @@ def module_runner(module: Any) -> Run:
         return rc, out, err
 
     return run
+
+
+def reusing_output(run: Run, argv: Sequence[str]) -> Run:
+    """``run``, except that ``argv`` runs once: its later calls get the first answer. For a
+    listing that one module run needs twice (``ss -t -l -p`` reads every process's sockets,
+    which costs more the more QEMUs a host runs), where nothing it lists changes in between
+    that matters."""
+    answers: dict[str, tuple[int, str, str]] = {}
+
+    def wrapped(cmd: list[str], data: str | None = None) -> tuple[int, str, str]:
+        if data is not None or list(cmd) != list(argv):
+            return run(cmd, data)
+        if "first" not in answers:
+            answers["first"] = run(cmd)
+        return answers["first"]
+
+    return wrapped

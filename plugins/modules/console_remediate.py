@@ -78,9 +78,10 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.virtguard.console.plugins.module_utils.console_ports import (
     DEFAULT_CONSOLE_PROCESSES,
+    SS_LISTENING,
     ports_to_protect,
 )
-from ansible_collections.virtguard.console.plugins.module_utils.host_commands import module_runner
+from ansible_collections.virtguard.console.plugins.module_utils.host_commands import module_runner, reusing_output
 from ansible_collections.virtguard.console.plugins.module_utils.ip_addresses import (
     DEFAULT_SET_SIZE,
     AddressError,
@@ -108,7 +109,9 @@ def main() -> None:
         supports_check_mode=True,
     )
     params = module.params
-    run = module_runner(module)
+    # the block finds the ports QEMU listens on, and the cut keeps the configured ranges' ports
+    # that something listens on: one listing serves both
+    run = reusing_output(module_runner(module), SS_LISTENING)
 
     try:
         ports, _discovered, warning = ports_to_protect(run, params["ports"], params["discover_ports"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ansible_collections.virtguard.console.plugins.module_utils.host_commands import module_runner
+from ansible_collections.virtguard.console.plugins.module_utils.host_commands import module_runner, reusing_output
 
 
 class RecordingModule:
@@ -43,3 +43,18 @@ def test_a_missing_command_answers_127_and_runs_nothing():
     assert run(["ss", "-t", "-l"]) == (127, "", "ss not found on this host")
     assert run(["ss", "-t", "-l"])[0] == 127
     assert module.lookups == ["ss"] and module.commands == []
+
+
+def test_a_listing_reused_runs_once_and_other_commands_run_each_time():
+    calls: list[list[str]] = []
+
+    def run(argv: list[str], data: str | None = None) -> tuple[int, str, str]:
+        calls.append(argv)
+        return 0, f"answer {len(calls)}", ""
+
+    reusing = reusing_output(run, ["ss", "-t", "-l"])
+    assert reusing(["ss", "-t", "-l"]) == (0, "answer 1", "")
+    assert reusing(["ss", "-t", "-l"]) == (0, "answer 1", "")  # the first answer again
+    assert reusing(["nft", "-f", "-"], "add element") == (0, "answer 2", "")
+    assert reusing(["ss", "-t"]) == (0, "answer 3", "")
+    assert calls == [["ss", "-t", "-l"], ["nft", "-f", "-"], ["ss", "-t"]]
