@@ -14,16 +14,16 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from lab.fleet import FleetHost, ssh_inventory, start_hosts, stop_hosts
+from lab.fleet import FleetHost, ssh_inventory
+from lab.fleet_activation import FleetLab, fleet_lab
 from lab.fleet_sessions import FleetClients, open_console_session
-from lab.hypervisor import Domain, wait_for
+from lab.hypervisor import wait_for
 from lab.netns import ClientNamespace
-from lab.rulebook_runner import RulebookRun, read_jsonl
+from lab.rulebook_runner import read_jsonl
 from lab.server_view import nft_blocks
 
 pytestmark = pytest.mark.slow
@@ -37,14 +37,6 @@ WAIT = 120.0  # a limit for a failing test, not a goal: the bench measures the t
 TRUSTED_INDEX, UNTRUSTED_INDEX = 24, 25  # lab.netns indexes of this module
 
 
-class FleetLab:
-    def __init__(self, hosts: list[FleetHost], work: Path) -> None:
-        self.hosts = dict(zip((*FLEET, OUTSIDER), hosts, strict=True))
-        self.domains: dict[str, Domain] = {}
-        self.audit = work / "audit.jsonl"
-        self.activation: RulebookRun | None = None
-
-
 def fleet_inventory(hosts: dict[str, FleetHost]) -> dict[str, Any]:
     """Every host reached over SSH; only FLEET in FLEET_GROUP."""
     inventory = ssh_inventory(hosts)
@@ -55,28 +47,19 @@ def fleet_inventory(hosts: dict[str, FleetHost]) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory) -> Iterator[FleetLab]:
     work = tmp_path_factory.mktemp("fleet-block-scope")
-    hosts = start_hosts((*FLEET, OUTSIDER))
-    lab = FleetLab(hosts, work)
-    try:
-        for name, host in lab.hosts.items():
-            lab.domains[name] = host.create_domain(f"{name}-d0")
-        lab.activation = RulebookRun("unauthorized_console", {
-            "virtguard_uri": [lab.hosts[name].tls_uri for name in FLEET],
+
+    def variables(lab: FleetLab) -> dict[str, Any]:
+        return {
             "virtguard_trusted_networks": [ClientNamespace(TRUSTED_INDEX).network],
             "virtguard_host_map": {lab.hosts[name].address: name for name in FLEET},
             "virtguard_block_scope": "fleet",
             "virtguard_fleet_group": FLEET_GROUP,
             "virtguard_block_seconds": BLOCK_SECONDS,
             "virtguard_nft_table": NFT_TABLE,
-            "virtguard_audit_log": str(lab.audit),
-        }, work, inventory=fleet_inventory(lab.hosts)).start()
-        for name in FLEET:
-            lab.activation.wait_for_log(f"watching graphics events on {name}", timeout=60)
+        }
+
+    with fleet_lab((*FLEET, OUTSIDER), FLEET, work, variables, fleet_inventory) as lab:
         yield lab
-    finally:
-        if lab.activation is not None:
-            lab.activation.stop()
-        stop_hosts(hosts)
 
 
 @pytest.fixture

@@ -15,16 +15,16 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from lab.fleet import FleetHost, ssh_inventory, start_hosts, stop_hosts
+from lab.fleet import FleetHost, ssh_inventory
+from lab.fleet_activation import FleetLab, fleet_lab
 from lab.fleet_sessions import ConsoleSession, FleetClients, open_console_session
-from lab.hypervisor import Domain, wait_for
+from lab.hypervisor import wait_for
 from lab.netns import ClientNamespace
-from lab.rulebook_runner import RulebookRun, read_jsonl
+from lab.rulebook_runner import read_jsonl
 from lab.server_view import nft_blocks
 
 pytestmark = pytest.mark.slow
@@ -37,14 +37,6 @@ TRUSTED_INDEX = 24  # lab.netns index of the trusted clients (the network is the
 UNTRUSTED_INDEXES = {"blocked_on_b": 25, "mapped_by_uri": 26}  # a network of its own per test
 
 
-class FleetLab:
-    def __init__(self, hosts: list[FleetHost], work: Path) -> None:
-        self.hosts = dict(zip(NAMES, hosts, strict=True))
-        self.domains: dict[str, Domain] = {}
-        self.audit = work / "audit.jsonl"
-        self.activation: RulebookRun | None = None
-
-
 def host_map(hosts: dict[str, FleetHost]) -> dict[str, str]:
     """kvm-a by its whole URI, the others by the URI's host (their address)."""
     return {hosts["kvm-a"].tls_uri: "kvm-a", hosts["kvm-b"].address: "kvm-b", hosts["kvm-c"].address: "kvm-c"}
@@ -53,26 +45,17 @@ def host_map(hosts: dict[str, FleetHost]) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory) -> Iterator[FleetLab]:
     work = tmp_path_factory.mktemp("fleet-remediation")
-    hosts = start_hosts(NAMES)
-    lab = FleetLab(hosts, work)
-    try:
-        for name, host in lab.hosts.items():
-            lab.domains[name] = host.create_domain(f"{name}-d0")
-        lab.activation = RulebookRun("unauthorized_console", {
-            "virtguard_uri": [host.tls_uri for host in lab.hosts.values()],
+
+    def variables(lab: FleetLab) -> dict[str, Any]:
+        return {
             "virtguard_trusted_networks": [ClientNamespace(TRUSTED_INDEX).network],
             "virtguard_host_map": host_map(lab.hosts),
             "virtguard_block_seconds": BLOCK_SECONDS,
             "virtguard_nft_table": NFT_TABLE,
-            "virtguard_audit_log": str(lab.audit),
-        }, work, inventory=ssh_inventory(lab.hosts)).start()
-        for name in NAMES:
-            lab.activation.wait_for_log(f"watching graphics events on {name}", timeout=60)
+        }
+
+    with fleet_lab(NAMES, NAMES, work, variables, ssh_inventory) as lab:
         yield lab
-    finally:
-        if lab.activation is not None:
-            lab.activation.stop()
-        stop_hosts(hosts)
 
 
 @pytest.fixture
