@@ -117,6 +117,7 @@ def one_size(hosts: list[FleetHost], domains: dict[str, Domain], clients: FleetC
                 cut_at = time.monotonic()
             time.sleep(0.3)
         offender.sock.close()
+
         def block_records() -> list[dict[str, Any]]:
             return [r for r in read_jsonl(work / "audit.jsonl") if r["record"] == "remediation"
                     and r["action"] == "block" and untrusted.client_ip in r.get("addresses", [])]

@@ -61,7 +61,6 @@ GONE_USER = f"{PREFIX}gone"
 PASSWORDS = {SASL_USER: secrets.token_urlsafe(12), GONE_USER: secrets.token_urlsafe(12)}
 
 
-
 @dataclass
 class Site:
     """A lab host running a system libvirtd with the operator's qemu.conf, the controller's
@@ -144,8 +143,6 @@ class FirstRun:
             host_addresses=host_addresses(site),
             client_cert_issued=(site.controller / "ca" / "clients" / OPERATOR / "clientcert.pem").exists(),
         )
-
-
 
 
 def certtool_ca(directory: Path, name: str) -> tuple[Path, Path]:

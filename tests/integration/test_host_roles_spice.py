@@ -56,9 +56,6 @@ PASSWORD = secrets.token_urlsafe(12)
 CLIENT_NS_INDEX = 27  # lab.netns index of this module's client namespace (0..31, one per process)
 
 
-
-
-
 @dataclass
 class Site:
     """A lab host running a system libvirtd, the controller's directory (the CA) and the role
