@@ -107,14 +107,16 @@ class SessionTracker:
         return the session's id and the payload's ``session`` mapping for it."""
         subject = details[4]
         session_id = self.channel_sessions.get(channel_id)
-        session = None if session_id is None else self.sessions[session_id]
         if phase in ("connect", "initialize"):
-            if session is None or session_id is None or (
-                    phase == "connect" and channel_id == session.primary == session_id and len(session.channels) == 1):
-                if session is not None:  # a connect again on an open lone channel: a new session
-                    self._close(channel_id)
+            # a connect again on an open lone channel (its disconnect was missed) is a new session
+            if session_id is not None and phase == "connect" and self.sessions[session_id].channels == {session_id}:
+                self._close(session_id)
+                session_id = None
+            if session_id is None:
                 session, session_id = self._open(channel_id, now, details, protocol,
                                                  start_seen=phase == "connect", authenticated=False)
+            else:
+                session = self.sessions[session_id]
             primary = channel_id == session.primary
             if phase == "initialize" and primary:
                 session.authenticated = True
@@ -122,7 +124,7 @@ class SessionTracker:
             return session_id, {"id": session_id, "authenticated": session.authenticated, "primary": primary,
                                 "channels": len(session.channels)}
         # disconnect (and any phase libvirt may add later) ends the channel
-        if session is None or session_id is None:
+        if session_id is None:
             group = _group_of(protocol, details)
             owner = self.spice_groups.get(group) if group is not None else None
             if owner is not None:  # a channel of an open client that opened before the source saw it
@@ -133,6 +135,7 @@ class SessionTracker:
             # subject on the disconnect of an authenticated session only.
             return channel_id, {"id": channel_id, "authenticated": bool(subject), "primary": True, "channels": 0,
                                 "duration_s": None, "duration_exact": False}
+        session = self.sessions[session_id]
         session.channels.discard(channel_id)
         self.channel_sessions.pop(channel_id, None)
         mapping: dict[str, Any] = {"id": session_id, "authenticated": session.authenticated,

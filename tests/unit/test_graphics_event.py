@@ -153,6 +153,21 @@ def test_spice_clients_are_kept_apart_by_address_and_domain_and_a_new_client_aft
     assert sid == "a3" and again["primary"] is True
 
 
+def test_a_connect_again_on_an_open_lone_channel_is_a_new_session():
+    """The same client address and port again (its disconnect was missed): the new session
+    starts there, with its own start; a SPICE channel that joined a client is not restarted."""
+    tracker = SessionTracker()
+    tracker.observe("v", "connect", 1.0, details())
+    tracker.observe("v", "initialize", 1.1, details())
+    assert tracker.observe("v", "connect", 5.0, details()) == (
+        "v", {"id": "v", "authenticated": False, "primary": True, "channels": 1})
+    assert tracker.observe("v", "disconnect", 6.0, details())[1]["duration_s"] == 1.0
+    spice_events(tracker, "main", "connect initialize", 1.0)
+    spice_events(tracker, "display", "connect", 1.1)
+    [(sid, again)] = spice_events(tracker, "main", "connect", 2.0)
+    assert (sid, again["channels"], again["authenticated"]) == ("main", 2, True)
+
+
 def test_vnc_sessions_from_one_address_are_never_grouped():
     tracker = SessionTracker()
     assert tracker.observe("v1", "connect", 1.0, details())[0] == "v1"
