@@ -259,14 +259,14 @@ class HypervisorWatcher:
         generation = self.snapshot_generation
         # Live events from here on win over what the snapshot says about the same session.
         self.touched_since_snapshot = set()
-        ports: dict[str, set[str]] = {}
-        present = await loop.run_in_executor(self.executor, self.query_clients, self.conn, ports)
+        present, ports = await loop.run_in_executor(self.executor, self.query_clients, self.conn)
         self.buffer.append(Snapshot(self, present, ports, generation))
 
-    def query_clients(self, conn: Any, ports: dict[str, set[str]]) -> dict[str, PresentClient]:
-        """Blocking: every console client QEMU reports, keyed by session id (executor thread);
-        fills ``ports`` with each domain's SPICE ports."""
+    def query_clients(self, conn: Any) -> tuple[dict[str, PresentClient], dict[str, set[str]]]:
+        """Blocking: every console client QEMU reports, keyed by session id, and each domain's
+        SPICE ports by domain UUID (executor thread)."""
         present: dict[str, PresentClient] = {}
+        ports: dict[str, set[str]] = {}
         for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
             domain = {"name": dom.name(), "uuid": dom.UUIDString(), "id": dom.ID()}
             if not self.config.watches_domain(domain["name"]):
@@ -278,7 +278,7 @@ class HypervisorWatcher:
                     if exc.get_error_code() == libvirt.VIR_ERR_OPERATION_DENIED:
                         LOGGER.warning("%s: no snapshot of console clients: %s (the source needs a "
                                        "read-write connection)", self.uri, exc)
-                        return present
+                        return present, ports
                     if command == "query-vnc" or "CommandNotFound" not in str(exc):
                         LOGGER.debug("%s: %s on %s failed: %s", self.uri, command, domain["name"], exc)
                     continue
@@ -289,7 +289,7 @@ class HypervisorWatcher:
                     channels = [session_id_for(self.uri, domain["uuid"], channel) for channel in channel_remotes]
                     present[channels[0]] = PresentClient((domain, local, remote, auth_scheme, subject), protocol,
                                                          channels)
-        return present
+        return present, ports
 
     async def disconnect(self, loop: asyncio.AbstractEventLoop) -> None:
         conn, self.conn = self.conn, None
