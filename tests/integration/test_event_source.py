@@ -38,12 +38,18 @@ async def open_session(port: int) -> socket.socket:
     return await asyncio.to_thread(rfb.open_session, "127.0.0.1", port)
 
 
+# The marker session comes from its own loopback address: a burst from 127.0.0.1 may reuse any
+# client port (Linux reuses a port towards another console), so a port alone cannot name it.
+MARKER_ADDRESS = "127.0.0.2"
+
+
 async def one_session(run: SourceRun, port: int) -> list[dict[str, Any]]:
-    """A whole session on the console ``port``, and its three events as the source reports them."""
-    sock = await open_session(port)
+    """A whole session on the console ``port`` from MARKER_ADDRESS, and its three events as the
+    source reports them."""
+    sock = await asyncio.to_thread(rfb.open_session, "127.0.0.1", port, source=(MARKER_ADDRESS, 0))
     client_port = client_port_of(sock)
     sock.close()
-    return await run.wait_for(3, remote__service=client_port)
+    return await run.wait_for(3, remote__node=MARKER_ADDRESS, remote__service=client_port)
 
 
 async def until_qemu_closed(console_port: int, client_port: str) -> None:
