@@ -31,7 +31,7 @@ else:
 __all__ = [
     "GRAPHICS_REFERENCES_LEAK_IN", "LIBVIRT_IMPORT_ERROR", "LIBVIRT_PYTHON_VERSION", "RELEASE_GRAPHICS_REFERENCES",
     "GraphicsAddress", "GraphicsHandler", "GraphicsSubject", "graphics_callback", "graphics_references_leak",
-    "libvirt", "libvirt_qemu", "release_leaked_references", "warn_if_unchecked",
+    "libvirt", "libvirt_qemu", "log_libvirt_errors", "release_leaked_references", "warn_if_unchecked",
 ]
 
 LOGGER = logging.getLogger("virtguard.console.libvirt_graphics")  # the source's one logger
@@ -102,6 +102,23 @@ def graphics_callback(handle: GraphicsHandler, where: str, release: bool | None 
             release_leaked_references(local, remote, subject)
 
     return on_libvirt_graphics
+
+
+def log_libvirt_errors() -> None:
+    """Send the errors libvirt reports to the source's logger, at debug level, instead of stderr.
+
+    By default libvirt prints every error to stderr ("libvirt: XML-RPC error : ..."), also those
+    the source then receives as exceptions and logs with the hypervisor they belong to: each
+    failed reconnection showed twice in an activation's log, once without its hypervisor, and
+    errors of libvirt's event thread (a keepalive timeout) showed as bare lines. libvirt has one
+    handler per process: other users of libvirt in the process stop printing to stderr too; the
+    exceptions they receive are unchanged."""
+    libvirt.registerErrorHandler(_log_libvirt_error, None)
+
+
+def _log_libvirt_error(_context: object, error: Tuple[Any, ...]) -> None:
+    """libvirt's error handler: ``error`` is (code, domain, message, level, ...)."""
+    LOGGER.debug("libvirt error %s (domain %s): %s", error[0], error[1], error[2])
 
 
 def warn_if_unchecked() -> None:

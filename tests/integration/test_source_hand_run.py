@@ -25,3 +25,19 @@ def test_the_hand_run_prints_a_real_sessions_events(hypervisor):
     assert {e["hypervisor"]["uri"] for e in events} == {hypervisor.uri}
     assert events[2]["session"]["duration_exact"] is True
     assert code == 0
+
+
+def test_libvirts_own_error_printing_is_replaced_by_the_sources_log(hypervisor, tmp_path):
+    """libvirt prints every error to stderr unless told otherwise: a hypervisor that cannot be
+    reached would show each failed attempt twice, once as a bare "libvirt: ... error" line that
+    does not say which hypervisor. The source's log line names it; libvirt's goes to debug."""
+    dead = f"qemu+unix:///session?socket={tmp_path}/nobody-listens"
+    run = HandRun(dead, hypervisor.uri)
+    try:
+        run.wait_for_log("watching graphics events")
+        failed = run.wait_for_log(f"{dead}: cannot connect")
+    finally:
+        code = run.stop()
+    assert "Failed to connect socket" in failed  # libvirt's reason is in the source's line
+    assert [line for line in run.log if line.startswith("libvirt:")] == []
+    assert code == 0

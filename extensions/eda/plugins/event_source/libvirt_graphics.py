@@ -208,6 +208,7 @@ from ansible_collections.virtguard.console.plugins.plugin_utils.hypervisor_watch
 )
 from ansible_collections.virtguard.console.plugins.plugin_utils.libvirt_binding import (  # noqa: E402
     LIBVIRT_IMPORT_ERROR,
+    log_libvirt_errors,
     warn_if_unchecked,
 )
 from ansible_collections.virtguard.console.plugins.plugin_utils.libvirt_event_loop import (  # noqa: E402
@@ -223,6 +224,7 @@ async def main(queue: asyncio.Queue[dict[str, Any]], args: dict[str, Any]) -> No
     config = SourceArguments(args)
     if LIBVIRT_IMPORT_ERROR is not None:
         raise RuntimeError(f"libvirt-python is required: {LIBVIRT_IMPORT_ERROR}")
+    log_libvirt_errors()
     ensure_libvirt_event_loop()
     warn_if_unchecked()
     buffer = EventBuffer(config.max_buffered_events, asyncio.get_running_loop())
