@@ -20,7 +20,7 @@ from bench import ROOT
 from bench.lab import Lab
 from bench.stats import load_average, mem_available_mib
 
-MEASUREMENTS = ("burst", "endtoend", "scale", "soak", "audit", "storm", "fleet")
+MEASUREMENTS = ("burst", "endtoend", "scale", "soak", "audit", "storm", "fleet", "reconnect")
 # Real resident memory of one tiny paused TCG domain here (MemAvailable drop per domain),
 # plus the daemons' share: the scale test is sized down when the machine has less to spare.
 MIB_PER_DOMAIN = 18
@@ -87,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="fleet sizes of the fleet-wide block run (default 3 10; none: skip it)")
     parser.add_argument("--fleet-block-forks", type=int,
                         help="Ansible forks for the fleet-wide block's runs (default: Ansible's, 5)")
+    parser.add_argument("--reconnect-rounds", type=int, default=40,
+                        help="daemon restarts in the reconnection measurement (default 40)")
     parser.add_argument("--profile", metavar="DIR",
                         help="profile the source (cProfile) in the bursts, the real activation and the soak, into DIR; "
                              "profiled figures are slower and only for finding where time goes")
@@ -340,6 +342,18 @@ def report_fleet(report: Report, r: dict[str, Any]) -> None:
     report.lost += r["live_events_lost"] + r["duplicates"] + r["hosts"] - r["snapshots_delivered"]
 
 
+def report_reconnect(report: Report, r: dict[str, Any]) -> None:
+    report.line(f"  one source, one session daemon stopped and started {r['rounds'] - 1} times; a real VNC session "
+                "on each connection; memory sampled at the end of each round, slopes after the first 5 rounds")
+    report.figure("Python memory blocks kept per reconnection (live, after a collection)",
+                  f"{r['blocks_per_reconnection']:.1f}", "no growth (< 50)", r["blocks_per_reconnection"] < 50)
+    report.figure("RSS per reconnection", f"{r['rss_kib_per_reconnection']:.1f} KiB "
+                  f"({r['rss_first_kib'] / 1024:.1f} MiB after the first round, {r['rss_last_kib'] / 1024:.1f} MiB "
+                  "after the last)")
+    report.figure("events lost across the reconnections", str(r["lost"]), "0", r["lost"] == 0)
+    report.lost += r["lost"]
+
+
 def report_fleet_block(report: Report, r: dict[str, Any]) -> None:
     report.line("  the shipped unauthorized_console rulebook through ansible-rulebook, virtguard_block_scope: fleet, "
                 "remediation over SSH to every host of virtguard_fleet_group; one untrusted session on the last "
@@ -493,6 +507,12 @@ def main(argv: list[str] | None = None) -> int:
                                                          workers=options.fleet_workers,
                                                          forks=options.fleet_block_forks)
                     report_fleet_block(report, results["fleet_block"])
+            if "reconnect" in chosen:
+                from bench.reconnect import measure as reconnect
+
+                report.section("10. Reconnections: the source's memory across daemon restarts")
+                results["reconnect"] = reconnect(lab, report.line, options.reconnect_rounds)
+                report_reconnect(report, results["reconnect"])
         except KeyboardInterrupt:
             report.line("# interrupted: cleaning up")
             status = 130

@@ -116,7 +116,7 @@ def log_libvirt_errors() -> None:
     libvirt.registerErrorHandler(_log_libvirt_error, None)
 
 
-def _log_libvirt_error(_context: object, error: Tuple[Any, ...]) -> None:
+def _log_libvirt_error(_context: object, error: tuple[Any, ...]) -> None:
     """libvirt's error handler: ``error`` is (code, domain, message, level, ...)."""
     LOGGER.debug("libvirt error %s (domain %s): %s", error[0], error[1], error[2])
 

@@ -1,5 +1,6 @@
 """A short run of ``make bench`` (bench/): real sessions seen by the source and a bare listener
-side by side, the soak through the source's callback and the audit writer, with no event lost.
+side by side, the soak through the source's callback, the audit writer and reconnections to a
+restarted daemon, with no event lost.
 The full benchmark is not part of the tests; this only keeps it working."""
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ def test_bench_smoke_run_loses_nothing(tmp_path):
     results = tmp_path / "results.json"
     env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(ROOT / "build" / "collections"))
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--only", "burst", "--only", "soak", "--only", "audit",
+        [sys.executable, "-m", "bench", "--only", "burst", "--only", "soak", "--only", "audit", "--only", "reconnect",
          "--bursts", "1", "--sessions", "150", "--burst-hypervisors", "1", "--burst-domains", "2",
          "--soak-events", "30000", "--soak-flow-events", "9000", "--soak-stall-events", "3000",
          "--soak-limit", "5000", "--audit-events", "2000", "--paced-sessions", "60", "--paced-rate", "200",
-         "--json", str(results)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+         "--reconnect-rounds", "7", "--json", str(results)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(results.read_text())
     assert data["lost"] == 0
@@ -41,5 +42,7 @@ def test_bench_smoke_run_loses_nothing(tmp_path):
     assert len(soak["traced_kib_after_drain"]) == 3
     assert soak["bound"]["holds"] and soak["bound"]["max_buffered"] <= 5000
     assert data["audit"]["lost"] == 0
+    reconnect = data["reconnect"]
+    assert reconnect["lost"] == 0 and [s["events"] for s in reconnect["samples"]] == [3] * 7
     # every figure is printed with its goal
     assert "(goal: >= 0.95)" in proc.stdout and "(goal: 0 in every burst)" in proc.stdout
