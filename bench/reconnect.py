@@ -17,6 +17,7 @@ import contextlib
 import gc
 import json
 import logging
+import statistics
 import subprocess
 import sys
 from typing import Any
@@ -76,11 +77,7 @@ async def child(uri: str, console_port: int, rounds: int) -> None:
 
 def slope(points: list[tuple[int, int]]) -> float:
     """Least-squares slope of (round, value)."""
-    xs = [float(x) for x, _ in points]
-    ys = [float(y) for _, y in points]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    den = sum((x - mx) ** 2 for x in xs)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den if den else 0.0
+    return statistics.linear_regression([x for x, _y in points], [y for _x, y in points]).slope
 
 
 def measure(lab: Lab, log: Any, rounds: int) -> dict[str, Any]:

@@ -54,6 +54,7 @@ AUDIT_ERROR_LOG_INTERVAL = 10.0
 
 OPTIONS = (
     Option("trusted_networks", "list", elements="str"),
+    Option("cut_untrusted", "bool", default=True),
     Option("allowed_identities", "list", elements="str", default=[]),
     Option("require_identity", "bool", default=False),
     Option("host_map", "dict", default={}),
@@ -93,7 +94,8 @@ class FilterState:
                 trusted_networks=args["trusted_networks"], allowed_identities=args["allowed_identities"],
                 require_identity=args["require_identity"], host_map=args["host_map"],
                 block_seconds=args["block_seconds"], ipv6_prefix=args["ipv6_prefix"],
-                bruteforce_threshold=args["bruteforce_threshold"], bruteforce_window=args["bruteforce_window"])
+                bruteforce_threshold=args["bruteforce_threshold"], bruteforce_window=args["bruteforce_window"],
+                cut_untrusted=args["cut_untrusted"])
         except PolicyError as exc:
             name = str(exc).split(":", 1)[0]
             raise fail(name, str(exc).split(": ", 1)[-1]) from None

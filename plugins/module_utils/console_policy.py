@@ -101,12 +101,14 @@ class ConsolePolicy:
     """The configuration, from the filter's checked arguments (``plugin_arguments``).
 
     ``trusted_networks`` None switches the network rule off (every address is trusted);
-    an empty list trusts nothing."""
+    an empty list trusts nothing. ``cut_untrusted`` False keeps the trusted networks for what
+    a block covers (never a prefix that holds a trusted address) without cutting the sessions
+    from outside them: the brute-force rulebook."""
 
     def __init__(self, trusted_networks: list[str] | None = None, allowed_identities: list[str] | None = None,
                  require_identity: bool = False, host_map: Mapping[str, str] | None = None,
                  block_seconds: int = 600, ipv6_prefix: int = 64,
-                 bruteforce_threshold: int = 0, bruteforce_window: float = 60) -> None:
+                 bruteforce_threshold: int = 0, bruteforce_window: float = 60, cut_untrusted: bool = True) -> None:
         self.trusted_networks: list[IPNetwork] | None = None
         if trusted_networks is not None:
             self.trusted_networks = []
@@ -125,6 +127,7 @@ class ConsolePolicy:
         self.ipv6_prefix = ipv6_prefix
         self.bruteforce_threshold = bruteforce_threshold
         self.bruteforce_window = bruteforce_window
+        self.cut_untrusted = cut_untrusted
 
     def is_trusted(self, address: IPAddress | None) -> bool:
         """Whether a normalised address is in a trusted network (always, with no network rule)."""
@@ -246,7 +249,7 @@ class Classifier:
             if verdict["phase"] == "disconnect" and not channels_left:
                 self.batches.ended(host, session_id)
         elif verdict["phase"] in ("connect", "initialize"):
-            if family != "unix" and not verdict["remote"]["trusted"]:
+            if family != "unix" and policy.cut_untrusted and not verdict["remote"]["trusted"]:
                 reasons.append(UNTRUSTED_NETWORK if address is not None else UNPARSABLE_ADDRESS)
             if verdict["phase"] == "initialize":
                 reasons.extend(policy.identity_reasons(graphics))

@@ -36,8 +36,9 @@ SOURCE_OPTIONS = (
     Option("reconnect_max_delay", "float", default=60.0,
            description="Upper bound of the reconnection delay in seconds (at least reconnect_delay)."),
     Option("connect_timeout", "float", default=5.0,
-           description="Seconds a reconnection to a qemu+tls or qemu+tcp URI waits for the host to answer on "
-                       "libvirt's port before it counts as failed (libvirt's own connect has no timeout)."),
+           description="Seconds a reconnection to a qemu+tls, qemu+tcp or remote qemu:// URI waits for the host "
+                       "to answer on libvirt's port before it counts as failed (libvirt's own connect has no "
+                       "timeout)."),
     Option("snapshot", "bool", default=True,
            description="Report the clients already connected at every (re)connection."),
     Option("max_buffered_events", "int", default=100000, minimum=1,

@@ -70,7 +70,7 @@ def failed_login(ns: ClientNamespace, port: int, host: str | None = None, source
     ns.call(attempt)
 
 
-def activation_for(hv: PlainHypervisor, audit: Path, tmp_path: Path) -> RulebookRun:
+def activation_for(hv: PlainHypervisor, audit: Path, tmp_path: Path, **more: object) -> RulebookRun:
     return RulebookRun("bruteforce", {
         "virtguard_uri": hv.uri,
         "virtguard_bruteforce_threshold": THRESHOLD,
@@ -78,6 +78,7 @@ def activation_for(hv: PlainHypervisor, audit: Path, tmp_path: Path) -> Rulebook
         "virtguard_block_seconds": 30,
         "virtguard_audit_log": str(audit),
         "virtguard_nft_table": NFT_TABLE,
+        **more,
     }, tmp_path).start()
 
 
@@ -147,6 +148,38 @@ def test_failed_logins_from_rotating_ipv6_addresses_block_their_prefix(plain_hyp
                                    and r["action"] == "block"], 20, "the block record")
         assert blocks[0]["networks"] == [str(prefix)] and blocks[0]["reasons"] == ["bruteforce"]
         print(f"ipv6 rotation: {len(rotating)} addresses, {refused} refused once the /64 was blocked")
+    finally:
+        activation.stop()
+        subprocess.run(["nft", "delete", "table", "inet", NFT_TABLE], capture_output=True, check=False)
+
+
+def test_a_brute_force_next_to_a_trusted_admin_blocks_the_attacker_not_the_admins_prefix(
+        plain_hypervisor, namespaces, tmp_path):
+    """The operator gives bruteforce the trusted networks it gives unauthorized_console: an
+    attacker in the /64 of a trusted admin is blocked by its own address, the admin keeps its
+    console, and a session from outside the trusted networks is not cut by this rulebook."""
+    attacker, outsider = namespaces(5), namespaces(6)
+    port = plain_hypervisor.domain.vnc_port
+    prefix = ipaddress.ip_network(f"{attacker.client_ip6}/64", strict=False)
+    admin = str(prefix.network_address + 0x10)
+    attacker.run(["ip", "-6", "addr", "add", f"{admin}/64", "dev", attacker.ns_link, "nodad"])
+    audit = tmp_path / "audit.jsonl"
+    activation = activation_for(plain_hypervisor, audit, tmp_path, virtguard_trusted_networks=[f"{admin}/128"])
+    try:
+        held = outsider.call(rfb.open_session, outsider.host_ip6, port, source=(outsider.client_ip6, 0))
+        outsider_client = (ipaddress.ip_address(outsider.client_ip6), held.getsockname()[1])
+        for _attempt in range(THRESHOLD):
+            failed_login(attacker, port, attacker.host_ip6, attacker.client_ip6)
+        wait_for(lambda: nft_blocks(NFT_TABLE, f"{attacker.client_ip6}/128"), 30, "the attacker's address blocked")
+        blocks = wait_for(lambda: [r for r in read_jsonl(audit) if r["record"] == "remediation"
+                                   and r["action"] == "block"], 20, "the block record")
+        assert blocks[0]["networks"] == [f"{attacker.client_ip6}/128"]
+        assert not nft_blocks(NFT_TABLE, str(prefix)), "the trusted admin's /64 was blocked"
+        with pytest.raises(ConnectionRefusedError):
+            failed_login(attacker, port, attacker.host_ip6, attacker.client_ip6)
+        attacker.call(lambda: rfb.open_session(attacker.host_ip6, port, source=(admin, 0)).close())  # admin gets in
+        assert outsider_client in established_peers([port]), "bruteforce cut an untrusted session"
+        held.close()
     finally:
         activation.stop()
         subprocess.run(["nft", "delete", "table", "inet", NFT_TABLE], capture_output=True, check=False)

@@ -151,3 +151,44 @@ def test_the_documentation_declares_exactly_the_checked_options(classify):
     for option in OPTIONS:
         assert documented[option.name]["type"] == option.kind, option.name
         assert documented[option.name].get("default") == option.default, option.name
+
+
+RULEBOOKS = Path(__file__).resolve().parents[2] / "extensions" / "eda" / "rulebooks"
+
+
+def shipped_filter_arguments(rulebook: str) -> dict[str, Any]:
+    import yaml
+
+    [ruleset] = yaml.safe_load((RULEBOOKS / rulebook).read_text())
+    [source] = ruleset["sources"]
+    [classify_filter] = [f for f in source["filters"] if "virtguard.console.classify" in f]
+    arguments: dict[str, Any] = classify_filter["virtguard.console.classify"]
+    return arguments
+
+
+def failed_ipv6_login(state: FilterState, node: str, sid: str, now: float) -> dict[str, Any]:
+    """The verdict on a session from ``node`` that ended without initializing."""
+    graphics = graphics_payload("disconnect", "2025-01-01T00:00:00+00:00", {"uri": "qemu:///system", "hostname": "h"},
+                                {"name": "vm", "uuid": "u", "id": 1},
+                                {"family": "ipv6", "node": "::", "service": "5901"},
+                                {"family": "ipv6", "node": node, "service": "40000"}, "none", [],
+                                {"id": sid, "authenticated": False})["graphics"]
+    verdict: dict[str, Any] = state.classifier.classify(graphics, now)
+    return verdict
+
+
+def test_the_bruteforce_rulebook_keeps_blocks_off_the_trusted_networks_and_cuts_no_one_for_them():
+    """The shipped bruteforce rulebook, with the trusted networks an operator gives to both
+    rulebooks: an untrusted session is not cut there, and a brute force from a trusted
+    admin's /64 blocks the attacking address, not the admin's prefix."""
+    variables = {"virtguard_uri": "qemu:///system", "virtguard_bruteforce_threshold": 2}
+    arguments = shipped_filter_arguments("bruteforce.yml")
+    state = FilterState.from_arguments(arguments, dict(variables, virtguard_trusted_networks=["2001:db8:7:7::10/128"]))
+    assert state.classifier.classify(event("connect", node="198.51.100.9")["graphics"], 0)["verdict"] == "allow"
+    verdicts = [failed_ipv6_login(state, "2001:db8:7:7::66", f"a{n}", n) for n in range(2)]
+    assert [v["verdict"] for v in verdicts] == ["allow", "block"]
+    assert verdicts[-1]["batch"][0]["network"] == "2001:db8:7:7::66/128"
+    # no trusted networks given: the attacker's /64, as before
+    alone = FilterState.from_arguments(arguments, variables)
+    verdicts = [failed_ipv6_login(alone, "2001:db8:7:7::66", f"b{n}", n) for n in range(2)]
+    assert verdicts[-1]["batch"][0]["network"] == "2001:db8:7:7::/64"

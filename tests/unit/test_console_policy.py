@@ -204,6 +204,24 @@ def test_bruteforce_from_a_rotating_ipv6_prefix_blocks_the_prefix():
     assert not any(v["remediate"] for v in more)
 
 
+def test_bruteforce_next_to_a_trusted_address_blocks_the_attacker_never_the_trusted_prefix():
+    """The brute-force rulebook passes the trusted networks with cut_untrusted off: an attacker
+    in the /64 of a trusted admin is blocked by address, and nobody is cut for being untrusted."""
+    policy = ConsolePolicy(trusted_networks=["2001:db8:7:7::10/128"], cut_untrusted=False,
+                           bruteforce_threshold=3, bruteforce_window=60, ipv6_prefix=64)
+    classifier = classifier_for(policy)
+    untrusted_connect = classifier.classify(graphics("connect", node="198.51.100.9", session_id="c1"), 0)
+    assert untrusted_connect["verdict"] == "allow" and untrusted_connect["remote"]["trusted"] is False
+    verdicts = [classifier.classify(graphics("disconnect", node="2001:db8:7:7::66", family="ipv6",
+                                             authenticated=False, session_id=f"f{n}"), 1 + n) for n in range(3)]
+    assert [v["verdict"] for v in verdicts] == ["allow", "allow", "block"]
+    assert verdicts[-1]["batch"][0]["network"] == "2001:db8:7:7::66/128"
+    # the same attack from a prefix with no trusted address in it blocks the prefix
+    elsewhere = [classifier.classify(graphics("disconnect", node=f"2001:db8:9:9::{n + 1:x}", family="ipv6",
+                                              authenticated=False, session_id=f"e{n}"), 10 + n) for n in range(3)]
+    assert elsewhere[-1]["batch"][0]["network"] == "2001:db8:9:9::/64"
+
+
 def test_failed_logins_are_bounded():
     failures = FailedLogins(threshold=3, window=60, max_networks=100)
     for n in range(10_000):

@@ -32,6 +32,14 @@ options:
         Omitted or null, no network rule; an empty list trusts nothing.
     type: list
     elements: str
+  cut_untrusted:
+    description:
+      - When false, sessions from outside O(trusted_networks) are not cut; the trusted networks
+        then only keep blocks off trusted addresses (see O(ipv6_prefix)). The C(bruteforce)
+        rulebook sets it, so that a brute force from a trusted address's IPv6 prefix blocks the
+        attacking address, never the prefix with the trusted address in it.
+    type: bool
+    default: true
   allowed_identities:
     description:
       - Certificate DNs (as libvirt reports them, RFC 4514 escapes included) and SASL user names.
@@ -161,6 +169,15 @@ virtguard:
         C(spice_no_identity), C(unparsable_address), C(bruteforce).
       type: list
       elements: str
+    error:
+      description: On C(error) verdicts, the type of the exception that kept the event from being judged.
+      type: str
+    phase:
+      description: The event's phase, C(connect), C(initialize) or C(disconnect) (C(unknown) for anything else).
+      type: str
+    snapshot:
+      description: Whether the event came from the source's snapshot rather than live.
+      type: bool
     remediate:
       description: True for the event that starts a remediation run; the run's offenders are in C(batch).
       type: bool
@@ -182,7 +199,7 @@ virtguard:
     remediation:
       description: >-
         On C(remediate) events, the run's settings; C(networks), C(console_ports), C(nft_table),
-        C(set_size), C(block_seconds), C(audit_log).
+        C(set_size), C(block_seconds), C(audit_log) and C(scope) (C(hypervisor) or C(fleet)).
       type: dict
     remote:
       description: C(address) (normalised), C(network) (what a block would cover), C(family), C(port), C(trusted).
