@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -46,8 +47,10 @@ class FakeController:
         return self
 
     def stop(self) -> None:
+        """Stop serving and remove the work directory (inventory, the jobs' extra vars)."""
         self._server.shutdown()
         self._server.server_close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
     def _run_job(self, job_id: int, body: dict[str, Any]) -> None:
         extra = self.workdir / f"job{job_id}.json"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,6 +35,7 @@ class RulebookRun:
         self.workdir = Path(workdir)
         self.inventory = inventory or local_inventory()
         self.log_path = self.workdir / f"{rulebook}.log"
+        self.tmpdir = self.workdir / "tmp"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, ready_text: str = "watching graphics events", timeout: float = 90) -> RulebookRun:
@@ -46,6 +48,10 @@ class RulebookRun:
         env["PATH"] = f"{VENV_BIN}:{env.get('PATH', '/usr/bin:/bin')}"
         env["ANSIBLE_COLLECTIONS_PATH"] = str(ROOT / "build" / "collections")
         env["ANSIBLE_LOCALHOST_WARNING"] = "false"
+        # ansible-rulebook makes a private data directory for each playbook run there and
+        # leaves it behind when stopped mid-run: stop() removes the whole directory
+        self.tmpdir.mkdir(exist_ok=True)
+        env["TMPDIR"] = str(self.tmpdir)
         with open(self.log_path, "wb") as log:  # the process writes to its own copy of the descriptor
             self.proc = subprocess.Popen(
                 [str(VENV_BIN / "ansible-rulebook"), "-r", f"virtguard.console.{self.rulebook}",
@@ -93,6 +99,7 @@ class RulebookRun:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
         self.proc = None
 
 
