@@ -158,12 +158,14 @@ def sasl_uri(site: Site, domain: SpiceDomain, user: str = SASL_USER) -> str:
 @contextlib.contextmanager
 def held_spicy(ns: ClientNamespace, uri: str, ca_cert: Path, password: str) -> Iterator[subprocess.Popen[str]]:
     """``spicy`` under xvfb-run in the client namespace, all channels over TLS, held until the
-    block ends; its process group (xvfb-run, Xvfb, spicy) is ended afterwards."""
+    block ends; its process group (xvfb-run, Xvfb, spicy) is ended afterwards, and the
+    temporary directory xvfb-run leaves when signalled is removed."""
+    tmpdir = tempfile.mkdtemp(prefix="vgt-xvfb-")
     proc = subprocess.Popen(
         ["ip", "netns", "exec", ns.name, "xvfb-run", "-a", "spicy", "--uri", uri, "-w", password,
          f"--spice-ca-file={ca_cert}", "--spice-secure-channels=all"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
-        start_new_session=True)
+        start_new_session=True, env=dict(os.environ, TMPDIR=tmpdir))
     try:
         yield proc
     finally:
@@ -175,6 +177,7 @@ def held_spicy(ns: ClientNamespace, uri: str, ca_cert: Path, password: str) -> I
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
+        shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 def channels_of(site: Site, domain: SpiceDomain, client_ip: str) -> list[dict[str, Any]]:
