@@ -22,7 +22,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import stat
 import subprocess
 import tempfile
@@ -40,6 +39,7 @@ from lab.fleet import route_clients_to_fleet, ssh_inventory
 from lab.hypervisor import DOMAIN_XML, PREFIX, EventWitness, wait_for
 from lab.netns import ClientNamespace
 from lab.playbook_runs import playbook_env, recap, snapshot
+from lab.spice_clients import HeldSpicy
 from lab.system_libvirtd import QEMU_CONF, SystemLibvirtd
 
 pytestmark = pytest.mark.slow
@@ -155,29 +155,11 @@ def sasl_uri(site: Site, domain: SpiceDomain, user: str = SASL_USER) -> str:
     return f"spice://{user}@{site.address}?tls-port={domain.tls_port}"
 
 
-@contextlib.contextmanager
-def held_spicy(ns: ClientNamespace, uri: str, ca_cert: Path, password: str) -> Iterator[subprocess.Popen[str]]:
-    """``spicy`` under xvfb-run in the client namespace, all channels over TLS, held until the
-    block ends; its process group (xvfb-run, Xvfb, spicy) is ended afterwards, and the
-    temporary directory xvfb-run leaves when signalled is removed."""
-    tmpdir = tempfile.mkdtemp(prefix="vgt-xvfb-")
-    proc = subprocess.Popen(
-        ["ip", "netns", "exec", ns.name, "xvfb-run", "-a", "spicy", "--uri", uri, "-w", password,
-         f"--spice-ca-file={ca_cert}", "--spice-secure-channels=all"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
-        start_new_session=True, env=dict(os.environ, TMPDIR=tmpdir))
-    try:
-        yield proc
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-        shutil.rmtree(tmpdir, ignore_errors=True)
+def held_spicy(site: Site, domain: SpiceDomain, ns: ClientNamespace, ca_cert: Path) -> HeldSpicy:
+    """``spicy`` under xvfb-run in the client namespace, logged in by SASL, every channel over
+    TLS, held until closed (a context manager)."""
+    return HeldSpicy(site.address, tls_port=domain.tls_port, password=PASSWORD, ca_pem=ca_cert.read_bytes(),
+                     netns=ns.name, username=SASL_USER, secure_channels=True)
 
 
 def channels_of(site: Site, domain: SpiceDomain, client_ip: str) -> list[dict[str, Any]]:
@@ -335,10 +317,10 @@ def test_spicy_screenshot_over_tls_with_the_roles_ca_succeeds_and_without_it_fai
 
 def test_a_held_client_has_every_channel_over_tls(configured_site: Site, tls_domain: SpiceDomain,
                                                   client_ns: ClientNamespace):
-    with held_spicy(client_ns, sasl_uri(configured_site, tls_domain), configured_site.ca_cert(), PASSWORD) as proc:
+    with held_spicy(configured_site, tls_domain, client_ns, configured_site.ca_cert()) as spicy:
         channels = wait_for(lambda: held_channels(configured_site, tls_domain, client_ns.client_ip, 4), 60,
                             "spicy's four channels in query-spice")
-        assert proc.poll() is None
+        assert spicy.proc.poll() is None
     assert {c["channel-type"] for c in channels} >= {1, 2, 3, 4}  # main, display, inputs, cursor
     assert all(c["tls"] is True for c in channels), channels
     assert len({c["connection-id"] for c in channels}) == 1
@@ -384,7 +366,7 @@ def test_sasl_login_right_password_gets_in_wrong_password_and_no_user_are_refuse
     refused = [phases for phases in by_port.values() if [p for p, _a in phases] == ["connect", "disconnect"]]
     assert len(logged_in) == 2, output
     assert len(refused) == 2, output
-    with held_spicy(client_ns, sasl_uri(configured_site, tls_domain), ca, PASSWORD):
+    with held_spicy(configured_site, tls_domain, client_ns, ca):
         wait_for(lambda: channels_of(configured_site, tls_domain, client_ns.client_ip), 60, "spicy's channels")
         assert query_spice(configured_site, tls_domain)["auth"] == "none"  # see the docstring
 

@@ -78,12 +78,16 @@ class HeldSpicy:
     """``spicy`` connected to a SPICE console and held open (under ``xvfb-run``) until ``close``."""
 
     def __init__(self, host: str, port: int | None = None, tls_port: int | None = None, password: str | None = None,
-                 ca_pem: bytes | None = None, netns: str | None = None) -> None:
+                 ca_pem: bytes | None = None, netns: str | None = None, username: str | None = None,
+                 secure_channels: bool = False) -> None:
+        """``secure_channels``: every channel over TLS or none (spicy's ``--spice-secure-channels=all``)."""
         self.env, self.home = _client_env(ca_pem)
         # xvfb-run's own temporary directory, which it leaves when stopped by a signal: in
         # self.home, removed by close()
         self.env["TMPDIR"] = str(self.home)
-        argv = ["xvfb-run", "-a", "-e", str(self.home / "xvfb.log"), "spicy", *_target(host, port, tls_port, password)]
+        argv = ["xvfb-run", "-a", "-e", str(self.home / "xvfb.log"), "spicy",
+                *_target(host, port, tls_port, password, username)]
+        argv += ["--spice-secure-channels=all"] if secure_channels else []
         self.log = open(self.home / "spicy.log", "wb")  # noqa: SIM115 closed in close()
         self.proc = subprocess.Popen(_in_netns(netns, argv), env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
