@@ -140,6 +140,11 @@ def event_record(graphics: Mapping[str, Any], verdict: Mapping[str, Any],
     return {"record": "event", "time": time_iso or utc_now(), "graphics": graphics, "virtguard": verdict}
 
 
+def health_record(health: Any, verdict: Mapping[str, Any], time_iso: str | None = None) -> dict[str, Any]:
+    """A hypervisor health event of the source (its watch changed state) and the filter's verdict."""
+    return {"record": "health", "time": time_iso or utc_now(), "hypervisor": health, "virtguard": verdict}
+
+
 def remediation_record(action: str, ok: bool, result: Any, context: Mapping[str, Any] | None = None,
                        time_iso: str | None = None) -> dict[str, Any]:
     """``result`` says what was done (addresses blocked until when, connections cut, errors);

@@ -19,6 +19,7 @@ from ansible_collections.virtguard.console.plugins.module_utils.audit_log import
     AuditLog,
     AuditWriter,
     event_record,
+    health_record,
 )
 from ansible_collections.virtguard.console.plugins.module_utils.console_policy import (
     Classifier,
@@ -55,6 +56,7 @@ AUDIT_ERROR_LOG_INTERVAL = 10.0
 OPTIONS = (
     Option("trusted_networks", "list", elements="str"),
     Option("cut_untrusted", "bool", default=True),
+    Option("console_proxies", "list", elements="str", default=[]),
     Option("allowed_identities", "list", elements="str", default=[]),
     Option("require_identity", "bool", default=False),
     Option("host_map", "dict", default={}),
@@ -95,16 +97,16 @@ class FilterState:
                 require_identity=args["require_identity"], host_map=args["host_map"],
                 block_seconds=args["block_seconds"], ipv6_prefix=args["ipv6_prefix"],
                 bruteforce_threshold=args["bruteforce_threshold"], bruteforce_window=args["bruteforce_window"],
-                cut_untrusted=args["cut_untrusted"])
+                cut_untrusted=args["cut_untrusted"], console_proxies=args["console_proxies"])
         except PolicyError as exc:
-            name = str(exc).split(":", 1)[0]
-            raise fail(name, str(exc).split(": ", 1)[-1]) from None
+            raise fail(exc.option, exc.reason) from None
         self.batches = RemediationBatches(lease=args["remediation_holdoff"], max_batch=args["max_batch"])
         self.classifier = Classifier(self.policy, self.batches if args["remediation"] else None)
         if not INVENTORY_NAME.match(args["fleet_group"]):
             raise fail("fleet_group", f"is not a usable inventory group name, got {args['fleet_group']!r}")
         # fleet: every run goes to every host of the group (each blocks, and cuts where it has sessions)
         self.run_hosts = args["fleet_group"] if args["block_scope"] == "fleet" else None
+        self.protected_networks = [str(network) for network in self.policy.protected_networks]
         self.settings = {"nft_table": args["nft_table"], "set_size": args["block_set_size"],
                          "block_seconds": args["block_seconds"], "audit_log": args["audit_log"],
                          "scope": args["block_scope"]}
@@ -130,11 +132,16 @@ class FilterState:
         return cls(check_arguments(PLUGIN, OPTIONS, rendered, origins=origins), origins)
 
     def remediation_settings(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
-        """What the remediation run needs besides the batch, all checked at start."""
-        networks = list(dict.fromkeys(entry["network"] for entry in batch))
+        """What the remediation run needs besides the batch, all checked at start: the networks
+        to block and cut, the sessions to cut alone (never blocked: trusted or proxy addresses),
+        and the networks no block may cover."""
+        networks = list(dict.fromkeys(entry["network"] for entry in batch if entry["block"]))
+        sessions = [{"address": entry["address"], "client_port": entry["client_port"],
+                     "console_port": entry["console_port"]} for entry in batch if not entry["block"]]
         own_ports = [str(entry["console_port"]) for entry in batch if entry["console_port"]]
         ports = list(dict.fromkeys(self.console_ports + own_ports))
-        return dict(self.settings, networks=networks, console_ports=ports)
+        return dict(self.settings, networks=networks, sessions=sessions, console_ports=ports,
+                    protected_networks=self.protected_networks)
 
     def audit_failed(self) -> bool:
         """Whether audit records failed since the last event (logged at most every 10 s)."""
@@ -149,13 +156,19 @@ class FilterState:
 
 
 def classify_event(state: FilterState, event: dict[str, Any], now: float) -> dict[str, Any]:
-    """Judge one graphics event, queue or send its remediation, audit it; never raises for a
-    malformed event (it is audited with the verdict ``error``)."""
-    graphics = event["graphics"]
+    """Judge one graphics event (``event.graphics``) or hypervisor health event
+    (``event.hypervisor``), queue or send its remediation, audit it; never raises for a
+    malformed event (it is audited with the verdict ``error``). Health events are audited when
+    the state changed (the periodic ones only serve as the batches' clock)."""
+    graphics = event.get("graphics")
+    health = event.get("hypervisor") if graphics is None else None
     try:
-        verdict = state.classifier.classify(graphics, now)
+        if isinstance(graphics, dict):
+            verdict = state.classifier.classify(graphics, now)
+        else:
+            verdict = state.classifier.classify_health(health or {}, now)
     except Exception as exc:  # a malformed event must not stop the activation; keep it on record
-        LOGGER.exception("virtguard: cannot judge a graphics event")
+        LOGGER.exception("virtguard: cannot judge a %s event", "graphics" if graphics is not None else "health")
         verdict = {"verdict": "error", "reasons": [], "remediate": False, "queued": False,
                    "error": type(exc).__name__}
     if verdict.get("remediate"):
@@ -164,6 +177,9 @@ def classify_event(state: FilterState, event: dict[str, Any], now: float) -> dic
     if state.audit is not None:
         if state.audit_failed():
             verdict["audit_error"] = True
-        state.audit.submit(event_record(graphics, verdict))
+        if isinstance(graphics, dict):
+            state.audit.submit(event_record(graphics, verdict))
+        elif verdict.get("changed") or verdict.get("remediate") or verdict["verdict"] == "error":
+            state.audit.submit(health_record(health, verdict))
     event["virtguard"] = verdict
     return event

@@ -39,7 +39,11 @@ DEFAULT_OVERLAP = 0.5
 
 @dataclass
 class Offender:
-    """One offending session (``session_id`` set) or one network to block (brute force)."""
+    """One offending session (``session_id`` set) or one network to block (brute force).
+
+    ``block`` False: the session is cut alone, by its exact connection (address and client
+    port), and nothing is blocked: its address is one the policy may never block (trusted, or a
+    console proxy's, shared by everyone behind it)."""
 
     session_id: str
     address: str
@@ -48,11 +52,12 @@ class Offender:
     console_port: int | None
     reasons: list[str]
     sent_at: float | None = None
+    block: bool = True
 
     def as_batch_entry(self) -> dict[str, Any]:
         return {"session_id": self.session_id, "address": self.address, "network": self.network,
                 "client_port": self.client_port, "console_port": self.console_port,
-                "reasons": list(self.reasons)}
+                "reasons": list(self.reasons), "block": self.block}
 
 
 @dataclass

@@ -48,10 +48,13 @@ def test_adds_the_verdict_and_the_batch_limits_hosts_and_audits(classify, tmp_pa
     verdict = out["virtguard"]
     assert verdict["verdict"] == "cut" and verdict["remediate"] is True
     assert verdict["remote"] == {"family": "ipv4", "address": "192.0.2.7", "port": 40000, "trusted": False,
-                                 "network": "192.0.2.7/32"}
+                                 "proxy": False, "network": "192.0.2.7/32"}
     assert verdict["batch"] == [{"session_id": "ab", "address": "192.0.2.7", "network": "192.0.2.7/32",
-                                 "client_port": 40000, "console_port": 5901, "reasons": ["untrusted_network"]}]
-    assert verdict["remediation"] == {"networks": ["192.0.2.7/32"], "console_ports": ["5700-5710", "6100", "5901"],
+                                 "client_port": 40000, "console_port": 5901, "reasons": ["untrusted_network"],
+                                 "block": True}]
+    assert verdict["remediation"] == {"networks": ["192.0.2.7/32"], "sessions": [],
+                                      "protected_networks": ["10.0.0.0/8"],
+                                      "console_ports": ["5700-5710", "6100", "5901"],
                                       "nft_table": "vg_t", "set_size": 65536, "block_seconds": 30,
                                       "audit_log": str(audit), "scope": "hypervisor"}
     assert out["meta"]["hosts"] == "localhost"
@@ -171,7 +174,7 @@ def failed_ipv6_login(state: FilterState, node: str, sid: str, now: float) -> di
     graphics = graphics_payload("disconnect", "2025-01-01T00:00:00+00:00", {"uri": "qemu:///system", "hostname": "h"},
                                 {"name": "vm", "uuid": "u", "id": 1},
                                 {"family": "ipv6", "node": "::", "service": "5901"},
-                                {"family": "ipv6", "node": node, "service": "40000"}, "none", [],
+                                {"family": "ipv6", "node": node, "service": "40000"}, "vnc", [],
                                 {"id": sid, "authenticated": False})["graphics"]
     verdict: dict[str, Any] = state.classifier.classify(graphics, now)
     return verdict

@@ -30,8 +30,22 @@ options:
     description:
       - CIDR list (IPv4, IPv6). Sessions from other addresses are cut at C(connect).
         Omitted or null, no network rule; an empty list trusts nothing.
+      - A listed trusted address is never blocked, nor any network that holds it, by either
+        rulebook. A session from it that fails the identity policy is cut alone, by its exact
+        connection, and a brute force from it is reported (verdict C(report)), never blocked.
     type: list
     elements: str
+  console_proxies:
+    description:
+      - Addresses or networks of console proxies (websockify/noVNC, nova-novncproxy, an SSH
+        tunnel's end on the hypervisor). Every user behind a proxy reaches QEMU from its address.
+        Sessions from there are judged by identity only; the address is never blocked (nor a
+        network that holds it) and never cut for its address. A session from a proxy that fails
+        the identity policy is cut alone, by its exact connection; a brute force through a proxy
+        is reported (verdict C(report)), never blocked.
+    type: list
+    elements: str
+    default: []
   cut_untrusted:
     description:
       - When false, sessions from outside O(trusted_networks) are not cut; the trusted networks
@@ -161,7 +175,23 @@ virtguard:
     verdict:
       description: >-
         C(allow), C(cut), C(block), C(channel) for the events of a SPICE client's other channels
-        (the client is judged on its primary channel), or C(error) for an event that could not be judged.
+        (the client is judged on its primary channel), C(report) for a brute force from an address
+        that may not be blocked (trusted or a console proxy's), C(health) on hypervisor health
+        events (C(event.hypervisor)), or C(error) for an event that could not be judged.
+      type: str
+    failed_login:
+      description: >-
+        On the disconnect of a session's primary channel: whether it counts as a failed login (it
+        left before C(initialize), on a console that asks for authentication, and neither
+        remediation nor the end of its domain ended it).
+      type: bool
+    ended_by:
+      description: On disconnects, C(client) or C(domain) (the domain stopped under the session).
+      type: str
+    state:
+      description: >-
+        On health events, the hypervisor watch's state (C(connecting), C(connected), C(reconnecting),
+        C(unreachable), ...); C(previous) and C(changed) as the source gave them.
       type: str
     reasons:
       description: >-
@@ -193,16 +223,21 @@ virtguard:
     batch:
       description: >-
         On C(remediate) events: the offenders of the run, each with C(session_id), C(address),
-        C(network) (what is blocked), C(client_port), C(console_port) and C(reasons).
+        C(network) (what is blocked), C(client_port), C(console_port), C(reasons) and C(block)
+        (false: a protected address's session, cut alone and never blocked).
       type: list
       elements: dict
     remediation:
       description: >-
-        On C(remediate) events, the run's settings; C(networks), C(console_ports), C(nft_table),
-        C(set_size), C(block_seconds), C(audit_log) and C(scope) (C(hypervisor) or C(fleet)).
+        On C(remediate) events, the run's settings; C(networks) (blocked and cut), C(sessions)
+        (exact connections cut, never blocked), C(protected_networks) (trusted networks and console
+        proxies: no block may cover them), C(console_ports), C(nft_table), C(set_size),
+        C(block_seconds), C(audit_log) and C(scope) (C(hypervisor) or C(fleet)).
       type: dict
     remote:
-      description: C(address) (normalised), C(network) (what a block would cover), C(family), C(port), C(trusted).
+      description: >-
+        C(address) (normalised), C(network) (what a block would cover), C(family), C(port),
+        C(trusted), C(proxy) (a console proxy's address).
       type: dict
     local_port:
       description: The console port of the session.
@@ -276,8 +311,10 @@ if _LOADING is not None:
 
 
 def main(event: Any, **kwargs: Any) -> Any:
-    """Add ``event.virtguard`` to a graphics event and audit it; other events pass unchanged
-    (``event`` is whatever the source put on its queue: not always a dict)."""
-    if not isinstance(event, dict) or not isinstance(event.get("graphics"), dict):
+    """Add ``event.virtguard`` to a graphics event or a hypervisor health event and audit it;
+    other events pass unchanged (``event`` is whatever the source put on its queue: not always
+    a dict)."""
+    if not isinstance(event, dict) or not (isinstance(event.get("graphics"), dict)
+                                           or isinstance(event.get("hypervisor"), dict)):
         return event
     return classify_event(_state_for(kwargs), event, time.monotonic())
