@@ -43,8 +43,14 @@ from ansible_collections.virtguard.console.plugins.module_utils.remediation_batc
     RemediationBatches,
 )
 from ansible_collections.virtguard.console.plugins.module_utils.rulebook_context import (
+    FilterLoad,
+    RulebookInventory,
     render_arguments,
     variable_origins,
+)
+from ansible_collections.virtguard.console.plugins.plugin_utils.remediation_targets import (
+    missing_targets,
+    read_inventory,
 )
 
 PLUGIN = "virtguard.console.classify"
@@ -110,6 +116,8 @@ class FilterState:
         self.settings = {"nft_table": args["nft_table"], "set_size": args["block_set_size"],
                          "block_seconds": args["block_seconds"], "audit_log": args["audit_log"],
                          "scope": args["block_scope"]}
+        self.remediating = args["remediation"]
+        self.host_map = args["host_map"]
         self.audit = self._audit_writer(args["audit_log"], args["audit_fsync"], fail) if args["audit_log"] else None
         self._audit_failures_seen = 0
         self._audit_logged_at: float | None = None
@@ -130,6 +138,25 @@ class FilterState:
         origins = variable_origins(raw)
         rendered = render_arguments(PLUGIN, raw, variables)
         return cls(check_arguments(PLUGIN, OPTIONS, rendered, origins=origins), origins)
+
+    def check_remediation_targets(self, uris: list[str], inventory: RulebookInventory) -> None:
+        """Stop the start when a watched hypervisor has no host in the inventory that can
+        remediate it (remediation_targets); say so in the log when the inventory is not known."""
+        if not self.remediating:
+            return
+        if inventory.path is None:
+            LOGGER.warning("virtguard: cannot check that every hypervisor has a remediating host: %s; "
+                           "check that the job's inventory holds %s", inventory.unknown_because,
+                           ", ".join(sorted({self.classifier.target_of(uri) for uri in uris})))
+            return
+        try:
+            hosts = read_inventory(inventory.path)
+        except Exception as exc:  # ansible-core's parsers raise their own error types
+            raise ArgumentError(f"{PLUGIN}: the inventory {inventory.path} cannot be read: {exc}") from None
+        problems = missing_targets(uris, self.host_map, hosts, self.run_hosts)
+        if problems:
+            raise ArgumentError(f"{PLUGIN}: a watched hypervisor has no host that can remediate it: "
+                                + "; ".join(problems))
 
     def remediation_settings(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
         """What the remediation run needs besides the batch, all checked at start: the networks
@@ -153,6 +180,14 @@ class FilterState:
             self._audit_logged_at = now
             LOGGER.error("virtguard: %d audit record(s) could not be written: %s", self.audit.failed, self.audit.error)
         return True
+
+
+def source_uris(load: FilterLoad) -> list[str]:
+    """The libvirt URIs of the source the filter belongs to, rendered as the source renders
+    them (the source checks them itself when it starts)."""
+    raw = load.source_args.get("uri", "qemu:///system")
+    rendered = render_arguments("virtguard.console.libvirt_graphics", {"uri": raw}, load.variables)["uri"]
+    return [str(uri) for uri in ([rendered] if isinstance(rendered, str) else list(rendered or []))]
 
 
 def classify_event(state: FilterState, event: dict[str, Any], now: float) -> dict[str, Any]:

@@ -36,11 +36,22 @@ class RulebookContextError(RuntimeError):
 
 @dataclass(frozen=True)
 class FilterLoad:
-    """The filter that ansible-rulebook is loading, and the activation's variables."""
+    """The filter that ansible-rulebook is loading, the activation's variables, and the
+    arguments (as written) of the source the filter belongs to."""
 
     filter_name: str
     filter_args: dict[str, Any]
     variables: dict[str, Any]
+    source_args: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RulebookInventory:
+    """The inventory ansible-rulebook runs playbooks against: its path, or None with the reason
+    it cannot be known here."""
+
+    path: str | None
+    unknown_because: str = ""
 
 
 def _loader_frame(frame: FrameType | None) -> FrameType | None:
@@ -81,11 +92,29 @@ def loading_filter(frame: FrameType | None = None) -> FilterLoad | None:
     source_filter = loader.f_locals.get("source_filter")
     name = getattr(source_filter, "filter_name", None)
     args = getattr(source_filter, "filter_args", None)
-    if not isinstance(variables, dict) or not isinstance(name, str) or not isinstance(args, (dict, type(None))):
+    source_args = getattr(loader.f_locals.get("source"), "source_args", None)
+    if (not isinstance(variables, dict) or not isinstance(name, str) or not isinstance(args, (dict, type(None)))
+            or not isinstance(source_args, (dict, type(None)))):
         raise RulebookContextError(
-            "ansible-rulebook's start_source does not hold the 'variables' and 'source_filter' this "
+            "ansible-rulebook's start_source does not hold the 'variables', 'source' and 'source_filter' this "
             "filter reads at load time; this ansible-rulebook is not one virtguard.console knows")
-    return FilterLoad(name, dict(args or {}), variables)
+    return FilterLoad(name, dict(args or {}), variables, dict(source_args or {}))
+
+
+def rulebook_inventory(argv: list[str] | None = None) -> RulebookInventory:
+    """The inventory of the running ansible-rulebook, as its command line gives it (``-i``, or
+    ``ANSIBLE_INVENTORY``, which ansible-rulebook's own parser reads). In worker mode (EDA
+    controller) the inventory comes later over the websocket and is not known here."""
+    from ansible_rulebook.cli import get_parser
+
+    parsed, _rest = get_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
+    if getattr(parsed, "worker", False):
+        return RulebookInventory(None, "ansible-rulebook runs in worker mode (EDA controller): the inventory "
+                                       "is the job template's, not known to the activation")
+    inventory = getattr(parsed, "inventory", "") or ""
+    if not inventory:
+        return RulebookInventory(None, "ansible-rulebook was started without an inventory (-i)")
+    return RulebookInventory(str(inventory))
 
 
 def variable_origins(args: Mapping[str, Any]) -> dict[str, str]:

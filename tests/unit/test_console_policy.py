@@ -303,3 +303,101 @@ def test_spice_sessions_carry_no_identity_and_have_their_own_reason_when_one_is_
     # an allow-list of identities alone does not cut SPICE (there is nothing to compare)
     listed = ConsolePolicy(trusted_networks=["192.0.2.0/24"], allowed_identities=[DN_ALICE])
     assert classify(listed, graphics("initialize", protocol="spice"))["verdict"] == "allow"
+
+
+# -- protected addresses (trusted, console proxies), login failures, domain ends, health ----------
+
+PROXY = "127.0.0.1"
+
+
+def failed_login(classifier: Classifier, node: str, sid: str, now: float, auth_scheme: str = "vnc",
+                 ended_by: str | None = None) -> dict[str, Any]:
+    """The verdict on a session from ``node`` that left before initialize."""
+    event = graphics("disconnect", node=node, family="ipv6" if ":" in node else "ipv4", authenticated=False,
+                     session_id=sid)
+    event["auth_scheme"] = auth_scheme
+    if ended_by is not None:
+        event["session"]["ended_by"] = ended_by
+    return classifier.classify(event, now)
+
+
+def test_a_brute_force_from_a_trusted_or_proxy_address_is_reported_never_blocked():
+    classifier = classifier_for(ConsolePolicy(trusted_networks=["10.0.0.0/8", "2001:db8:7::/48"],
+                                              console_proxies=[PROXY], bruteforce_threshold=3, cut_untrusted=False))
+    for node in ("10.1.2.3", PROXY, "2001:db8:7::5"):
+        verdicts = [failed_login(classifier, node, f"{n:x}", n) for n in range(3)]
+        assert [v["verdict"] for v in verdicts] == ["allow", "allow", "report"], node
+        assert verdicts[-1]["reasons"] == ["bruteforce"] and all(v["failed_login"] for v in verdicts)
+        assert not any(v["remediate"] or v["queued"] for v in verdicts), node
+    assert classifier.batches.hosts == {}
+    # an untrusted address beside them is blocked as before
+    attacker = [failed_login(classifier, "192.0.2.9", f"b{n}", 10 + n) for n in range(3)]
+    assert attacker[-1]["verdict"] == "block" and attacker[-1]["batch"][0]["network"] == "192.0.2.9/32"
+
+
+def test_a_proxy_session_is_judged_by_identity_only_and_cut_alone():
+    classifier = classifier_for(ConsolePolicy(trusted_networks=["10.0.0.0/8"], console_proxies=["127.0.0.0/30"],
+                                              allowed_identities=["alice"]))
+    connect = classifier.classify(graphics("connect", node="127.0.0.2", session_id="c1"), 0)
+    assert connect["verdict"] == "allow" and connect["remote"]["proxy"] is True
+    mallory = classifier.classify(graphics("initialize", node="127.0.0.2", service="41000", session_id="c1",
+                                           subject=[("saslUsername", "mallory")]), 1)
+    assert mallory["verdict"] == "cut" and mallory["reasons"] == ["identity_not_allowed"]
+    assert mallory["batch"] == [{"session_id": "c1", "address": "127.0.0.2", "network": "127.0.0.2/32",
+                                 "client_port": 41000, "console_port": 5901, "reasons": ["identity_not_allowed"],
+                                 "block": False}]
+    alice = classifier.classify(graphics("initialize", node="127.0.0.2", service="41001", session_id="c2",
+                                         subject=[("saslUsername", "alice")]), 2)
+    assert alice["verdict"] == "allow"
+
+
+def test_a_trusted_session_failing_the_identity_policy_is_cut_alone_and_an_untrusted_one_blocked():
+    classifier = classifier_for(ConsolePolicy(trusted_networks=["10.0.0.0/8"], allowed_identities=["alice"]))
+    trusted = classifier.classify(graphics("initialize", node="10.0.0.9", session_id="t1",
+                                           subject=[("saslUsername", "mallory")]), 0)
+    assert trusted["batch"][0]["block"] is False
+    untrusted = classifier_for(ConsolePolicy(trusted_networks=["10.0.0.0/8"])).classify(
+        graphics("connect", node="192.0.2.1", session_id="u1"), 0)
+    assert untrusted["batch"][0]["block"] is True
+
+
+def test_a_proxy_address_is_never_inside_a_blocked_prefix():
+    classifier = classifier_for(ConsolePolicy(trusted_networks=[], console_proxies=["2001:db8:1:1::80"]))
+    verdict = classifier.classify(graphics("connect", node="2001:db8:1:1::66", family="ipv6"), 0)
+    assert verdict["remote"]["network"] == "2001:db8:1:1::66/128"
+
+
+def test_leaving_a_console_without_authentication_is_not_a_failed_login():
+    classifier = classifier_for(ConsolePolicy(trusted_networks=[], bruteforce_threshold=2, cut_untrusted=False))
+    # e.g. the clients QEMU drops when another takes the console exclusively (RFB shared-flag 0)
+    verdicts = [failed_login(classifier, "192.0.2.5", f"{n:x}", n, auth_scheme="none") for n in range(4)]
+    assert [v["failed_login"] for v in verdicts] == [False] * 4
+    assert [v["verdict"] for v in verdicts] == ["allow"] * 4
+
+
+def test_a_session_whose_domain_stopped_is_not_a_failed_login_and_ends_its_run():
+    classifier = classifier_for(ConsolePolicy(trusted_networks=[], bruteforce_threshold=2))
+    first = classifier.classify(graphics("connect", node="192.0.2.5", session_id="a1"), 0)
+    assert first["remediate"] is True
+    second = classifier.classify(graphics("connect", node="192.0.2.6", session_id="a2", uri=URI), 1)
+    assert second["queued"] is True and not second["remediate"]
+    # the first offender's domain is destroyed: its disconnect ends the run and sends the next
+    gone = failed_login(classifier, "192.0.2.5", "a1", 2, ended_by="domain")
+    assert gone["ended_by"] == "domain" and gone["failed_login"] is False
+    assert gone["remediate"] is True and [o["session_id"] for o in gone["batch"]] == ["a2"]
+    for n in range(3):
+        assert failed_login(classifier, "192.0.2.7", f"d{n}", 3 + n, ended_by="domain")["verdict"] == "allow"
+
+
+def test_health_events_send_a_due_retry_of_a_quiet_host():
+    classifier = classifier_for(ConsolePolicy(trusted_networks=[]), lease=30)
+    sent = classifier.classify(graphics("connect", node="192.0.2.5", session_id="a1"), 0)
+    assert sent["remediate"] is True
+    health = {"uri": URI, "hostname": "kvm1", "state": "connected", "previous": None, "changed": False}
+    early = classifier.classify_health(health, 10)
+    assert early["verdict"] == "health" and early["remediate"] is False and early["target_host"] == "kvm1"
+    # the cut failed (no disconnect came back): the next health event after the holdoff retries it
+    retry = classifier.classify_health(health, 31)
+    assert retry["remediate"] is True and [o["session_id"] for o in retry["batch"]] == ["a1"]
+    odd = classifier.classify_health({"uri": URI, "state": "{{ x }}", "previous": 3, "changed": "yes"}, 32)
+    assert odd["state"] == "unknown" and odd["previous"] is None and odd["changed"] is False

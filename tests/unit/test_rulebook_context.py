@@ -12,9 +12,11 @@ import pytest
 from ansible_collections.virtguard.console.plugins.module_utils import rulebook_context
 from ansible_collections.virtguard.console.plugins.module_utils.rulebook_context import (
     RulebookContextError,
+    RulebookInventory,
     check_version,
     loading_filter,
     render_arguments,
+    rulebook_inventory,
     variable_origins,
 )
 
@@ -30,7 +32,7 @@ def loader(load: Callable[[], Any], filters: list[Any], variables: dict[str, Any
            filename: str = "/x/site-packages/ansible_rulebook/engine.py") -> Any:
     namespace: dict[str, Any] = {"load": load}
     exec(compile(LOADER_SOURCE, filename, "exec"), namespace)
-    source = types.SimpleNamespace(source_filters=filters)
+    source = types.SimpleNamespace(source_filters=filters, source_args={"uri": "{{ vg_uri }}"})
     return namespace["start_source"](source, [], variables, None)
 
 
@@ -44,7 +46,18 @@ def test_the_filter_being_loaded_and_the_variables_are_found(monkeypatch):
     monkeypatch.setattr(rulebook_context, "rulebook_version", lambda: (1, 3))
     found = loader(loading_filter, [types.SimpleNamespace(filter_name="virtguard.console.classify",
                                                           filter_args={"a": "{{ v }}"})], {"v": 1})
-    assert found == rulebook_context.FilterLoad("virtguard.console.classify", {"a": "{{ v }}"}, {"v": 1})
+    assert found == rulebook_context.FilterLoad("virtguard.console.classify", {"a": "{{ v }}"}, {"v": 1},
+                                                {"uri": "{{ vg_uri }}"})
+
+
+def test_the_inventory_comes_from_ansible_rulebooks_command_line(monkeypatch):
+    monkeypatch.delenv("ANSIBLE_INVENTORY", raising=False)
+    assert rulebook_inventory(["-r", "rb.yml", "-i", "inv.yml", "--vars", "v.yml"]) == RulebookInventory("inv.yml")
+    assert rulebook_inventory(["--inventory=hosts", "-r", "rb.yml"]).path == "hosts"
+    missing = rulebook_inventory(["-r", "rb.yml"])
+    assert missing.path is None and "without an inventory" in missing.unknown_because
+    worker = rulebook_inventory(["--worker", "--id", "1", "--websocket-url", "ws://x"])
+    assert worker.path is None and "worker mode" in worker.unknown_because
 
 
 def test_an_unknown_version_fails_loudly(monkeypatch):

@@ -283,9 +283,11 @@ _import_collection_utils()
 from ansible_collections.virtguard.console.plugins.module_utils.classify_filter import (
     FilterState,
     classify_event,
+    source_uris,
 )
 from ansible_collections.virtguard.console.plugins.module_utils.rulebook_context import (
     loading_filter,
+    rulebook_inventory,
 )
 
 LOGGER = logging.getLogger("virtguard.console.classify")
@@ -303,11 +305,13 @@ def _state_for(kwargs: dict[str, Any]) -> FilterState:
 
 
 # Loaded by ansible-rulebook: render and check the arguments now, so that a wrong one stops the
-# activation when it starts instead of at the first console event.
+# activation when it starts instead of at the first console event; likewise a hypervisor that no
+# inventory host can remediate.
 _LOADING = loading_filter()
 if _LOADING is not None:
-    _STATES[repr(sorted(_LOADING.filter_args.items()))] = FilterState.from_arguments(
+    _LOADED = _STATES[repr(sorted(_LOADING.filter_args.items()))] = FilterState.from_arguments(
         _LOADING.filter_args, _LOADING.variables)
+    _LOADED.check_remediation_targets(source_uris(_LOADING), rulebook_inventory())
 
 
 def main(event: Any, **kwargs: Any) -> Any:
