@@ -124,3 +124,18 @@ def test_events_the_filter_cannot_judge_are_audited_and_the_activation_goes_on(t
         finally:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(15)
+
+
+def test_a_hypervisor_no_inventory_host_can_remediate_stops_the_activation_at_start(tmp_path):
+    """virtguard_host_map names a host the inventory lacks: before, the activation started and
+    every remediation run failed with "no hosts matched" while the offender kept its session."""
+    variables = good_vars(tmp_path)
+    variables["virtguard_host_map"] = {variables["virtguard_uri"]: "kvm-nowhere"}
+    rc, output = run_until_exit(["-r", "virtguard.console.unauthorized_console"], variables, tmp_path)
+    assert rc != 0, output[-3000:]
+    assert "no host that can remediate it" in output, output[-3000:]
+    assert f"{variables['virtguard_uri']} is remediated by host 'kvm-nowhere'" in output, output[-3000:]
+    # the same activation whose map names an inventory host starts (it stops at the timeout)
+    variables["virtguard_host_map"] = {variables["virtguard_uri"]: "localhost"}
+    with pytest.raises(AssertionError, match="did not stop at start"):
+        run_until_exit(["-r", "virtguard.console.unauthorized_console"], variables, tmp_path, timeout=25)

@@ -19,8 +19,10 @@ def _recv_exact(sock: socket.socket, size: int) -> bytes:
     return data
 
 
-def handshake(sock: socket.socket) -> str:
-    """Complete version, security type None and ClientInit; return the desktop name."""
+def handshake(sock: socket.socket, shared: bool = True) -> str:
+    """Complete version, security type None and ClientInit; return the desktop name. ``shared``
+    False asks for the console exclusively (ClientInit shared-flag 0): with QEMU's default share
+    policy the other clients are dropped, and later shared ones are refused at ClientInit."""
     version = _recv_exact(sock, 12)
     if not version.startswith(b"RFB 003."):
         raise ConnectionError(f"not an RFB server: {version!r}")
@@ -36,7 +38,7 @@ def handshake(sock: socket.socket) -> str:
     (result,) = struct.unpack("!I", _recv_exact(sock, 4))
     if result != 0:
         raise ConnectionError(f"security handshake failed ({result})")
-    sock.sendall(b"\x01")  # ClientInit: shared session
+    sock.sendall(b"\x01" if shared else b"\x00")  # ClientInit: shared-flag
     _width, _height = struct.unpack("!HH", _recv_exact(sock, 4))
     _recv_exact(sock, 16)  # pixel format
     (name_len,) = struct.unpack("!I", _recv_exact(sock, 4))
@@ -44,11 +46,11 @@ def handshake(sock: socket.socket) -> str:
 
 
 def open_session(host: str, port: int, timeout: float = 10.0,
-                 source: tuple[str, int] | None = None) -> socket.socket:
+                 source: tuple[str, int] | None = None, shared: bool = True) -> socket.socket:
     """Connect and complete the handshake; the caller closes the socket to disconnect."""
     sock = socket.create_connection((host, port), timeout=timeout, source_address=source)
     try:
-        handshake(sock)
+        handshake(sock, shared)
     except BaseException:
         sock.close()
         raise
