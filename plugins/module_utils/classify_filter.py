@@ -48,6 +48,7 @@ from ansible_collections.virtguard.console.plugins.module_utils.rulebook_context
     render_arguments,
     variable_origins,
 )
+from ansible_collections.virtguard.console.plugins.plugin_utils.identity_policy import identity_forms
 from ansible_collections.virtguard.console.plugins.plugin_utils.remediation_targets import (
     missing_targets,
     read_inventory,
@@ -63,8 +64,10 @@ OPTIONS = (
     Option("trusted_networks", "list", elements="str"),
     Option("cut_untrusted", "bool", default=True),
     Option("console_proxies", "list", elements="str", default=[]),
-    Option("allowed_identities", "list", elements="str", default=[]),
-    Option("require_identity", "bool", default=False),
+    # typed entries ({x509_dname, sasl_username}) or, for one release, strings: identity_policy
+    Option("allowed_identities", "list", elements="raw", default=[]),
+    # true/false, or the identity types a session must carry: x509, sasl, both
+    Option("require_identity", "raw", default=False),
     Option("host_map", "dict", default={}),
     Option("block_seconds", "int", default=600, minimum=1, maximum=MAX_BLOCK_SECONDS),
     Option("ipv6_prefix", "int", default=64, minimum=32, maximum=128),
@@ -106,6 +109,11 @@ class FilterState:
                 cut_untrusted=args["cut_untrusted"], console_proxies=args["console_proxies"])
         except PolicyError as exc:
             raise fail(exc.option, exc.reason) from None
+        if self.policy.identities.untyped:
+            LOGGER.warning("virtguard: %s: allowed_identities entries without a type match a certificate DN or a "
+                           "SASL user name written exactly so, and will stop working in a later release; write "
+                           "them as {x509_dname: ...} or {sasl_username: ...} (docs/rulebooks.md): %s",
+                           PLUGIN, "; ".join(repr(entry) for entry in self.policy.identities.untyped))
         self.batches = RemediationBatches(lease=args["remediation_holdoff"], max_batch=args["max_batch"])
         self.classifier = Classifier(self.policy, self.batches if args["remediation"] else None)
         if not INVENTORY_NAME.match(args["fleet_group"]):
@@ -213,7 +221,10 @@ def classify_event(state: FilterState, event: dict[str, Any], now: float) -> dic
         if state.audit_failed():
             verdict["audit_error"] = True
         if isinstance(graphics, dict):
-            state.audit.submit(event_record(graphics, verdict))
+            record = event_record(graphics, verdict)
+            if graphics.get("subject"):
+                record["identities"] = identity_forms(graphics["subject"])
+            state.audit.submit(record)
         elif verdict.get("changed") or verdict.get("remediate") or verdict["verdict"] == "error":
             state.audit.submit(health_record(health, verdict))
     event["virtguard"] = verdict

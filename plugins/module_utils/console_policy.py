@@ -35,6 +35,11 @@ from ansible_collections.virtguard.console.plugins.module_utils.remediation_batc
     Offender,
     RemediationBatches,
 )
+from ansible_collections.virtguard.console.plugins.plugin_utils.identity_policy import (
+    IdentityError,
+    IdentityPolicy,
+    session_identities,
+)
 
 # Reason codes, in the order they are checked.
 UNTRUSTED_NETWORK = "untrusted_network"
@@ -47,8 +52,6 @@ BRUTEFORCE = "bruteforce"
 # proxy's (every user behind the proxy shares it). Never blocked, never cut for its address.
 PROTECTED_ADDRESS = "protected_address"
 
-# Subject types that name who the client is (libvirt's identity types).
-IDENTITY_TYPES = ("x509dname", "saslUsername")
 PHASES = ("connect", "initialize", "disconnect")
 # The states of a hypervisor's watch in the source's health events (docs/payload.md).
 HEALTH_STATES = ("connecting", "connected", "reconnecting", "unreachable", "blind", "resynchronised")
@@ -119,12 +122,6 @@ def parse_networks(option: str, texts: list[str]) -> list[IPNetwork]:
     return networks
 
 
-def identities_of(graphics: Mapping[str, Any]) -> list[str]:
-    """Every identity (certificate DN, SASL user name) the session carries, verbatim."""
-    return [item["name"] for item in graphics.get("subject") or ()
-            if isinstance(item, Mapping) and item.get("type") in IDENTITY_TYPES and item.get("name")]
-
-
 class ConsolePolicy:
     """The configuration, from the filter's checked arguments (``plugin_arguments``).
 
@@ -139,8 +136,8 @@ class ConsolePolicy:
     and never cut for their address; an offending session from one (identity policy) is cut
     alone, by its exact connection; a brute force from one is reported, not blocked."""
 
-    def __init__(self, trusted_networks: list[str] | None = None, allowed_identities: list[str] | None = None,
-                 require_identity: bool = False, host_map: Mapping[str, str] | None = None,
+    def __init__(self, trusted_networks: list[str] | None = None, allowed_identities: list[Any] | None = None,
+                 require_identity: Any = False, host_map: Mapping[str, str] | None = None,
                  block_seconds: int = 600, ipv6_prefix: int = 64,
                  bruteforce_threshold: int = 0, bruteforce_window: float = 60, cut_untrusted: bool = True,
                  console_proxies: list[str] | None = None) -> None:
@@ -148,8 +145,12 @@ class ConsolePolicy:
         if trusted_networks is not None:
             self.trusted_networks = parse_networks("trusted_networks", trusted_networks)
         self.console_proxies = parse_networks("console_proxies", console_proxies or [])
-        self.allowed_identities = frozenset(allowed_identities or ())
-        self.require_identity = require_identity
+        try:
+            self.identities = IdentityPolicy(allowed_identities or (), require_identity)
+        except IdentityError as exc:
+            option = "require_identity" if str(exc).startswith("must be") else "allowed_identities"
+            raise PolicyError(option, str(exc)) from None
+        self.require_identity = bool(self.identities.require)
         self.host_map = {str(k): str(v) for k, v in (host_map or {}).items()}
         for uri_or_host, target in self.host_map.items():
             if not _HOST_NAME.match(target):
@@ -194,12 +195,13 @@ class ConsolePolicy:
             # libvirt passes no identity for SPICE (whatever its TLS and SASL say): required,
             # it is missing for a reason of its own; otherwise there is nothing to check
             return [SPICE_NO_IDENTITY] if self.require_identity else []
-        identities = identities_of(graphics)
-        if not identities:
-            return [IDENTITY_MISSING] if self.require_identity else []
-        if self.allowed_identities and not any(i in self.allowed_identities for i in identities):
-            return [IDENTITY_NOT_ALLOWED]
-        return []
+        identities = session_identities(graphics.get("subject") or ())
+        reasons = []
+        if self.identities.missing(identities):
+            reasons.append(IDENTITY_MISSING)
+        if not self.identities.allows(identities):
+            reasons.append(IDENTITY_NOT_ALLOWED)
+        return reasons
 
 
 class FailedLogins:

@@ -103,7 +103,9 @@ def test_identity_rule():
     def init(*subject: tuple[str, str]) -> dict[str, Any]:
         return classify(policy, graphics("initialize", subject=subject))
 
-    assert init(("x509dname", DN_ALICE), ("saslUsername", "mallory"))["verdict"] == "allow"  # one is enough
+    # every identity must be allowed: alice's certificate with mallory's login is not
+    assert init(("x509dname", DN_ALICE), ("saslUsername", "mallory"))["reasons"] == ["identity_not_allowed"]
+    assert init(("x509dname", DN_ALICE), ("saslUsername", "alice"))["verdict"] == "allow"
     assert init(("saslUsername", "alice"))["verdict"] == "allow"
     assert init(("saslUsername", "mallory"))["reasons"] == ["identity_not_allowed"]
     assert init(("x509dname", "O=Example,CN=Alice"))["reasons"] == ["identity_not_allowed"]  # exact match

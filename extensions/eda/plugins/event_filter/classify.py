@@ -56,15 +56,25 @@ options:
     default: true
   allowed_identities:
     description:
-      - Certificate DNs (as libvirt reports them, RFC 4514 escapes included) and SASL user names.
-        When non-empty, an initialized session that carries identities, none of them in the list,
-        is cut.
+      - >-
+        Who may use a console, as typed entries. C({x509_dname: DN}) is a client certificate's
+        subject, compared as a distinguished name (RFC 4514; attribute types and the case of values
+        do not matter, nor spaces around separators). C({sasl_username: NAME}) is a SASL login,
+        compared exactly. C({x509_dname: DN, sasl_username: NAME}) is a pair, allowed only together.
+      - A session is allowed only if every identity it carries is allowed, by an entry of its type
+        or as a pair. A DN never matches a SASL entry, nor the reverse. Empty, every identity is.
+      - Plain strings (untyped, matching a DN or a SASL name written exactly so) still work in this
+        release, with a warning at start that names them.
+      - An entry that does not parse, or that can never match, stops the activation at start.
     type: list
-    elements: str
+    elements: raw
     default: []
   require_identity:
-    description: When true, an initialized session with no identity at all is cut too.
-    type: bool
+    description:
+      - Which identities an initialized session must carry, else it is cut (C(identity_missing)).
+        C(false) none, C(true) at least one, C(x509) a client certificate, C(sasl) a SASL login,
+        C(both) both. SPICE sessions never carry one (C(spice_no_identity)).
+    type: raw
     default: false
   host_map:
     description:
