@@ -47,7 +47,7 @@ class IdentityLab:
 def idlab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IdentityLab]:
     work = tmp_path_factory.mktemp("identity")
     audit = work / "audit.jsonl"
-    ns = ClientNamespace(20, tag="i").create()
+    ns = ClientNamespace(24, tag="i").create()
     hv = SessionHypervisor("id")
     tls_lab = TlsSaslLab(hv.base / "tls", [ns.host_ip])
     activation: RulebookRun | None = None
