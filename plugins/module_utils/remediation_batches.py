@@ -14,8 +14,7 @@ next batch. A run that does not cut everything (the playbook failed, the host wa
 is given up after ``lease`` seconds; its sessions that are still open go into the next batch.
 An offending session is never taken as "covered": it stays in the queue until its disconnect.
 
-``max_in_flight`` (default 1) runs may be in flight per host, a later one only once the previous
-has been in flight ``overlap`` seconds. Measured on 2 cores, a second run in flight made both
+One run is in flight per host at a time. Measured on 2 cores, a second run in flight made both
 slower than waiting (each ansible-playbook run is about 2 s of CPU): a storm of 200 took p50
 8.2 s with two, 5.7 s with one (docs/performance.md).
 
@@ -33,8 +32,6 @@ from typing import Any
 
 DEFAULT_MAX_BATCH = 1000
 DEFAULT_MAX_OFFENDERS = 100_000
-DEFAULT_MAX_IN_FLIGHT = 1
-DEFAULT_OVERLAP = 0.5
 
 
 @dataclass
@@ -70,12 +67,11 @@ class Run:
 
 @dataclass
 class HostQueue:
-    """The offenders of one hypervisor host and its runs in flight."""
+    """The offenders of one hypervisor host and its run in flight."""
 
     # session id (or "net:" + network for block-only offenders) -> offender, in arrival order
     offenders: collections.OrderedDict[str, Offender] = field(default_factory=collections.OrderedDict)
-    running: list[Run] = field(default_factory=list)
-    runs: int = 0
+    running: Run | None = None
 
 
 class RemediationBatches:
@@ -86,13 +82,10 @@ class RemediationBatches:
     the run that blocks their network still cuts every console connection from it)."""
 
     def __init__(self, lease: float, max_batch: int = DEFAULT_MAX_BATCH,
-                 max_offenders: int = DEFAULT_MAX_OFFENDERS, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-                 overlap: float = DEFAULT_OVERLAP) -> None:
+                 max_offenders: int = DEFAULT_MAX_OFFENDERS) -> None:
         self.lease = lease
         self.max_batch = max_batch
         self.max_offenders = max_offenders
-        self.max_in_flight = max_in_flight
-        self.overlap = overlap
         self.hosts: dict[str, HostQueue] = {}
         self.held = 0
         self.forgotten = 0
@@ -123,8 +116,8 @@ class RemediationBatches:
         queue = self.hosts.get(host)
         if queue is None or not session_id:
             return False
-        for run in queue.running:
-            run.sessions.discard(session_id)
+        if queue.running is not None:
+            queue.running.sessions.discard(session_id)
         known = queue.offenders.pop(session_id, None) is not None
         if known:
             self.held -= 1
@@ -136,21 +129,22 @@ class RemediationBatches:
         queue = self.hosts.get(host)
         return bool(session_id) and queue is not None and session_id in queue.offenders
 
-    def in_flight(self, host: str, now: float) -> list[Run]:
-        """The runs of ``host`` still in flight: sessions of theirs still open, within the lease."""
+    def in_flight(self, host: str, now: float) -> Run | None:
+        """The run of ``host`` still in flight (sessions of it still open, within the lease), if any."""
         queue = self.hosts.get(host)
         if queue is None:
-            return []
-        queue.running = [run for run in queue.running if run.sessions and now - run.sent_at < self.lease]
-        return queue.running
+            return None
+        run = queue.running
+        if run is not None and not (run.sessions and now - run.sent_at < self.lease):
+            queue.running = run = None
+        return run
 
     def take_batch(self, host: str, now: float) -> list[Offender]:
         """The next batch of ``host`` if one should be sent now; empty otherwise."""
         queue = self.hosts.get(host)
         if queue is None or not queue.offenders:
             return []
-        running = self.in_flight(host, now)
-        if len(running) >= self.max_in_flight or (running and now - running[-1].sent_at < self.overlap):
+        if self.in_flight(host, now) is not None:
             return []
         batch: list[Offender] = []
         for offender in queue.offenders.values():
@@ -160,8 +154,7 @@ class RemediationBatches:
                     break
         if not batch:
             return []
-        queue.running.append(Run(now, {o.session_id for o in batch if o.session_id}))
-        queue.runs += 1
+        queue.running = Run(now, {o.session_id for o in batch if o.session_id})
         for offender in batch:
             offender.sent_at = now
             if not offender.session_id:  # nothing comes back for a block alone
@@ -174,20 +167,16 @@ class RemediationBatches:
         self._forget_if_idle(host, queue)
         return batch
 
-    def waiting(self, host: str) -> int:
-        queue = self.hosts.get(host)
-        return sum(1 for o in queue.offenders.values() if o.sent_at is None) if queue else 0
-
     def _forget_if_idle(self, host: str, queue: HostQueue) -> None:
-        if not queue.offenders and not any(run.sessions for run in queue.running):
+        if not queue.offenders and not (queue.running is not None and queue.running.sessions):
             del self.hosts[host]
 
     def _bound(self) -> None:
         while self.held > self.max_offenders:
             host, queue = next((h, q) for h, q in self.hosts.items() if q.offenders)
             key, _offender = queue.offenders.popitem(last=False)
-            for run in queue.running:
-                run.sessions.discard(key)
+            if queue.running is not None:
+                queue.running.sessions.discard(key)
             self.held -= 1
             self.forgotten += 1
             self._forget_if_idle(host, queue)

@@ -186,6 +186,11 @@ def test_bruteforce_counts_sessions_that_never_initialized_within_the_window():
     verdict = failed(3)
     assert verdict["verdict"] == "block" and verdict["reasons"] == ["bruteforce"] and verdict["remediate"]
     assert verdict["batch"][0]["network"] == "192.0.2.7/32" and verdict["batch"][0]["session_id"] == ""
+    # the window is exactly bruteforce_window long: a failure that old no longer counts
+    edge = classifier_for(policy)
+    assert [edge.classify(graphics("disconnect", authenticated=False), t)["verdict"]
+            for t in (0, 5, 10)] == ["allow", "allow", "allow"]
+    assert edge.classify(graphics("disconnect", authenticated=False), 10.5)["verdict"] == "block"
     # a slow trickle stays under the threshold
     slow = classifier_for(policy)
     assert all(slow.classify(graphics("disconnect", authenticated=False), n * 6)["verdict"] == "allow"

@@ -26,30 +26,25 @@ def test_a_lone_offender_is_sent_at_once():
 
 
 def test_offenders_arriving_during_a_run_go_together_into_the_next_run():
-    batches = RemediationBatches(LEASE, max_in_flight=1)
+    batches = RemediationBatches(LEASE)
     batches.add("h", offender("a"))
     assert sessions(batches.take_batch("h", 0.0)) == ["a"]
     for index, sid in enumerate("bcd"):
         batches.add("h", offender(sid, f"192.0.2.{10 + index}"))
         assert batches.take_batch("h", 0.1) == [], "a run is in flight"
-    assert batches.waiting("h") == 3
     assert batches.ended("h", "a") is True  # the run's cut comes back as a disconnect
     assert sessions(batches.take_batch("h", 1.0)) == ["b", "c", "d"]
-    assert batches.waiting("h") == 0
+    assert batches.take_batch("h", 1.1) == [], "nothing waits any more"
 
 
-def test_a_second_run_starts_after_the_overlap_and_never_a_third():
-    batches = RemediationBatches(LEASE, max_in_flight=2, overlap=0.5)
+def test_a_run_is_waited_for_exactly_the_lease():
+    batches = RemediationBatches(LEASE)
     batches.add("h", offender("a"))
     assert sessions(batches.take_batch("h", 0.0)) == ["a"]
     batches.add("h", offender("b"))
-    assert batches.take_batch("h", 0.4) == [], "the first run has been in flight less than the overlap"
-    batches.add("h", offender("c"))
-    assert sessions(batches.take_batch("h", 0.5)) == ["b", "c"]
-    batches.add("h", offender("d"))
-    assert batches.take_batch("h", 5.0) == [], "two runs in flight"
-    batches.ended("h", "a")
-    assert sessions(batches.take_batch("h", 5.1)) == ["d"]
+    assert batches.take_batch("h", LEASE - 0.001) == [], "the run is in flight until its lease ends"
+    # at the lease the run is given up: the still open session goes again with the waiting one
+    assert sessions(batches.take_batch("h", LEASE)) == ["a", "b"]
 
 
 def test_a_block_alone_is_sent_once_per_lease():
@@ -101,7 +96,7 @@ def test_a_block_without_a_session_does_not_hold_the_host():
 
 
 def test_a_batch_has_at_most_max_batch_offenders_and_the_rest_follow():
-    batches = RemediationBatches(LEASE, max_batch=2, max_in_flight=1)
+    batches = RemediationBatches(LEASE, max_batch=2)
     for sid in "abc":
         batches.add("h", offender(sid))
     assert sessions(batches.take_batch("h", 0.0)) == ["a", "b"]
