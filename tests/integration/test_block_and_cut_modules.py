@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 
 from ansible_collections.virtguard.console.plugins.module_utils.ip_addresses import MAX_BLOCK_SECONDS, MAX_SET_SIZE
+from lab.server_view import nft_blocked_networks
 
 ROOT = Path(__file__).resolve().parents[2]
 ANSIBLE = ROOT / ".venv" / "bin" / "ansible"
@@ -374,18 +375,6 @@ def refused_sources(sources: list[str], host: str, port: int) -> dict[str, bool]
     return result
 
 
-def blocked_networks(table: str) -> set[Any]:
-    """Every network the IPv4 block sets hold, as values: each element with its set's prefix."""
-    chains = json.loads(in_host("nft", "-j", "list", "chains", "inet").stdout)["nftables"]
-    names = [c["chain"]["name"] for c in chains if "chain" in c and c["chain"]["table"] == table
-             and c["chain"]["name"].startswith("blocked_ipv4")]
-    networks = set()
-    for name in names:
-        prefix = int(name.rpartition("_p")[2]) if "_p" in name else 32
-        networks |= {ipaddress.ip_network((address, prefix)) for address in nft_set(table, name)}
-    return networks
-
-
 def test_a_full_set_widens_so_that_every_offender_of_every_batch_stays_refused(
         table: str, procs: Procs, offenders: list[str]) -> None:
     port = 5914
@@ -402,7 +391,7 @@ def test_a_full_set_widens_so_that_every_offender_of_every_batch_stays_refused(
     assert third["widened"] == [{"network": "198.19.2.0/24", "set": "blocked_ipv4_p24", "covers": offenders[10:20]}]
     assert all(not r["set_full"] and r["not_blocked"] == [] and r["evicted"] == [] for r in results)
 
-    held = blocked_networks(table)
+    held = nft_blocked_networks(table, HOST_NS)
     assert held == {ipaddress.ip_network("198.19.1.0/24"), ipaddress.ip_network("198.19.2.0/24")} | {
         ipaddress.ip_network(a) for a in offenders[20:]}
     assert len(nft_set(table, "blocked_ipv4")) <= 10 and len(nft_set(table, "blocked_ipv4_p24")) <= 10
