@@ -34,6 +34,7 @@ Python 3.8+, standard library only (module_utils run on managed hosts).
 
 from __future__ import annotations
 
+import bisect
 import datetime
 import ipaddress
 import re
@@ -43,7 +44,6 @@ from ansible_collections.virtguard.console.plugins.module_utils.ip_addresses imp
     MIN_IPV4_PREFIX,
     MIN_IPV6_PREFIX,
     IPNetwork,
-    network_within,
     per_address_only,
 )
 
@@ -142,9 +142,19 @@ def until(seconds: int | None, now: datetime.datetime) -> str | None:
     return None if seconds is None else (now + datetime.timedelta(seconds=seconds)).isoformat()
 
 
-def _overlap(one: IPNetwork, other: IPNetwork) -> bool:
-    # CIDR networks overlap exactly when one lies in the other
-    return network_within(one, other) or network_within(other, one)
+def _address_ranges(networks: Iterable[IPNetwork]) -> dict[int, tuple[list[int], list[int]]]:
+    """Per IP version, the first and last addresses (as integers) of ``networks``, merged into
+    disjoint ranges in order: ``{4: ([first, ...], [last, ...]), 6: ...}``."""
+    ranges: dict[int, tuple[list[int], list[int]]] = {4: ([], []), 6: ([], [])}
+    ordered = sorted((n.version, int(n.network_address), int(n.broadcast_address)) for n in networks)
+    for version, first, last in ordered:
+        starts, ends = ranges[version]
+        if ends and first <= ends[-1] + 1:
+            ends[-1] = max(ends[-1], last)
+        else:
+            starts.append(first)
+            ends.append(last)
+    return ranges
 
 
 class SetPlan:
@@ -228,7 +238,7 @@ class BatchPlan:
     def __init__(self, sets: dict[BlockSet, SetPlan], size: int, protected: Iterable[IPNetwork] = ()):
         self.sets = sets
         self.size = size
-        self.protected = list(protected)
+        self.protected = _address_ranges(protected)
         self.requests: list[IPNetwork] = []
         self.report: list[dict[str, Any]] = []
         self.unchanged: list[dict[str, Any]] = []
@@ -303,7 +313,14 @@ class BatchPlan:
 
     def _may_block(self, network: IPNetwork) -> bool:
         """Whether a network may be blocked wider than asked."""
-        return not per_address_only(network) and not any(_overlap(network, p) for p in self.protected)
+        if per_address_only(network):
+            return False
+        low, high = int(network.network_address), int(network.broadcast_address)
+        starts, ends = self.protected[network.version]
+        # the first protected range that does not end below the network overlaps it if it
+        # starts within it (bisect: a list of thousands of trusted networks costs no more)
+        index = bisect.bisect_left(ends, low)
+        return index == len(ends) or starts[index] > high
 
     def _widen(self, plan: SetPlan, over: int) -> int:
         """Move groups of ``plan``'s elements into their wider networks, largest group first,
@@ -315,13 +332,17 @@ class BatchPlan:
         groups: dict[int, list[int]] = {}
         for key in plan.movable():
             groups.setdefault(wider.key(key), []).append(key)
-        usable = sorted((w for w in groups if self._may_block(wider.network(w))), key=lambda w: (-len(groups[w]), w))
         freed = 0
-        for wide_key in usable:
+        # the largest groups first (most room for one element), the lowest network among equals;
+        # checked against the protected networks one by one: a full set may hold 65536 groups
+        for wide_key in sorted(groups, key=lambda w: (-len(groups[w]), w)):
             if freed >= over:
                 break
+            network = wider.network(wide_key)
+            if not self._may_block(network):
+                continue
             keys = groups[wide_key]
-            holder = self.holder(wider.network(wide_key))
+            holder = self.holder(network)
             if holder is None:  # else it is blocked already: its elements were redundant
                 holder = self.set_plan(wider), wide_key
                 holder[0].new[wide_key] = None
@@ -354,11 +375,15 @@ class BatchPlan:
     def _leave_out(self, plan: SetPlan, over: int) -> None:
         """Drop ``over`` new elements of ``plan``: those that hold the fewest items of the
         batch, the last planned first among equals."""
-        def weight(key: int) -> int:
-            network = plan.block_set.network(key)
-            return sum(1 for request in self.requests if network_within(request, network))
+        block_set = plan.block_set
+        weight: dict[int, int] = {}  # items of the batch inside each element of this set
+        for request in self.requests:
+            if request.version == block_set.version and request.prefixlen >= block_set.prefix:
+                key = block_set.key(int(request.network_address))
+                weight[key] = weight.get(key, 0) + 1
         order = list(plan.new)
-        for key in sorted(order, key=lambda k: (weight(k), -order.index(k)))[:over]:
+        place = {key: index for index, key in enumerate(order)}
+        for key in sorted(order, key=lambda k: (weight.get(k, 0), -place[k]))[:over]:
             plan.take(key)
             self._widened.pop((plan.block_set, key), None)
             for source, taken in self._took.pop((plan.block_set, key), []):

@@ -83,7 +83,8 @@ def add_addresses(ns: ClientNamespace, hosts: list[int]) -> list[str]:
 RECONNECTING = textwrap.dedent("""
     import json, socket, sys, threading, time
     from lab import rfb
-    host, ports, pause, sources = sys.argv[1], [int(p) for p in sys.argv[2].split(",")], float(sys.argv[3]), sys.argv[4:]
+    host, pause, sources = sys.argv[1], float(sys.argv[3]), sys.argv[4:]
+    ports = [int(p) for p in sys.argv[2].split(",")]
     stop = threading.Event()
     counts = {source: {"sessions": 0, "refused": 0, "other": 0} for source in sources}
 
@@ -162,7 +163,7 @@ def test_a_set_of_ten_blocks_thirty_reconnecting_offenders_and_keeps_a_trusted_n
         console_host, namespaces, tmp_path):
     hv, domains = console_host
     ports = [d.vnc_port for d in domains]
-    offenders_of = [add_addresses(ns, list(range(10, 10 + count))) for ns, count in zip(namespaces, GROUPS)]
+    offenders_of = [add_addresses(ns, list(range(10, 10 + n))) for ns, n in zip(namespaces, GROUPS, strict=True)]
     offenders = [address for group in offenders_of for address in group]
     trusted_ns = namespaces[-1]
     (trusted,) = add_addresses(trusted_ns, [TRUSTED_HOST])
@@ -178,7 +179,7 @@ def test_a_set_of_ten_blocks_thirty_reconnecting_offenders_and_keeps_a_trusted_n
     running: list[Offenders] = []
     try:
         started = time.monotonic()
-        running = [Offenders(ns, group, ports) for ns, group in zip(namespaces, offenders_of)]
+        running = [Offenders(ns, group, ports) for ns, group in zip(namespaces, offenders_of, strict=True)]
         samples: list[tuple[float, set[str]]] = []  # (seconds since start, offenders connected)
         blocked_at: float | None = None
         while True:
