@@ -342,7 +342,7 @@ def test_a_full_set_that_may_not_widen_fails_clearly_and_blocks_what_fits(table:
 
 
 OFFENDER_NET = "198.19.0.0/16"  # offenders of the full-set test, on the client link, routed back by the host
-PROTECTED_IP = "198.19.3.200"  # a trusted client next to the third ten
+PROTECTED_IP = "198.19.1.200"  # a trusted client next to the first ten
 
 
 @pytest.fixture
@@ -386,14 +386,15 @@ def test_a_full_set_widens_so_that_every_offender_of_every_batch_stays_refused(
         assert not results[-1].get("failed"), results[-1]
     first, second, third = results
     assert first["widened"] == [] and first["evicted"] == []
-    assert second["widened"] == [{"network": "198.19.1.0/24", "set": "blocked_ipv4_p24", "covers": offenders[:10]}]
-    # the third ten's /24 holds the protected address: the second ten's /24 makes the room
-    assert third["widened"] == [{"network": "198.19.2.0/24", "set": "blocked_ipv4_p24", "covers": offenders[10:20]}]
+    # the first ten's /24 would be the first choice (groups of ten, the lowest network first),
+    # but it holds the protected address: the second ten's /24, then the third's make the room
+    assert second["widened"] == [{"network": "198.19.2.0/24", "set": "blocked_ipv4_p24", "covers": offenders[10:20]}]
+    assert third["widened"] == [{"network": "198.19.3.0/24", "set": "blocked_ipv4_p24", "covers": offenders[20:]}]
     assert all(not r["set_full"] and r["not_blocked"] == [] and r["evicted"] == [] for r in results)
 
     held = nft_blocked_networks(table, HOST_NS)
-    assert held == {ipaddress.ip_network("198.19.1.0/24"), ipaddress.ip_network("198.19.2.0/24")} | {
-        ipaddress.ip_network(a) for a in offenders[20:]}
+    assert held == {ipaddress.ip_network("198.19.2.0/24"), ipaddress.ip_network("198.19.3.0/24")} | {
+        ipaddress.ip_network(a) for a in offenders[:10]}
     assert len(nft_set(table, "blocked_ipv4")) <= 10 and len(nft_set(table, "blocked_ipv4_p24")) <= 10
     assert not any(ipaddress.ip_address(PROTECTED_IP) in network for network in held)
     # judged by the hypervisor's kernel too: every offender gets a reset, the protected client a session
