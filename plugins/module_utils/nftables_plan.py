@@ -351,7 +351,7 @@ class BatchPlan:
             covers = self._widened.setdefault((target.block_set, target_key), [])
             took = self._took.setdefault((target.block_set, target_key), [])
             for key in keys:
-                # an element widened before (new here) hands over what it covered
+                # an element that took others over before hands them on
                 covers += self._widened.pop((plan.block_set, key), []) or [plan.block_set.network(key)]
                 took += self._took.pop((plan.block_set, key), [])
                 if key in plan.present:
