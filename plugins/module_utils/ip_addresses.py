@@ -134,14 +134,21 @@ def block_network(address: str | IPAddress, ipv6_prefix: object = 64,
     if client.version == 4 or ipv6_prefix == 128:
         return own
     prefix = ipaddress.ip_network(f"{client}/{ipv6_prefix}", strict=False)
-    for network in _IPV6_NO_PREFIX_BLOCK:
-        if prefix.overlaps(network):
-            return own
+    if per_address_only(prefix):
+        return own
     for item in trusted:
         network = parse_network(item)
         if network.version == 6 and prefix.overlaps(network):
             return own
     return prefix
+
+
+def per_address_only(network: IPNetwork) -> bool:
+    """Whether ``network`` overlaps an IPv6 range whose clients are blocked by their address
+    alone (those that embed IPv4 addresses: ``::/96``, ``::ffff:0:0/96``, NAT64, Teredo), so
+    that no block there may be wider than one address."""
+    return isinstance(network, ipaddress.IPv6Network) and any(
+        network.overlaps(special) for special in _IPV6_NO_PREFIX_BLOCK)
 
 
 def covering_network(address: str | IPAddress, networks: Iterable[IPNetwork]) -> IPNetwork | None:

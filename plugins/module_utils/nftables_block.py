@@ -41,10 +41,14 @@ Every run:
 * verifies with one ``get element`` per set of every element it wrote (nft 1.0.6 prints text
   even with ``-j`` here), compared as ``ipaddress`` values.
 
-A full set fails the transaction with "Too many open files in system" (ENFILE): the batch is
-planned within the room left, and if nft still says full (expired elements not yet collected
-count) the new elements of that set are left out and the rest is written; ``SetFullError``
-carries the result with the networks not blocked.
+Planning (``nftables_plan``) keeps every set within its size: when a batch does not fit, its
+elements and those already there are covered by wider networks (IPv4 /24, /16, /8; IPv6 /64,
+/48, /32, /16) that overlap no protected network; only where no such network exists are the
+blocks closest to expiry lifted for the batch, or the rest left out (``SetFullError`` with
+the result). The kernel counts expired elements until it collects them (about every second):
+if nft says full (ENFILE, "Too many open files in system") all the same, the batch is read and
+planned again after a second, and in the end written without new elements for the families of
+the full sets.
 
 A table of the 0.1.0 shape (``blocked_ipv4``/``blocked_ipv6`` without size, rules in ``input``)
 is migrated in the same transaction that blocks: rules flushed, sets deleted and added anew with
@@ -60,19 +64,17 @@ stdin.
 from __future__ import annotations
 
 import datetime
-import ipaddress
 import json
 import re
 import socket
-from typing import Any, Iterable, NamedTuple, Sequence
+import time
+from typing import Any, Callable, Iterable, Sequence
 
 from ansible_collections.virtguard.console.plugins.module_utils.host_commands import Run
 from ansible_collections.virtguard.console.plugins.module_utils.ip_addresses import (
     DEFAULT_SET_SIZE,
     MAX_BLOCK_SECONDS,
     MAX_SET_SIZE,
-    MIN_IPV4_PREFIX,
-    MIN_IPV6_PREFIX,
     AddressError,
     IPNetwork,
     format_port_ranges,
@@ -80,15 +82,22 @@ from ansible_collections.virtguard.console.plugins.module_utils.ip_addresses imp
     parse_network,
     parse_port_ranges,
 )
+from ansible_collections.virtguard.console.plugins.module_utils.nftables_plan import (
+    MAX_PREFIX,
+    MIN_PREFIX,
+    BatchPlan,
+    SetPlan,
+)
+
+# The planning moved to nftables_plan; its types stay importable from here.
+from ansible_collections.virtguard.console.plugins.module_utils.nftables_plan import BlockSet as BlockSet
+from ansible_collections.virtguard.console.plugins.module_utils.nftables_plan import Element as Element
+from ansible_collections.virtguard.console.plugins.module_utils.nftables_plan import SetState as SetState
+from ansible_collections.virtguard.console.plugins.module_utils.nftables_plan import network_text as network_text
 
 RULE_COMMENT = "virtguard console block"
 PORT_SET = "console_ports"
-HOST_SET: dict[int, str] = {4: "blocked_ipv4", 6: "blocked_ipv6"}
 ADDRESS_TYPE: dict[int, str] = {4: "ipv4_addr", 6: "ipv6_addr"}
-MAX_PREFIX: dict[int, int] = {4: 32, 6: 128}
-# Shorter prefixes are refused: blocking 0.0.0.0/0 or ::/8 from the consoles locks everyone out.
-MIN_PREFIX: dict[int, int] = {4: MIN_IPV4_PREFIX, 6: MIN_IPV6_PREFIX}
-_SET_NAME = re.compile(r"^blocked_ipv(4|6)(?:_p(\d{1,3}))?$")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,30}$")
 _SET_FULL = "Too many open files in system"
 _MISSING = "No such file or directory"
@@ -111,75 +120,6 @@ class SetFullError(NftablesError):
     def __init__(self, message: str, result: dict[str, Any]):
         super().__init__(message)
         self.result = result
-
-
-class BlockSet(NamedTuple):
-    """A block set: the family and prefix length of its elements."""
-
-    version: int
-    prefix: int
-
-    @property
-    def name(self) -> str:
-        if self.prefix == MAX_PREFIX[self.version]:
-            return HOST_SET[self.version]
-        return f"{HOST_SET[self.version]}_p{self.prefix}"
-
-    @classmethod
-    def parse(cls, name: str) -> BlockSet | None:
-        match = _SET_NAME.match(name)
-        if not match:
-            return None
-        version = int(match.group(1))
-        prefix = int(match.group(2)) if match.group(2) else MAX_PREFIX[version]
-        if not MIN_PREFIX[version] <= prefix <= MAX_PREFIX[version]:
-            return None
-        return cls(version, prefix)
-
-    def match_expression(self) -> str:
-        """The rule's source match: ``ip saddr`` or ``ip6 saddr & ffff:ffff:ffff:ffff::``."""
-        field = "ip saddr" if self.version == 4 else "ip6 saddr"
-        if self.prefix == MAX_PREFIX[self.version]:
-            return field
-        mask = ipaddress.ip_network(f"{'0.0.0.0' if self.version == 4 else '::'}/{self.prefix}").netmask
-        return f"{field} & {mask}"
-
-    def network(self, address: int) -> IPNetwork:
-        """The network of this set's prefix that holds ``address``."""
-        cls = ipaddress.IPv4Network if self.version == 4 else ipaddress.IPv6Network
-        return cls((address, self.prefix), strict=False)
-
-    def key(self, address: int) -> int:
-        """The element (an address as an integer) that stands for the network holding ``address``."""
-        return int(self.network(address).network_address)
-
-    def element_text(self, key: int) -> str:
-        """An element as written in nft commands: a plain address (the sets are not interval sets)."""
-        return str(ipaddress.IPv4Address(key) if self.version == 4 else ipaddress.IPv6Address(key))
-
-
-class SetState(NamedTuple):
-    """A set as nft lists it: type, flags, size (None = unbounded) and elements."""
-
-    name: str
-    type: str
-    flags: tuple[str, ...]
-    size: int | None
-    elements: tuple[Any, ...]  # Element for address sets, (low, high) for the port set
-
-
-class Element(NamedTuple):
-    """An element of an address set: the address as an integer, and nft's timeouts."""
-
-    version: int
-    address: int
-    timeout: int | None  # seconds; None for an element without timeout (permanent)
-    expires: int | None  # seconds left; None when nft did not say
-
-
-def network_text(network: IPNetwork) -> str:
-    """A network as nft writes it: a single address without its /32 or /128."""
-    return str(network.network_address) if network.num_addresses == 1 else str(network)
 
 
 def _check_name(kind: str, name: object) -> str:
@@ -310,151 +250,21 @@ def parse_get_output(output: str) -> dict[str, set[tuple[int, int]]]:
     return found
 
 
-def _until(seconds: int | None, now: datetime.datetime) -> str | None:
-    return None if seconds is None else (now + datetime.timedelta(seconds=seconds)).isoformat()
-
-
-# -- planning -----------------------------------------------------------------------------------
-
-class SetPlan:
-    """What one batch does to one block set."""
-
-    def __init__(self, block_set: BlockSet, state: SetState | None, size: int):
-        self.block_set = block_set
-        self.name = block_set.name
-        self.state = state
-        self.size = size
-        self.exists = state is not None
-        self.migrate = state is not None and (state.flags != ("timeout",) or state.size != size)
-        self.present: dict[int, Element] = {e.address: e for e in (state.elements if state else ())}
-        self.new: list[int] = []
-        self.refreshed: list[int] = []
-        self.not_blocked: list[int] = []
-        self.carried: list[Element] = []  # migration: old elements written again
-
-    @property
-    def changed(self) -> bool:
-        return bool(self.new or self.refreshed or self.migrate or not self.exists)
-
-    def has_room(self) -> bool:
-        """Whether one more element fits. A migrated set is made anew: the batch comes first,
-        old elements fill the room it leaves."""
-        used = len(self.new) + (len(self.refreshed) if self.migrate else len(self.present))
-        return used + 1 <= self.size
-
-    def text(self, address: int) -> str:
-        return network_text(self.block_set.network(address))
-
-    def carry_over(self) -> None:
-        """Old elements carried over with the time they had left, longest first, in the room
-        the batch leaves."""
-        if not self.migrate:
-            return
-        keep = [e for address, e in self.present.items() if address not in self.refreshed]
-        keep.sort(key=lambda e: (e.timeout is not None, -(e.expires or 0)))
-        self.carried = keep[:max(self.size - len(self.new) - len(self.refreshed), 0)]
-
-    def lines(self, table: str, timeout: int) -> list[str]:
-        """The element commands of this plan (after the set exists)."""
-        prefix = f"inet {table} {self.name}"
-        lines = []
-        if self.migrate:  # a fresh set: plain adds
-            for element in self.carried:
-                left = "" if element.timeout is None else f" timeout {max(1, element.expires or 1)}s"
-                lines.append(f"add element {prefix} {{ {self.block_set.element_text(element.address)}{left} }}")
-            for address in self.refreshed + self.new:
-                lines.append(f"add element {prefix} {{ {self.block_set.element_text(address)} timeout {timeout}s }}")
-            return lines
-        for address in self.refreshed + self.new:
-            text = self.block_set.element_text(address)
-            lines += [f"add element {prefix} {{ {text} }}", f"delete element {prefix} {{ {text} }}",
-                      f"add element {prefix} {{ {text} timeout {timeout}s }}"]
-        return lines
-
-    def written(self) -> list[int]:
-        return self.refreshed + self.new
-
-
-class BatchPlan:
-    """The plan of one batch over every block set involved."""
-
-    def __init__(self, sets: dict[BlockSet, SetPlan]):
-        self.sets = sets
-        self.report: list[dict[str, Any]] = []
-        self.unchanged: list[dict[str, Any]] = []
-
-    def plan(self, networks: Sequence[IPNetwork], timeout: int, refresh: bool, now: datetime.datetime) -> None:
-        until = _until(timeout, now)
-        for network in networks:
-            version = network.version
-            holder = None
-            # The widest blocked network holding it wins (it blocks the most).
-            for block_set in sorted((s for s in self.sets if s.version == version), key=lambda s: s.prefix):
-                if block_set.prefix > network.prefixlen:
-                    continue
-                plan = self.sets[block_set]
-                key = block_set.key(int(network.network_address))
-                if key in plan.present or key in plan.new:
-                    holder = (plan, key)
-                    break
-            entry: dict[str, Any] = {"requested": network_text(network), "family": f"ipv{version}"}
-            if holder is not None:
-                plan, key = holder
-                entry.update(network=plan.text(key), set=plan.name, already_blocked=key in plan.present)
-                if key not in plan.present:  # inside a network this batch blocks
-                    self.report.append(dict(entry, timeout=timeout, until=until))
-                    continue
-                element = plan.present[key]
-                if element.timeout is None:  # permanent: nothing to refresh
-                    self.unchanged.append(dict(entry, expires_in=None))
-                    self.report.append(dict(entry, timeout=None, until=None))
-                elif refresh:
-                    if key not in plan.refreshed:
-                        plan.refreshed.append(key)
-                    self.report.append(dict(entry, timeout=timeout, until=until))
-                else:
-                    self.unchanged.append(dict(entry, expires_in=element.expires))
-                    self.report.append(dict(entry, timeout=element.timeout, until=_until(element.expires, now)))
-                continue
-            plan = self.sets[BlockSet(version, network.prefixlen)]
-            key = int(network.network_address)
-            if not plan.has_room():
-                plan.not_blocked.append(key)
-                continue
-            plan.new.append(key)
-            self.report.append(dict(entry, network=plan.text(key), set=plan.name, already_blocked=False,
-                                    timeout=timeout, until=until))
-        for plan in self.sets.values():
-            plan.carry_over()
-
-    def drop_new(self, names: set[str]) -> None:
-        """Leave out the new elements of the sets ``names`` (full after all)."""
-        dropped: set[tuple[str, str]] = set()
-        for plan in self.sets.values():
-            if plan.name in names:
-                plan.not_blocked.extend(plan.new)
-                dropped.update((plan.name, plan.text(a)) for a in plan.new)
-                plan.new = []
-        self.report = [e for e in self.report if (e["set"], e["network"]) not in dropped]
-
-    def not_blocked(self) -> list[dict[str, str]]:
-        return [{"network": plan.text(a), "set": plan.name} for plan in self.sets.values() for a in plan.not_blocked]
-
-
 # -- the table ----------------------------------------------------------------------------------
 
 class BlockTable:
     """The block table on this host, driven through ``run(argv, data=None) -> (rc, out, err)``."""
 
     def __init__(self, run: Run, table: str = "virtguard", chain: str = "input", priority: int = -10,
-                 set_size: int = DEFAULT_SET_SIZE):
+                 set_size: int = DEFAULT_SET_SIZE, pause: Callable[[float], None] = time.sleep):
         self.run = run
         self.table = _check_name("table", table)
         self.chain = _check_name("chain", chain)
-        if _SET_NAME.match(self.chain):
+        if BlockSet.parse(self.chain) is not None:
             raise NftablesError(f"chain name {chain!r} is the name of a block set's chain")
         self.priority = int(priority)
         self.set_size = check_set_size(set_size)
+        self.pause = pause  # waits for the kernel to collect expired elements (a set that says full)
 
     # -- reading --------------------------------------------------------------------------------
     def read_set(self, name: str) -> SetState | None:
@@ -532,7 +342,7 @@ class BlockTable:
         return lines
 
     def _plan(self, before: dict[str, Any], networks: Sequence[IPNetwork], timeout: int, refresh: bool,
-              now: datetime.datetime) -> BatchPlan:
+              now: datetime.datetime, protected: Sequence[IPNetwork], frozen: Iterable[int]) -> BatchPlan:
         sets: dict[BlockSet, SetPlan] = {}
         needed = {BlockSet(n.version, n.prefixlen) for n in networks}
         for block_set, state in before["states"].items():
@@ -543,29 +353,38 @@ class BlockTable:
                 sets[block_set] = SetPlan(block_set, state, self.set_size)
         for block_set in needed - set(sets):
             sets[block_set] = SetPlan(block_set, None, self.set_size)
-        plan = BatchPlan(sets)
-        plan.plan(networks, timeout, refresh, now)
+        plan = BatchPlan(sets, self.set_size, protected)
+        plan.plan(networks, timeout, refresh, now, frozen)
         return plan
 
     def block(self, addresses: Iterable[Any], timeout: int, ports: Iterable[Any] = (), refresh: bool = True,
-              check_mode: bool = False) -> dict[str, Any]:
+              check_mode: bool = False, protected: Iterable[Any] = ()) -> dict[str, Any]:
         """Block ``addresses`` (addresses or networks) from the console ports (``ports`` added to
-        those already protected) for ``timeout`` seconds; return the result. Raises SetFullError
-        (with the result) when some networks found no room."""
+        those already protected) for ``timeout`` seconds; return the result. A full set makes
+        room by widening, never over a ``protected`` network, then by eviction
+        (nftables_plan). Raises SetFullError (with the result) when some networks found no
+        room all the same."""
         try:
             ranges = parse_port_ranges(ports)
         except AddressError as exc:
             raise NftablesError(str(exc)) from None
+        try:
+            protected_networks = [parse_network(item) for item in protected]
+        except AddressError as exc:
+            raise NftablesError(f"protected_networks: {exc}") from None
         timeout = check_timeout(timeout)
         networks = parse_networks(addresses)
         versions = {n.version for n in networks}
         prefixes = {BlockSet(n.version, n.prefixlen) for n in networks}
 
-        for attempt in range(_WRITE_ATTEMPTS):
+        frozen: set[int] = set()
+        attempt = 0
+        while True:
+            attempt += 1
             now = datetime.datetime.now(datetime.timezone.utc)
             before = self.read(versions, prefixes)
             created = not before["chains"] and before["ports"] is None
-            plan = self._plan(before, networks, timeout, refresh, now)
+            plan = self._plan(before, networks, timeout, refresh, now, protected_networks, frozen)
             present_ports = list(before["ports"].elements) if before["ports"] is not None else []
             ports_missing = [r for r in ranges if not any(lo <= r[0] and r[1] <= hi for lo, hi in present_ports)]
             structure_changed = (not self._base_chain_ok(before["chains"].get(self.chain)) or before["ports"] is None
@@ -574,13 +393,19 @@ class BlockTable:
             if check_mode or not changed:
                 break
             rc, err = self._apply(self._script(before, plan, ranges, timeout))
-            if rc != 0 and _SET_FULL in err:
-                full = {m.group(1) for m in map(_FAILED_ADD.match, err.splitlines()) if m}
-                plan.drop_new(full or {p.name for p in plan.sets.values()})
-                rc, err = self._apply(self._script(before, plan, ranges, timeout))
             if rc == 0:
                 break
-            if _MISSING in err and attempt + 1 < _WRITE_ATTEMPTS:
+            if _SET_FULL in err and not frozen:
+                # The plan fit, yet nft says full: the kernel still counts elements that expired
+                # and are not collected yet (it collects about every second). Wait and plan
+                # again; in the end write no new element in the families of the full sets.
+                if attempt < _WRITE_ATTEMPTS:
+                    self.pause(1.0)
+                else:
+                    full = (BlockSet.parse(m.group(1)) for m in map(_FAILED_ADD.match, err.splitlines()) if m)
+                    frozen = {s.version for s in full if s is not None} or set(versions)
+                continue
+            if _MISSING in err and attempt < _WRITE_ATTEMPTS:
                 continue  # changed under us (another run): read and plan again
             raise NftablesError(f"nft -f - failed: {err.strip()}")
 
@@ -591,7 +416,9 @@ class BlockTable:
             "migrated": sorted(p.name for p in plan.sets.values() if p.migrate),
             "blocked": plan.report,
             "unchanged": plan.unchanged,
-            "not_blocked": plan.not_blocked(),
+            "widened": plan.widened,
+            "evicted": plan.evicted,
+            "not_blocked": plan.not_blocked,
             "set_size": self.set_size,
             "verified": changed and not check_mode,
         }
@@ -602,16 +429,31 @@ class BlockTable:
             result["ports"] = format_port_ranges(after.elements if after is not None else [])
         else:
             result["ports"] = format_port_ranges(merge_ranges(present_ports + ranges))
+        result["warnings"] = self._warnings(result)
         if result["not_blocked"]:
             by_set: dict[str, list[str]] = {}
             for entry in result["not_blocked"]:
                 by_set.setdefault(entry["set"], []).append(entry["network"])
             raise SetFullError("; ".join(f"{name} is full ({self.set_size} elements): {', '.join(networks)} "
                                          f"not blocked" for name, networks in sorted(by_set.items())), result)
-        if not result["ports"]:
-            result["warnings"] = [f"table inet {self.table} protects no console port yet: the block applies "
-                                  f"to no port until one is added"]
         return result
+
+    def _warnings(self, result: dict[str, Any]) -> list[str]:
+        """What the activation log should show besides an error."""
+        warnings = []
+        room = []
+        if result["widened"]:
+            widened = sorted({entry["network"] for entry in result["widened"]})
+            room.append(f"wider networks blocked instead: {', '.join(widened)}")
+        if result["evicted"]:
+            room.append(f"blocks lifted early: {', '.join(entry['network'] for entry in result['evicted'])}")
+        if room:
+            warnings.append(f"block sets of table inet {self.table} full ({self.set_size} elements each): "
+                            f"{'; '.join(room)}")
+        if not result["ports"]:
+            warnings.append(f"table inet {self.table} protects no console port yet: the block applies "
+                            f"to no port until one is added")
+        return warnings
 
     def verify_blocked(self, plan: BatchPlan) -> None:
         """Every element the plan wrote is in its set: ``get element`` commands for all sets in

@@ -24,9 +24,22 @@ description:
   - An address inside a network that is already blocked counts as blocked, and that network's
     timeout is restarted (O(refresh)). An element already there gets the full O(timeout) again
     (nftables' C(add element) alone would keep the old expiry on older kernels).
-  - "When a set is full, the networks that found no room are not blocked: the module fails
-    with a message naming the set and its size, with RV(set_full=true), after writing the rest
-    of the batch. Block then cut: cut the connections even when the block failed."
+  - "A set never holds more than O(set_size) elements. When the batch does not fit, the set
+    makes room by covering its elements, new and already blocked, with wider networks: for each
+    set from the longest prefix to the shortest, its elements are grouped by the next wider
+    prefix (IPv4 /24, /16, /8; IPv6 /64, /48, /32, /16) and the wider network of the largest
+    group replaces the group (in the set of that prefix, which makes room the same way), then
+    the next largest, until the set fits. A wider network is blocked for the full O(timeout)
+    and is reported in RV(widened) with what it covers; the elements it replaces are deleted
+    in the same transaction. Elements without timeout (added by hand) are never replaced."
+  - "A wider network never overlaps O(protected_networks), nor the IPv6 ranges whose clients are
+    blocked by address alone (IPv4-mapped and IPv4-compatible addresses, NAT64, Teredo). Only
+    where no wider network is allowed are blocks lifted early to make room for the batch:
+    those closest to their expiry that hold nothing of the batch (RV(evicted)). What still
+    does not fit is not blocked (the new elements holding the fewest items of the batch first):
+    the module then fails with a message naming the set and its size, with RV(set_full=true)
+    and RV(not_blocked), after writing the rest of the batch. Widening and eviction are
+    warnings. Block then cut: cut the connections even when the block failed."
   - A table of version 0.1.0 (sets without size) is migrated in the same transaction, its
     blocks carried over with the time they had left.
   - Reads only the sets of the batch's address families and looks nothing else up; the whole
@@ -70,9 +83,19 @@ options:
     description:
       - The most elements each block set holds, from 1 to 2147483647 (larger values are stored
         wrong by nftables 1.0.6). A set of another size is made anew with this size when a batch
-        of its address family comes, its elements carried over.
+        of its address family comes, its elements carried over (those closest to expiry lifted
+        first when they do not fit, RV(evicted)).
     type: int
     default: 65536
+  protected_networks:
+    description:
+      - Networks (CIDR) and addresses, IPv4 or IPv6, that a full set never covers with a wider
+        network, such as the trusted networks and the console proxies' addresses.
+      - Only what the module widens by itself is kept off them; the items of O(addresses) are
+        blocked as given.
+    type: list
+    elements: str
+    default: []
 requirements:
   - C(nft) (nftables 1.0 or later).
 notes:
@@ -144,14 +167,30 @@ unchanged:
   returned: when O(state=present)
   type: list
   elements: dict
+widened:
+  description:
+    - The wider networks blocked because a set was full, each with the set that holds it and
+      what it covers (items of the batch and blocks it replaced, as networks).
+  returned: when O(state=present)
+  type: list
+  elements: dict
+  sample: [{"network": "198.18.1.0/24", "set": "blocked_ipv4_p24", "covers": ["198.18.1.7", "198.18.1.9"]}]
+evicted:
+  description:
+    - The blocks lifted before their timeout to make room, with their set and the seconds they had
+      left (null for an element without timeout).
+  returned: when O(state=present)
+  type: list
+  elements: dict
+  sample: [{"network": "192.0.2.1", "set": "blocked_ipv4", "expires_in": 12}]
 not_blocked:
-  description: The networks that found no room in their full set, with the set's name.
+  description: The items of O(addresses) that found no room in their full set, with the set they would be in.
   returned: when O(state=present)
   type: list
   elements: dict
   sample: [{"network": "192.0.2.5", "set": "blocked_ipv4"}]
 set_full:
-  description: Whether a set was full, so RV(not_blocked) is not empty (the module then fails).
+  description: Whether RV(not_blocked) is not empty (the module then fails).
   returned: when O(state=present)
   type: bool
 set_size:
@@ -226,6 +265,7 @@ def main() -> None:
             state=dict(type="str", choices=["present", "absent"], default="present"),
             table=dict(type="str", default="virtguard"),
             set_size=dict(type="int", default=DEFAULT_SET_SIZE),
+            protected_networks=dict(type="list", elements="str", default=[]),
         ),
         mutually_exclusive=[("addresses", "address")],
         required_one_of=[("addresses", "address")],
@@ -244,7 +284,7 @@ def main() -> None:
         if warning:
             module.warn(warning)
         result = table.block(addresses, params["timeout"], ports, refresh=params["refresh"],
-                             check_mode=module.check_mode)
+                             check_mode=module.check_mode, protected=params["protected_networks"])
     except SetFullError as exc:
         module.fail_json(msg=str(exc), **exc.result)
     except (NftablesError, AddressError) as exc:

@@ -40,9 +40,19 @@ options:
     type: str
     default: virtguard
   set_size:
-    description: Elements each block set holds at most.
+    description:
+      - Elements each block set holds at most. When the batch does not fit, wider networks
+        cover it, then blocks closest to expiry are lifted, as
+        M(virtguard.console.console_block) describes.
     type: int
     default: 65536
+  protected_networks:
+    description:
+      - Networks (CIDR) and addresses that a full set never covers with a wider network (the
+        trusted networks, the console proxies); the items of O(addresses) are blocked as given.
+    type: list
+    elements: str
+    default: []
   verify_attempts:
     description: How many times to destroy and re-check the connections before failing.
     type: int
@@ -104,6 +114,7 @@ def main() -> None:
             timeout=dict(type="int", default=600),
             table=dict(type="str", default="virtguard"),
             set_size=dict(type="int", default=DEFAULT_SET_SIZE),
+            protected_networks=dict(type="list", elements="str", default=[]),
             verify_attempts=dict(type="int", default=3),
         ),
         supports_check_mode=True,
@@ -124,7 +135,8 @@ def main() -> None:
     block: dict[str, Any] = {"ok": True}
     try:
         table = BlockTable(run, table=params["table"], set_size=params["set_size"])
-        block.update(table.block(params["addresses"], params["timeout"], ports, check_mode=module.check_mode))
+        block.update(table.block(params["addresses"], params["timeout"], ports, check_mode=module.check_mode,
+                                 protected=params["protected_networks"]))
     except SetFullError as exc:
         block.update(exc.result, ok=False, msg=str(exc))
     except (NftablesError, AddressError) as exc:

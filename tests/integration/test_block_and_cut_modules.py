@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 
 from ansible_collections.virtguard.console.plugins.module_utils.ip_addresses import MAX_BLOCK_SECONDS, MAX_SET_SIZE
+from lab.server_view import nft_blocked_networks
 
 ROOT = Path(__file__).resolve().parents[2]
 ANSIBLE = ROOT / ".venv" / "bin" / "ansible"
@@ -327,14 +328,79 @@ def test_ipv4_compatible_and_ipv4_mapped_clients_are_blocked(table: str, procs: 
     assert not refused(TWIN_IP, HOST_IP, port)  # 10.0.0.9 is not ::10.0.0.9
 
 
-def test_a_full_set_fails_clearly_and_blocks_what_fits(table: str) -> None:
+def test_a_full_set_that_may_not_widen_fails_clearly_and_blocks_what_fits(table: str) -> None:
     batch = [f"192.0.2.{i}" for i in range(1, 7)] + ["2001:db8::1"]
-    result = module("console_block", addresses=batch, table=table, set_size=4, ports=[5900], discover_ports=False)
+    # the /24 holds a protected address and nothing is blocked yet to make room: two are left out
+    result = module("console_block", addresses=batch, table=table, set_size=4, ports=[5900], discover_ports=False,
+                    protected_networks=["192.0.2.99"])
     assert result.get("failed") and result["set_full"]
     assert "blocked_ipv4 is full (4 elements)" in result["msg"]
     assert sorted(e["network"] for e in result["not_blocked"]) == ["192.0.2.5", "192.0.2.6"]
+    assert result["widened"] == [] and result["evicted"] == []
     assert len(nft_set(table, "blocked_ipv4")) == 4
     assert set(nft_set(table, "blocked_ipv6")) == {ipaddress.ip_address("2001:db8::1")}  # the rest went in
+
+
+OFFENDER_NET = "198.19.0.0/16"  # offenders of the full-set test, on the client link, routed back by the host
+PROTECTED_IP = "198.19.1.200"  # a trusted client next to the first ten
+
+
+@pytest.fixture
+def offenders(lab: None) -> Iterator[list[str]]:
+    """30 offender addresses on the client link, ten in each of three /24s, and a route back
+    from the hypervisor; removed afterwards."""
+    addresses = [f"198.19.{net}.{host}" for net in (1, 2, 3) for host in range(1, 11)]
+    in_host("ip", "route", "replace", OFFENDER_NET, "dev", HOST_LINK)
+    try:
+        for address in addresses + [PROTECTED_IP]:
+            in_client("ip", "addr", "add", f"{address}/32", "dev", CLIENT_LINK)
+        yield addresses
+    finally:
+        for address in addresses + [PROTECTED_IP]:
+            in_client("ip", "addr", "del", f"{address}/32", "dev", CLIENT_LINK, check=False)
+        in_host("ip", "route", "del", OFFENDER_NET, "dev", HOST_LINK, check=False)
+
+
+def refused_sources(sources: list[str], host: str, port: int) -> dict[str, bool]:
+    """Whether a connection from each of ``sources`` (client namespace) gets a reset; one process."""
+    script = ("import json,socket,sys\n"
+              "found = {}\n"
+              "for source in sys.argv[3:]:\n"
+              "    s = socket.socket(); s.bind((source, 0)); s.settimeout(5)\n"
+              "    try:\n        s.connect((sys.argv[1], int(sys.argv[2]))); found[source] = False\n"
+              "    except ConnectionRefusedError:\n        found[source] = True\n"
+              "    s.close()\n"
+              "print(json.dumps(found))\n")
+    result: dict[str, bool] = json.loads(in_client(sys.executable, "-c", script, host, str(port), *sources).stdout)
+    return result
+
+
+def test_a_full_set_widens_so_that_every_offender_of_every_batch_stays_refused(
+        table: str, procs: Procs, offenders: list[str]) -> None:
+    port = 5914
+    procs.listener(HOST_IP, port)
+    results = []
+    for start in range(0, 30, 10):  # three batches, as three remediation runs would send them
+        results.append(module("console_block", addresses=offenders[start:start + 10], table=table, set_size=10,
+                              console_processes=[FAKE_QEMU], protected_networks=[f"{PROTECTED_IP}/32"]))
+        assert not results[-1].get("failed"), results[-1]
+    first, second, third = results
+    assert first["widened"] == [] and first["evicted"] == []
+    # the first ten's /24 would be the first choice (groups of ten, the lowest network first),
+    # but it holds the protected address: the second ten's /24, then the third's make the room
+    assert second["widened"] == [{"network": "198.19.2.0/24", "set": "blocked_ipv4_p24", "covers": offenders[10:20]}]
+    assert third["widened"] == [{"network": "198.19.3.0/24", "set": "blocked_ipv4_p24", "covers": offenders[20:]}]
+    assert all(not r["set_full"] and r["not_blocked"] == [] and r["evicted"] == [] for r in results)
+
+    held = nft_blocked_networks(table, HOST_NS)
+    assert held == {ipaddress.ip_network("198.19.2.0/24"), ipaddress.ip_network("198.19.3.0/24")} | {
+        ipaddress.ip_network(a) for a in offenders[:10]}
+    assert len(nft_set(table, "blocked_ipv4")) <= 10 and len(nft_set(table, "blocked_ipv4_p24")) <= 10
+    assert not any(ipaddress.ip_address(PROTECTED_IP) in network for network in held)
+    # judged by the hypervisor's kernel too: every offender gets a reset, the protected client a session
+    answers = refused_sources(offenders + [PROTECTED_IP], HOST_IP, port)
+    assert [a for a in offenders if not answers[a]] == []
+    assert answers[PROTECTED_IP] is False
 
 
 def test_a_table_of_the_0_1_0_shape_is_migrated_with_its_blocks(table: str, procs: Procs) -> None:

@@ -63,3 +63,26 @@ def nft_blocks(table: str, network: str, netns: str | None = None) -> bool:
     if netns:
         cmd = ["ip", "netns", "exec", netns, *cmd]
     return subprocess.run(cmd, capture_output=True, check=False).returncode == 0
+
+
+def nft_blocked_networks(table: str, netns: str | None = None) -> set[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """Every network the block sets of ``table`` hold, as values: an element of
+    ``blocked_ipv4``/``blocked_ipv6`` as its /32 or /128, of ``blocked_ipvV_pN`` as its /N.
+    Empty when the table does not exist."""
+    cmd = ["nft", "-j", "list", "table", "inet", table]
+    if netns:
+        cmd = ["ip", "netns", "exec", netns, *cmd]
+    listed = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if listed.returncode != 0:
+        return set()
+    networks: set[ipaddress.IPv4Network | ipaddress.IPv6Network] = set()
+    for item in json.loads(listed.stdout)["nftables"]:
+        found = item.get("set", {})
+        name = found.get("name", "")
+        if not name.startswith("blocked_ipv"):
+            continue
+        prefix = int(name.rpartition("_p")[2]) if "_p" in name else (32 if name == "blocked_ipv4" else 128)
+        for element in found.get("elem", []):
+            value = element["elem"]["val"] if isinstance(element, dict) else element
+            networks.add(ipaddress.ip_network((ipaddress.ip_address(value), prefix)))
+    return networks

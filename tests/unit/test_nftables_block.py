@@ -265,26 +265,66 @@ def small_ipv4_set(size: int) -> dict[str, str]:
     return sets
 
 
-def test_a_full_set_takes_what_fits_and_fails_naming_the_set_and_its_size():
+def test_a_full_set_blocks_a_wider_network_in_the_same_transaction():
     fake = FakeNft(sets=small_ipv4_set(3))
-    full = r"^blocked_ipv4 is full \(3 elements\): 192\.0\.2\.9 not blocked$"
-    with pytest.raises(SetFullError, match=full) as caught:
-        BlockTable(fake, set_size=3).block(["192.0.2.8", "192.0.2.9", "2001:db8::9"], 60, [])
-    result = caught.value.result
-    assert result["set_full"] and result["not_blocked"] == [{"network": "192.0.2.9", "set": "blocked_ipv4"}]
-    assert sorted(e["network"] for e in result["blocked"]) == ["192.0.2.8", "2001:db8::9"]
+    result = BlockTable(fake, set_size=3).block(["192.0.2.8", "192.0.2.9", "2001:db8::9"], 60, [])
+    assert not result["set_full"] and result["not_blocked"] == [] and result["evicted"] == []
+    # .7 (blocked before) and the two new ones go into their /24; .99 has no timeout: it stays
+    assert result["widened"] == [{"network": "192.0.2.0/24", "set": "blocked_ipv4_p24",
+                                  "covers": ["192.0.2.7", "192.0.2.8", "192.0.2.9"]}]
+    by_request = {e["requested"]: e for e in result["blocked"]}
+    assert by_request["192.0.2.9"] == dict(by_request["192.0.2.9"], network="192.0.2.0/24", set="blocked_ipv4_p24",
+                                           already_blocked=False, timeout=60)
     lines = fake.writes()
-    assert "add element inet virtguard blocked_ipv4 { 192.0.2.8 timeout 60s }" in lines
-    assert not any("192.0.2.9" in line for line in lines)
+    removal = ["add element inet virtguard blocked_ipv4 { 192.0.2.7 }",
+               "delete element inet virtguard blocked_ipv4 { 192.0.2.7 }"]
+    assert "\n".join(removal) in "\n".join(lines)
+    assert not any("192.0.2.8" in line or "192.0.2.9" in line or "192.0.2.99" in line for line in lines)
+    assert "add element inet virtguard blocked_ipv4_p24 { 192.0.2.0 timeout 60s }" in lines
+    assert any(w.startswith("block sets of table inet virtguard full (3 elements each): wider networks blocked "
+                            "instead: 192.0.2.0/24") for w in result["warnings"])
 
 
-def test_when_nft_says_full_the_new_elements_of_that_set_are_left_out():
-    fake = FakeNft(write_errors=[fixture("nft_set_full.stderr").replace("inet small", "inet virtguard")])
+def test_a_full_set_with_no_wider_network_free_of_protected_ones_evicts_then_fails_naming_what_is_left_out():
+    fake = FakeNft(sets=small_ipv4_set(3))
+    full = r"^blocked_ipv4 is full \(3 elements\): 192\.0\.2\.10 not blocked$"
+    with pytest.raises(SetFullError, match=full) as caught:
+        BlockTable(fake, set_size=3).block(["192.0.2.8", "192.0.2.9", "192.0.2.10"], 60, [],
+                                           protected=["192.0.2.128/25"])
+    result = caught.value.result
+    assert result["set_full"] and result["widened"] == []
+    assert result["evicted"] == [{"network": "192.0.2.7", "set": "blocked_ipv4", "expires_in": 599}]
+    assert result["not_blocked"] == [{"network": "192.0.2.10", "set": "blocked_ipv4"}]
+    assert sorted(e["network"] for e in result["blocked"]) == ["192.0.2.8", "192.0.2.9"]
+    lines = fake.writes()
+    assert "delete element inet virtguard blocked_ipv4 { 192.0.2.7 }" in lines
+    assert "add element inet virtguard blocked_ipv4 { 192.0.2.9 timeout 60s }" in lines
+    assert not any("192.0.2.10" in line or "192.0.2.0" in line for line in lines)
+    assert any("blocks lifted early: 192.0.2.7" in w for w in result["warnings"])
+
+
+def test_protected_networks_are_checked_before_nft_runs():
+    fake = FakeNft()
+    with pytest.raises(NftablesError, match="^protected_networks: 'not-a-net'"):
+        BlockTable(fake).block(["192.0.2.8"], 60, [], protected=["not-a-net"])
+    assert fake.calls == []
+
+
+def test_when_nft_says_full_after_all_the_run_waits_plans_again_and_in_the_end_writes_no_new_element():
+    full = fixture("nft_set_full.stderr").replace("inet small", "inet virtguard")
+    pauses: list[float] = []
+    once = FakeNft(write_errors=[full])
+    assert BlockTable(once, pause=pauses.append).block(["192.0.2.3"], 60, [])["verified"]
+    assert pauses == [1.0] and len(once.scripts) == 2 and "192.0.2.3" in once.scripts[1]
+
+    pauses.clear()
+    fake = FakeNft(write_errors=[full] * 3)
     with pytest.raises(SetFullError, match="blocked_ipv4 is full") as caught:
-        BlockTable(fake).block(["192.0.2.7", "192.0.2.3", "2001:db8::9"], 60, [])
-    first, second = fake.scripts
-    assert "192.0.2.3" in first and "192.0.2.3" not in second
-    assert "2001:db8::9" in second and "192.0.2.7" in second  # the other set and the refresh still go in
+        BlockTable(fake, pause=pauses.append).block(["192.0.2.7", "192.0.2.3", "2001:db8::9"], 60, [])
+    assert pauses == [1.0, 1.0] and len(fake.scripts) == 4
+    last = fake.scripts[-1]
+    assert "192.0.2.3" not in last
+    assert "2001:db8::9" in last and "192.0.2.7" in last  # the other family and the refresh still go in
     assert caught.value.result["not_blocked"] == [{"network": "192.0.2.3", "set": "blocked_ipv4"}]
 
 
@@ -328,12 +368,15 @@ def test_a_migrated_set_keeps_the_batch_first_and_the_longest_blocks():
     sets["blocked_ipv4"] = sets["blocked_ipv4"].replace(
         '"10.0.0.2"', '"10.0.0.2", {"elem": {"val": "10.0.0.3", "timeout": 600, "expires": 5}}')
     fake = FakeNft(table="old", sets=sets)
-    BlockTable(fake, table="old", set_size=3).block(["192.0.2.1"], 60, [])
+    # no wider network may be blocked here: the smaller set makes room by eviction
+    result = BlockTable(fake, table="old", set_size=3).block(["192.0.2.1"], 60, [],
+                                                               protected=["10.0.0.0/16", "192.0.2.0/24"])
     added = [line for line in fake.writes() if line.startswith("add element inet old blocked_ipv4")]
     # room for 3: the batch, the permanent one, then the one with most time left (10.0.0.1: 599 s)
     assert sorted(added) == sorted(["add element inet old blocked_ipv4 { 192.0.2.1 timeout 60s }",
                                     "add element inet old blocked_ipv4 { 10.0.0.2 }",
                                     "add element inet old blocked_ipv4 { 10.0.0.1 timeout 599s }"])
+    assert result["evicted"] == [{"network": "10.0.0.3", "set": "blocked_ipv4", "expires_in": 5}]
 
 
 # -- unblocking -----------------------------------------------------------------------------------
