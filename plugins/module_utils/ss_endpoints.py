@@ -19,9 +19,9 @@ refuses them), so the last ``:`` separates the port and the first ``%`` the inte
 
 ss's filter parser refuses a zone in an address (``[fe80::1%eth0]:22`` and
 ``[fe80::1]%eth0:22`` are errors that fail the whole command) but matches a link-local
-address without it, and takes the interface as a condition of its own (``dev = IFACE``):
-:func:`filter_address` writes the address that way, and the cut (tcp_cut) adds the interface
-as ``dev = IFACE``; both checked with ``ss -K`` on real sockets.
+address without it, and takes the interface as a condition of its own (``dev = IFACE``, where
+IFACE may be the interface's index): :func:`filter_address` writes the address that way, and
+the cut (tcp_cut) adds the interface by index; both checked with ``ss -K`` on real sockets.
 
 Python 3.8+ (the module_utils run on managed hosts), standard library only.
 """
@@ -61,7 +61,7 @@ def parse_endpoint(text: str) -> Endpoint:
 
 def filter_address(address: str, port: int) -> str:
     """An address and port as ss's filters take them: IPv6 in brackets, never with a zone
-    (ss refuses one: the interface is a condition of its own, ``dev = IFACE``)."""
+    (ss refuses one: the interface is a condition of its own, ``dev = INDEX``)."""
     address = address.partition("%")[0]
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 

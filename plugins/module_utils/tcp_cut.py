@@ -31,6 +31,7 @@ again: the connections must be gone (retried, then an error naming those that re
 
 from __future__ import annotations
 
+import socket
 import time
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
@@ -191,25 +192,38 @@ class Selection(NamedTuple):
         return bool(self.networks or self.sessions)
 
 
-def connection_filter(connection: Connection) -> list[str]:
+def connection_filter(connection: Connection, interfaces: Mapping[str, int]) -> list[str]:
     """The ss filter words that name one connection: local and peer address and port, and the
-    interface its socket is bound to, as a condition of its own (``dev = IFACE``): ss refuses a
-    zone in an address and matches a link-local address without one."""
+    interface its socket is bound to as a condition of its own, by index (``dev = 3``).
+
+    ss refuses a zone in an address and matches a link-local address without one; the index
+    (``interfaces``: name -> index) keeps the interface as data: ss's filter lexer reads an
+    interface named like one of its words (``or``, ``dst``, ``=``) as that word and refuses the
+    command, and drops backslashes. An interface not in ``interfaces`` (gone since the listing)
+    is left out: the addresses and ports still name the socket."""
     words = ["src", filter_address(connection.local_address, connection.local_port),
              "and", "dst", filter_address(connection.peer_address, connection.peer_port)]
-    if connection.interface:
-        words += ["and", "dev", "=", connection.interface]
+    if connection.interface in interfaces:
+        words += ["and", "dev", "=", str(interfaces[connection.interface])]
     return words
 
 
-def kill_command(connections: Sequence[Connection]) -> list[str]:
-    """One ``ss -K`` naming each connection exactly."""
+def kill_command(connections: Sequence[Connection], interfaces: Mapping[str, int] | None = None) -> list[str]:
+    """One ``ss -K`` naming each connection exactly (``interfaces``: see connection_filter)."""
     expression: list[str] = []
     for conn in connections:
         if expression:
             expression.append("or")
-        expression += ["(", *connection_filter(conn), ")"]
+        expression += ["(", *connection_filter(conn, interfaces or {}), ")"]
     return ["ss", "-t", "-n", "-H", "-K", "state", "established", "("] + expression + [")"]
+
+
+def interface_index(name: str) -> int | None:
+    """This host's index of the interface ``name``, or None when there is none by that name."""
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        return None
 
 
 def _ss_failure(rc: int, err: str) -> str:
@@ -228,10 +242,12 @@ class ConnectionCutter:
     """Lists and destroys console connections, through ``run(argv, data=None) -> (rc, out, err)``."""
 
     def __init__(self, run: Run, sleep: Callable[[float], None] = time.sleep,
-                 chunk_size: int = DEFAULT_CHUNK_SIZE):
+                 chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 index_of: Callable[[str], int | None] = interface_index):
         self.run = run
         self.sleep = sleep
         self.chunk_size = max(1, int(chunk_size))
+        self.index_of = index_of
 
     def _ss(self, argv: list[str]) -> str:
         rc, out, err = self.run(argv)
@@ -268,16 +284,21 @@ class ConnectionCutter:
         at a time: one connection never keeps the others of its chunk from being cut. Returns
         the connections whose own command failed, with ss's error."""
         failures: dict[Connection, str] = {}
+        interfaces: dict[str, int] = {}
+        for name in {conn.interface for conn in connections if conn.interface}:
+            index = self.index_of(name)
+            if index is not None:
+                interfaces[name] = index
         for start in range(0, len(connections), self.chunk_size):
             chunk = connections[start:start + self.chunk_size]
-            rc, _out, err = self.run(kill_command(chunk))
+            rc, _out, err = self.run(kill_command(chunk, interfaces))
             if rc == 0:
                 continue
             if len(chunk) == 1:
                 failures[chunk[0]] = _ss_failure(rc, err)
                 continue
             for conn in chunk:
-                rc, _out, err = self.run(kill_command([conn]))
+                rc, _out, err = self.run(kill_command([conn], interfaces))
                 if rc != 0:
                     failures[conn] = _ss_failure(rc, err)
         return failures

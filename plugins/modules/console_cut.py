@@ -21,9 +21,9 @@ description:
   - Connections still waiting in QEMU's accept queue (QEMU's VNC listener has a backlog of 1)
     are established sockets on the listening port and are cut too.
   - One listing for the whole batch; the C(ss -K) commands name each connection exactly (local
-    and peer address and port, and for a socket bound to an interface, such as a link-local
-    client's, that interface as C(dev = IFACE), because ss refuses an address with a zone), a
-    bounded number per command.
+    and peer address and port, and the interface of a socket bound to one, such as a link-local
+    client's, by its index, C(dev = 3), because ss refuses an address with a zone), a bounded
+    number per command.
   - One connection never keeps the others from being cut. ss refuses a whole command when it
     cannot read one of its words, so a refused command is run again one connection at a time.
   - "C(ss -K) exits 0 even when it closed nothing, so the module lists the connections again,

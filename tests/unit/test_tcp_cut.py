@@ -180,17 +180,28 @@ def ss_reads(word: str) -> bool:
 
 
 class StrictSs:
-    """Answers ss like the captured host and reads ``-K`` filters as strictly as ss does: one
-    word it cannot read (an address, an interface that is gone) refuses the whole command, as
-    ss's exit status 1 and message say. ``stubborn`` peers are never destroyed."""
+    """Answers ss like the captured host (its interfaces: hv0 is 3, lo is 1) and reads ``-K``
+    filters as strictly as ss 6.1 does: a word it cannot read refuses the whole command (exit
+    status 1, ss's message), an interface is named by its index. Every command that names one
+    of the ``refused`` peers is refused so (as ss refused link-local endpoints before they were
+    written without their zone); ``stubborn`` peers are never destroyed (the kernel kept them:
+    ss -K exits 0 when SOCK_DESTROY fails)."""
 
-    def __init__(self, established: str = LL_ESTABLISHED, interfaces: tuple[str, ...] = ("hv0", "lo"),
+    INTERFACES = {"hv0": 3, "lo": 1}
+
+    def __init__(self, established: str = LL_ESTABLISHED, refused: tuple[str, ...] = (),
                  stubborn: tuple[str, ...] = ()):
         self.connections = parse_established(established)
-        self.interfaces = interfaces
+        self.refused = refused
         self.stubborn = stubborn
         self.kills: list[list[str]] = []
         self.listing_fails = False
+
+    def index_of(self, name: str) -> int | None:
+        return self.INTERFACES.get(name)
+
+    def cutter(self, **kwargs: Any) -> ConnectionCutter:
+        return ConnectionCutter(self, sleep=lambda s: None, index_of=self.index_of, **kwargs)
 
     def __call__(self, argv: list[str], data: str | None = None) -> tuple[int, str, str]:
         if "-l" in argv:
@@ -213,17 +224,18 @@ class StrictSs:
     def kill(self, argv: list[str]) -> tuple[int, str, str]:
         named = []
         for i, word in enumerate(argv):
-            if word in ("src", "dst") and not ss_reads(argv[i + 1]):
+            if word in ("src", "dst") and (not ss_reads(argv[i + 1]) or argv[i + 1].startswith(
+                    tuple(f"[{peer}]" for peer in self.refused))):
                 return 1, "", f'Error: "{argv[i + 1]}" does not look like a port.\nCannot parse dst/src address.\n'
-            if word == "dev" and argv[i + 2] not in self.interfaces:
+            if word == "dev" and argv[i + 2] not in {str(index) for index in self.INTERFACES.values()}:
                 return 1, "", "Cannot parse device.\n"
             if word == "src":
-                dev = argv[i + 8] if argv[i + 5:i + 7] == ["and", "dev"] else None
+                dev = int(argv[i + 8]) if argv[i + 5:i + 7] == ["and", "dev"] else None
                 named.append((argv[i + 1], argv[i + 4], dev))
         destroyed = [c for c in self.connections
                      if any(src == filter_address(c.local_address, c.local_port)
                             and dst == filter_address(c.peer_address, c.peer_port)
-                            and dev in (None, c.interface) for src, dst, dev in named)
+                            and dev in (None, self.index_of(c.interface or "")) for src, dst, dev in named)
                      and c.peer_address not in self.stubborn]
         self.connections = [c for c in self.connections if c not in destroyed]
         return 0, "".join(f"0 0 {c.local_address}:{c.local_port} {c.peer_address}:{c.peer_port}\n"
@@ -231,21 +243,34 @@ class StrictSs:
 
 
 def test_kill_commands_name_every_captured_form_as_ss_reads_it():
-    connections = parse_established(LL_ESTABLISHED)
-    for conn in connections:
-        argv = kill_command([conn])
+    for conn in parse_established(LL_ESTABLISHED):
+        argv = kill_command([conn], StrictSs.INTERFACES)
         assert all(ss_reads(argv[i + 1]) for i, w in enumerate(argv) if w in ("src", "dst")), argv
     link_local = Connection(HOST_LL, 5901, CLIENT_LL, 38314, "hv0")
-    assert kill_command([link_local, Connection("::ffff:10.9.0.1", 5901, "::ffff:10.9.0.3", 53237)]) == [
+    mapped = Connection("::ffff:10.9.0.1", 5901, "::ffff:10.9.0.3", 53237)
+    assert kill_command([link_local, mapped], {"hv0": 3}) == [
         "ss", "-t", "-n", "-H", "-K", "state", "established", "(",
-        "(", "src", f"[{HOST_LL}]:5901", "and", "dst", f"[{CLIENT_LL}]:38314", "and", "dev", "=", "hv0", ")", "or",
+        "(", "src", f"[{HOST_LL}]:5901", "and", "dst", f"[{CLIENT_LL}]:38314", "and", "dev", "=", "3", ")", "or",
         "(", "src", "[::ffff:10.9.0.1]:5901", "and", "dst", "[::ffff:10.9.0.3]:53237", ")", ")"]
+    # an interface gone since the listing: the addresses and ports still name the socket
+    assert kill_command([link_local], {}) == [
+        "ss", "-t", "-n", "-H", "-K", "state", "established", "(",
+        "(", "src", f"[{HOST_LL}]:5901", "and", "dst", f"[{CLIENT_LL}]:38314", ")", ")"]
+
+
+def test_interfaces_are_named_by_index_so_no_name_is_read_as_a_word_of_ss():
+    # ss 6.1: "dev = or" is a syntax error (exit 255); "dev = 3" names the interface
+    conn = Connection(HOST_LL, 5901, CLIENT_LL, 38314, "or")
+    assert kill_command([conn], {"or": 3})[-5:] == ["dev", "=", "3", ")", ")"]
+    indexes = []
+    ConnectionCutter(StrictSs(), sleep=lambda s: None, index_of=lambda name: indexes.append(name) or 3).cut(
+        [CLIENT_LL, "10.9.0.2"])
+    assert indexes == ["hv0"]  # once per interface of the batch, not per connection
 
 
 def test_a_link_local_client_and_ipv4_offenders_of_one_batch_are_all_cut():
     fake = StrictSs()
-    result = ConnectionCutter(fake, sleep=lambda s: None).cut(["fe80::/64", "10.9.0.2", "10.9.0.3"],
-                                                              discover_ports=True)
+    result = fake.cutter().cut(["fe80::/64", "10.9.0.2", "10.9.0.3"])
     assert sorted((c["peer_address"], c["peer_port"], c["local_port"]) for c in result["cut"]) == [
         ("10.9.0.2", 47195, 5906), ("::ffff:10.9.0.2", 37393, 5901), ("::ffff:10.9.0.3", 53237, 5901),
         (CLIENT_LL, 38304, 5901), (CLIENT_LL, 38314, 5901), (CLIENT_LL, 59392, 5905)]
@@ -256,20 +281,19 @@ def test_a_link_local_client_and_ipv4_offenders_of_one_batch_are_all_cut():
     assert Connection("fd77:9::1", 5901, "fd77:9::2", 35422) in fake.connections
 
 
-def test_connections_ss_cannot_name_never_keep_the_others_from_being_cut():
-    # the link-local clients' sockets are bound to hv0, an interface gone by the time of the cut:
-    # ss refuses every command that names one of them (the chunk of 3 included)
-    fake = StrictSs(interfaces=("lo",))
+def test_a_connection_ss_cannot_name_never_keeps_the_others_from_being_cut():
+    fake = StrictSs(refused=(CLIENT_LL,))
     with pytest.raises(CutError, match=r"^2 of 5 console connection\(s\) could not be cut \(the others were\): "
                                        r"\[fe80::78f4:65ff:fe0a:7f4b\]:38314 -> 5901 on hv0: ss -K failed") as caught:
-        ConnectionCutter(fake, sleep=lambda s: None, chunk_size=3).cut(
-            ["10.9.0.2", "10.9.0.3", CLIENT_LL], ports=["5901", "5906"], discover_ports=False, verify_attempts=2)
+        fake.cutter(chunk_size=3).cut(["10.9.0.2", "10.9.0.3", CLIENT_LL], ports=["5901", "5906"],
+                                      discover_ports=False, verify_attempts=2)
     result = caught.value.result
     assert sorted((c["peer_address"], c["peer_port"]) for c in result["cut"]) == [
         ("10.9.0.2", 47195), ("::ffff:10.9.0.2", 37393), ("::ffff:10.9.0.3", 53237)]
     assert result["failed"] == [
         {"local_address": HOST_LL, "local_port": 5901, "peer_address": CLIENT_LL, "peer_port": port,
-         "reason": "ss -K failed (rc 1): Cannot parse device."} for port in (38314, 38304)]
+         "reason": f'ss -K failed (rc 1): Error: "[{CLIENT_LL}]:{port}" does not look like a port. '
+                   "Cannot parse dst/src address."} for port in (38314, 38304)]
     assert result["remaining"] == [{k: v for k, v in f.items() if k != "reason"} for f in result["failed"]]
     assert not result["verified"] and result["changed"]
     assert not [c for c in fake.connections if c.peer_address.endswith(("10.9.0.2", "10.9.0.3"))]
@@ -281,7 +305,7 @@ def test_connections_ss_cannot_name_never_keep_the_others_from_being_cut():
 def test_a_connection_the_kernel_keeps_is_reported_with_its_reason_after_the_others_are_cut():
     fake = StrictSs(stubborn=("::ffff:10.9.0.3",))
     with pytest.raises(CutError, match=r"^1 of 3 console connection") as caught:
-        ConnectionCutter(fake, sleep=lambda s: None).cut(["10.9.0.2", "10.9.0.3"], verify_attempts=3)
+        fake.cutter().cut(["10.9.0.2", "10.9.0.3"], verify_attempts=3)
     result = caught.value.result
     assert result["failed"] == [{"local_address": "::ffff:10.9.0.1", "local_port": 5901,
                                  "peer_address": "::ffff:10.9.0.3", "peer_port": 53237,
@@ -296,7 +320,7 @@ def test_a_failed_check_after_the_cut_reports_what_was_attempted():
             return super().kill(argv)
 
     with pytest.raises(CutError, match="could not be checked to be gone: .*Protocol not supported") as caught:
-        ConnectionCutter(ListingFailsAfterTheKill()).cut(["10.9.0.3"])
+        ListingFailsAfterTheKill().cutter().cut(["10.9.0.3"])
     assert [(f["peer_address"], f["reason"][:12]) for f in caught.value.result["failed"]] == [
         ("::ffff:10.9.0.3", "not checked:")]
     assert caught.value.result["cut"] == []
@@ -306,7 +330,7 @@ def test_a_failed_check_after_the_cut_reports_what_was_attempted():
 
 def test_a_session_cuts_exactly_its_connection_and_no_other_of_its_address():
     fake = StrictSs()
-    result = ConnectionCutter(fake, sleep=lambda s: None).cut(sessions=[
+    result = fake.cutter().cut(sessions=[
         {"address": CLIENT_LL, "client_port": 38314, "console_port": None},
         {"address": "10.9.0.2", "client_port": 37393, "console_port": 5901},   # IPv4-mapped on the socket
         {"address": "10.9.0.2", "client_port": 47195, "console_port": 5999},   # not that console: kept
@@ -321,8 +345,7 @@ def test_a_session_cuts_exactly_its_connection_and_no_other_of_its_address():
 
 
 def test_sessions_and_addresses_are_cut_together():
-    result = ConnectionCutter(StrictSs(), sleep=lambda s: None).cut(
-        ["10.9.0.3"], sessions=[{"address": "::ffff:10.9.0.2", "client_port": 37393}])
+    result = StrictSs().cutter().cut(["10.9.0.3"], sessions=[{"address": "::ffff:10.9.0.2", "client_port": 37393}])
     assert sorted(c["peer_port"] for c in result["cut"]) == [37393, 53237]
 
 
