@@ -203,7 +203,7 @@ def connection_filter(connection: Connection, interfaces: Mapping[str, int]) -> 
     is left out: the addresses and ports still name the socket."""
     words = ["src", filter_address(connection.local_address, connection.local_port),
              "and", "dst", filter_address(connection.peer_address, connection.peer_port)]
-    if connection.interface in interfaces:
+    if connection.interface is not None and connection.interface in interfaces:
         words += ["and", "dev", "=", str(interfaces[connection.interface])]
     return words
 

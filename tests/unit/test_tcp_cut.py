@@ -262,10 +262,14 @@ def test_interfaces_are_named_by_index_so_no_name_is_read_as_a_word_of_ss():
     # ss 6.1: "dev = or" is a syntax error (exit 255); "dev = 3" names the interface
     conn = Connection(HOST_LL, 5901, CLIENT_LL, 38314, "or")
     assert kill_command([conn], {"or": 3})[-5:] == ["dev", "=", "3", ")", ")"]
-    indexes = []
-    ConnectionCutter(StrictSs(), sleep=lambda s: None, index_of=lambda name: indexes.append(name) or 3).cut(
-        [CLIENT_LL, "10.9.0.2"])
-    assert indexes == ["hv0"]  # once per interface of the batch, not per connection
+    asked = []
+
+    def index_of(name: str) -> int:
+        asked.append(name)
+        return 3
+
+    ConnectionCutter(StrictSs(), sleep=lambda s: None, index_of=index_of).cut([CLIENT_LL, "10.9.0.2"])
+    assert asked == ["hv0"]  # once per interface of the batch, not per connection
 
 
 def test_a_link_local_client_and_ipv4_offenders_of_one_batch_are_all_cut():
