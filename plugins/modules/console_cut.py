@@ -28,7 +28,7 @@ description:
     cannot read one of its words, so a refused command is run again one connection at a time.
   - "C(ss -K) exits 0 even when it closed nothing, so the module lists the connections again,
     cuts what is still there (a connection that came in meanwhile included). A connection still
-    there after O(verify_attempts), or whose own command ss refused, is in RV(failed) with its
+    there after O(verify_attempts), or whose own command ss refused, is in RV(not_cut) with its
     reason; the module then fails, after every other connection was cut."
   - Block the addresses first (M(virtguard.console.console_block)), or a client can reconnect
     between the cut and the block; cut even when the block failed.
@@ -91,11 +91,13 @@ remaining:
   returned: always
   type: list
   elements: dict
-failed:
+not_cut:
   description:
     - The connections that could not be cut, each with its C(reason) (the error of its own C(ss -K),
       or that it was still established after O(verify_attempts)); every other connection was cut,
       and the module failed. Empty when the cut succeeded.
+    - M(virtguard.console.console_remediate) returns the same list as C(cut.failed). Here the
+      name C(failed) is Ansible's own (whether the task failed).
   returned: always
   type: list
   elements: dict
@@ -135,6 +137,8 @@ verified:
   type: bool
 """
 
+from typing import Any
+
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.virtguard.console.plugins.module_utils.client_batch import (
@@ -146,6 +150,15 @@ from ansible_collections.virtguard.console.plugins.module_utils.tcp_cut import (
     ConnectionCutter,
     CutError,
 )
+
+
+def returned(result: dict[str, Any]) -> dict[str, Any]:
+    """The cut's result as this module returns it: its ``failed`` as ``not_cut``, because
+    Ansible reads a module's ``failed`` as whether the task failed."""
+    if "failed" in result:
+        result = dict(result)
+        result["not_cut"] = result.pop("failed")
+    return result
 
 
 def main() -> None:
@@ -178,7 +191,8 @@ def main() -> None:
                                            verify_attempts=max(1, params["verify_attempts"]),
                                            sessions=params["sessions"])
     except CutError as exc:
-        module.fail_json(msg=str(exc), **exc.result)
+        module.fail_json(msg=str(exc), **returned(exc.result))
+    result = returned(result)
     if params["address"] is not None:
         result["address"] = result["addresses"][0]
     module.exit_json(**result)
