@@ -32,6 +32,11 @@ from typing import Any
 import pytest
 
 from ansible_collections.virtguard.console.plugins.module_utils.ip_addresses import MAX_BLOCK_SECONDS, MAX_SET_SIZE
+from ansible_collections.virtguard.console.plugins.module_utils.tcp_cut import (
+    SS_ESTABLISHED,
+    kill_command,
+    parse_established,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 ANSIBLE = ROOT / ".venv" / "bin" / "ansible"
@@ -499,6 +504,29 @@ def test_link_local_and_interface_bound_connections_are_cut_with_the_others(proc
     assert sorted((c["peer_address"], c["local_port"]) for c in result["cut"]) == sorted(
         [(client_ll, dual)] * 2 + [(f"::ffff:{CLIENT_IP}", dual)] * 3 + [("127.0.0.1", bound)] * 2)
     assert established(dual) == [] and established(bound) == []
+
+
+def test_ss_kills_a_link_local_connection_named_as_the_cut_names_it_and_refuses_its_zone(
+        procs: Procs, lab: None) -> None:
+    """What the cut relies on, asked of the real ss: the zone form it prints is refused as a
+    filter (the whole command fails), and the cut's form (address without zone, interface by
+    index) destroys exactly the connection named, not its twin from the same address."""
+    port = 5928
+    procs.listener("::", port)
+    host_ll = link_local(HOST_NS, HOST_LINK)
+    procs.clients("", f"{host_ll}%{CLIENT_LINK}", port, 2)
+    assert wait_for(lambda: len(established(port)) == 2)
+    named, twin = [c for c in parse_established(in_host(*SS_ESTABLISHED).stdout) if c.local_port == port]
+    assert named.interface == twin.interface == HOST_LINK and named.local_address == host_ll
+
+    zoned = in_host("ss", "-t", "-n", "-H", "-K", "state", "established",
+                    "(", "src", f"[{host_ll}]%{HOST_LINK}:{port}", ")", check=False)
+    assert zoned.returncode != 0 and "does not look like a port" in zoned.stderr
+    index = int(in_host("cat", f"/sys/class/net/{HOST_LINK}/ifindex").stdout)
+    in_host(*kill_command([named], {HOST_LINK: index + 1000}))  # another interface: nothing matches
+    assert len(established(port)) == 2
+    in_host(*kill_command([named], {HOST_LINK: index}))
+    assert client_ports(port) == [(ipaddress.ip_address(twin.peer_address), twin.peer_port)]
 
 
 def test_a_session_is_cut_exactly_and_never_blocked(table: str, procs: Procs) -> None:
