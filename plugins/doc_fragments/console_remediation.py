@@ -57,3 +57,34 @@ options:
       - Deprecated, use O(addresses).
     type: str
 """
+
+    # Exact connections to cut, never to block (console_cut, console_remediate).
+    SESSIONS = r"""
+options:
+  sessions:
+    description:
+      - Console connections to cut exactly, and never to block, such as an offender the policy must
+        not block (a trusted address, a console proxy whose clients failed the identity policy).
+      - A connection is cut when its peer address is O(sessions[].address), its peer port
+        O(sessions[].client_port) and its local port O(sessions[].console_port) (when given, else
+        any console port). The address's other connections are kept.
+      - Each item is checked before anything runs; an error names the item by its index.
+      - A run may name only O(sessions), without O(addresses).
+    type: list
+    elements: dict
+    default: []
+    suboptions:
+      address:
+        description:
+          - The client's address, IPv4 or IPv6 (an IPv4-mapped one means its IPv4 form; a zone,
+            C(fe80::1%eth0), is ignored). One address, never a network.
+        type: str
+        required: true
+      client_port:
+        description: The client's own TCP port, 1 to 65535.
+        type: int
+        required: true
+      console_port:
+        description: The console port the client reached; default, any console port.
+        type: int
+"""

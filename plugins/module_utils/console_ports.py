@@ -28,6 +28,7 @@ from ansible_collections.virtguard.console.plugins.module_utils.ip_addresses imp
     format_port_ranges,
     parse_port_ranges,
 )
+from ansible_collections.virtguard.console.plugins.module_utils.ss_endpoints import parse_endpoint
 
 DEFAULT_CONSOLE_PROCESSES: tuple[str, ...] = ("qemu-system-*", "qemu-kvm")
 SS_LISTENING: list[str] = ["ss", "-t", "-l", "-n", "-p", "-H"]
@@ -41,21 +42,13 @@ class PortDiscoveryError(Exception):
 
 
 class Listener(NamedTuple):
-    """A listening TCP socket: its local address and port as ss prints them, and the names of
-    the processes that hold it (empty when ss shows none)."""
+    """A listening TCP socket: its local address and port as ss prints them (the address
+    without brackets or interface: ss_endpoints), and the names of the processes that hold it
+    (empty when ss shows none)."""
 
     address: str
     port: int
     processes: tuple[str, ...]
-
-
-def split_endpoint(text: str) -> tuple[str, int | None]:
-    """``1.2.3.4:5900``, ``[::ffff:1.2.3.4]:5900``, ``*:5900``, ``[fe80::1%eth0]:22`` ->
-    (address as ss prints it, without brackets; port, or None for ``*``)."""
-    host, _sep, port = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port) if port.isascii() and port.isdigit() else None
 
 
 def parse_listening(output: str) -> list[Listener]:
@@ -65,12 +58,12 @@ def parse_listening(output: str) -> list[Listener]:
         fields = line.split()
         if len(fields) < 5 or fields[0] != "LISTEN":
             continue
-        address, port = split_endpoint(fields[3])
-        if port is None:
+        local = parse_endpoint(fields[3])
+        if local.port is None:
             continue
         users = line.partition("users:(")[2]
         names = tuple(match.group(1) for match in _USER.finditer(users))
-        listeners.append(Listener(address, port, names))
+        listeners.append(Listener(local.address, local.port, names))
     return listeners
 
 

@@ -4,6 +4,9 @@ this checkout as the collection) inside a network namespace of this test's own, 
 namespace joined by a veth pair, with IPv4, IPv6 (a /64), an IPv4-compatible address
 (``::10.0.0.9``) and an IPv4 twin of it.
 
+The veth ends also have the link-local addresses the kernel gives them (DAD off, so at once), as
+ss prints them: ``[fe80::…]%IFACE:PORT`` on the hypervisor's side.
+
 Console listeners are small Python processes in the hypervisor namespace whose process name is
 set (prctl) to a console-process pattern given to the modules (``console_processes``), so port
 discovery is the real thing without a QEMU; one test runs a real QEMU when it is installed.
@@ -29,6 +32,11 @@ from typing import Any
 import pytest
 
 from ansible_collections.virtguard.console.plugins.module_utils.ip_addresses import MAX_BLOCK_SECONDS, MAX_SET_SIZE
+from ansible_collections.virtguard.console.plugins.module_utils.tcp_cut import (
+    SS_ESTABLISHED,
+    kill_command,
+    parse_established,
+)
 from lab.server_view import nft_blocked_networks
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,13 +79,16 @@ def delete_lab() -> None:
 @pytest.fixture(scope="module")
 def lab() -> Iterator[None]:
     """Two namespaces joined by a veth pair: the hypervisor (10.0.0.1, fd00:1::1) and the
-    clients (10.0.0.2, .3, .9; fd00:1::2, fd00:1::77; ::10.0.0.9 with a host route back)."""
+    clients (10.0.0.2, .3, .9; fd00:1::2, fd00:1::77; ::10.0.0.9 with a host route back); both
+    ends with their link-local address (DAD off: usable at once)."""
     delete_lab()
     try:
         sh("ip", "netns", "add", HOST_NS)
         sh("ip", "netns", "add", CLIENT_NS)
         in_host("ip", "link", "add", HOST_LINK, "type", "veth", "peer", "name", CLIENT_LINK)
         in_host("ip", "link", "set", CLIENT_LINK, "netns", CLIENT_NS)
+        in_host("sysctl", "-qw", f"net.ipv6.conf.{HOST_LINK}.accept_dad=0")
+        in_client("sysctl", "-qw", f"net.ipv6.conf.{CLIENT_LINK}.accept_dad=0")
         for cmd in (["ip", "addr", "add", f"{HOST_IP}/24", "dev", HOST_LINK],
                     ["ip", "-6", "addr", "add", f"{HOST_IP6}/64", "dev", HOST_LINK, "nodad"],
                     ["ip", "link", "set", HOST_LINK, "up"], ["ip", "link", "set", "lo", "up"],
@@ -102,11 +113,14 @@ def lab() -> Iterator[None]:
 LISTENER = textwrap.dedent("""
     import ctypes, socket, sys, time
     name, host, port, backlog, accept = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
+    device = sys.argv[6]
     ctypes.CDLL(None).prctl(15, name.encode(), 0, 0, 0)  # PR_SET_NAME: what ss -p shows
     server = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if ":" in host:
         server.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # dual stack, like QEMU on ::
+    if device:  # bound to an interface: ss prints ADDRESS%DEVICE:PORT
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
     server.bind((host, port))
     server.listen(backlog)
     print("ready", flush=True)
@@ -129,7 +143,8 @@ CLIENTS = textwrap.dedent("""
             s.bind((source, 0))
         s.setblocking(False)
         try:
-            s.connect((host, port))
+            # getaddrinfo: a link-local host carries its zone (fe80::1%IFACE)
+            s.connect(socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)[0][4])
         except BlockingIOError:
             pass
         socks.append(s)
@@ -160,11 +175,11 @@ class Procs:
         return proc
 
     def listener(self, host: str, port: int, backlog: int = 128, accept: bool = True,
-                 name: str = FAKE_QEMU) -> subprocess.Popen[str]:
-        return self.start(HOST_NS, LISTENER, name, host, port, backlog, int(accept))
+                 name: str = FAKE_QEMU, device: str = "") -> subprocess.Popen[str]:
+        return self.start(HOST_NS, LISTENER, name, host, port, backlog, int(accept), device)
 
-    def clients(self, source: str, host: str, port: int, count: int) -> subprocess.Popen[str]:
-        return self.start(CLIENT_NS, CLIENTS, source, host, port, count)
+    def clients(self, source: str, host: str, port: int, count: int, ns: str = CLIENT_NS) -> subprocess.Popen[str]:
+        return self.start(ns, CLIENTS, source, host, port, count)
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -244,6 +259,29 @@ def established(port: int) -> list[Any]:
         address = ipaddress.ip_address(peer)
         peers.append(address.ipv4_mapped or address if address.version == 6 else address)
     return peers
+
+
+def client_ports(port: int) -> list[tuple[Any, int]]:
+    """(peer address value, peer port) of the established connections to ``port`` in the
+    hypervisor namespace, as ``established`` reads them."""
+    out = in_host("ss", "-t", "-n", "-H", "state", "established", f"( sport = :{port} )").stdout
+    found = []
+    for line in out.splitlines():
+        host, _sep, peer_port = line.split()[3].rpartition(":")
+        address = ipaddress.ip_address(host.strip("[]"))
+        found.append((address.ipv4_mapped or address if address.version == 6 else address, int(peer_port)))
+    return sorted(found)
+
+
+def link_local(ns: str, link: str) -> str:
+    """The link-local address of ``link`` in namespace ``ns`` (there at once: DAD is off)."""
+    def address() -> str | None:
+        out = sh("ip", "netns", "exec", ns, "ip", "-6", "-o", "addr", "show", "dev", link, "scope", "link").stdout
+        return out.split()[3].split("/")[0] if "fe80" in out else None
+    assert wait_for(lambda: address() is not None), f"{link} has no link-local address"
+    found = address()
+    assert found is not None
+    return found
 
 
 def listening_ports() -> set[int]:
@@ -508,6 +546,98 @@ def test_the_single_connection_form_of_0_1_0_still_works(procs: Procs, lab: None
     assert len(established(port)) == 1
     assert [d["msg"] for d in result["deprecations"]] == [
         "Param 'address' is deprecated. See the module docs for more information"]
+
+
+def test_link_local_and_interface_bound_connections_are_cut_with_the_others(procs: Procs, lab: None) -> None:
+    """A link-local client's socket is bound to its interface, and ss prints its local end
+    [fe80::…]%IFACE:PORT; so does a listener bound with SO_BINDTODEVICE (127.0.0.1%lo:PORT).
+    ss refuses a zone in a filter: one such connection used to fail the whole ss -K command,
+    and with it the cut of every other connection of the batch."""
+    dual, bound = 5925, 5926
+    procs.listener("::", dual)
+    procs.listener("0.0.0.0", bound, device="lo")
+    host_ll, client_ll = link_local(HOST_NS, HOST_LINK), link_local(CLIENT_NS, CLIENT_LINK)
+    procs.clients("", f"{host_ll}%{CLIENT_LINK}", dual, 2)  # from the link-local address: the kernel picks it
+    procs.clients(CLIENT_IP, HOST_IP, dual, 3)
+    procs.clients("127.0.0.1", "127.0.0.1", bound, 2, ns=HOST_NS)
+    assert wait_for(lambda: len(established(dual)) == 5 and len(established(bound)) == 2)
+    shown = in_host("ss", "-t", "-n", "-H", "state", "established").stdout
+    assert f"[{host_ll}]%{HOST_LINK}:{dual}" in shown and f"127.0.0.1%lo:{bound}" in shown  # the forms in question
+
+    result = module("console_cut", addresses=[client_ll, CLIENT_IP, "127.0.0.1"], console_processes=[FAKE_QEMU])
+    assert not result.get("failed"), result
+    assert result["verified"] and result["not_cut"] == [] and result["remaining"] == []
+    assert sorted((c["peer_address"], c["local_port"]) for c in result["cut"]) == sorted(
+        [(client_ll, dual)] * 2 + [(f"::ffff:{CLIENT_IP}", dual)] * 3 + [("127.0.0.1", bound)] * 2)
+    assert established(dual) == [] and established(bound) == []
+
+
+def test_ss_kills_a_link_local_connection_named_as_the_cut_names_it_and_refuses_its_zone(
+        procs: Procs, lab: None) -> None:
+    """What the cut relies on, asked of the real ss: the zone form it prints is refused as a
+    filter (the whole command fails), and the cut's form (address without zone, interface by
+    index) destroys exactly the connection named, not its twin from the same address."""
+    port = 5928
+    procs.listener("::", port)
+    host_ll = link_local(HOST_NS, HOST_LINK)
+    procs.clients("", f"{host_ll}%{CLIENT_LINK}", port, 2)
+    assert wait_for(lambda: len(established(port)) == 2)
+    named, twin = [c for c in parse_established(in_host(*SS_ESTABLISHED).stdout) if c.local_port == port]
+    assert named.interface == twin.interface == HOST_LINK and named.local_address == host_ll
+
+    zoned = in_host("ss", "-t", "-n", "-H", "-K", "state", "established",
+                    "(", "src", f"[{host_ll}]%{HOST_LINK}:{port}", ")", check=False)
+    assert zoned.returncode != 0 and "does not look like a port" in zoned.stderr
+    index = int(in_host("cat", f"/sys/class/net/{HOST_LINK}/ifindex").stdout)
+    in_host(*kill_command([named], {HOST_LINK: index + 1000}))  # another interface: nothing matches
+    assert len(established(port)) == 2
+    in_host(*kill_command([named], {HOST_LINK: index}))
+    assert client_ports(port) == [(ipaddress.ip_address(twin.peer_address), twin.peer_port)]
+
+
+def test_a_session_is_cut_exactly_and_never_blocked(table: str, procs: Procs) -> None:
+    port = 5927
+    procs.listener("::", port)
+    procs.clients(CLIENT_IP, HOST_IP, port, 2)
+    procs.clients(OTHER_IP, HOST_IP, port, 1)
+    client, other = ipaddress.ip_address(CLIENT_IP), ipaddress.ip_address(OTHER_IP)
+    assert wait_for(lambda: len(client_ports(port)) == 3)
+    before = client_ports(port)
+    (_c, named), (_c2, kept) = [p for p in before if p[0] == client]
+    other_connection = [p for p in before if p[0] == other]
+
+    # only the session: cut, nothing blocked, the address's other connection kept
+    result = module("console_remediate", sessions=[{"address": CLIENT_IP, "client_port": named, "console_port": port}],
+                    table=table, console_processes=[FAKE_QEMU])
+    assert not result.get("failed"), result
+    assert [(c["peer_address"], c["peer_port"]) for c in result["cut"]["cut"]] == [(f"::ffff:{CLIENT_IP}", named)]
+    assert result["cut"]["failed"] == [] and result["cut"]["verified"]
+    assert result["block"]["skipped"] and result["block"]["ok"]
+    assert client_ports(port) == sorted([(client, kept), *other_connection])
+    assert in_host("nft", "list", "table", "inet", table, check=False).returncode != 0, "a table was made"
+    assert not refused(CLIENT_IP, HOST_IP, port)
+
+    # with a batch to block: the batch's address is blocked and cut, the session's is neither
+    both = module("console_remediate", addresses=[OTHER_IP], sessions=[{"address": CLIENT_IP, "client_port": 1}],
+                  table=table, console_processes=[FAKE_QEMU])
+    assert not both.get("failed"), both
+    assert set(nft_set(table, "blocked_ipv4")) == {other}
+    assert client_ports(port) == [(client, kept)]
+    assert not refused(CLIENT_IP, HOST_IP, port) and refused(OTHER_IP, HOST_IP, port)
+
+    # console_cut takes the same form
+    cut = module("console_cut", sessions=[{"address": f"::ffff:{CLIENT_IP}", "client_port": kept}],
+                 console_processes=[FAKE_QEMU])
+    assert not cut.get("failed"), cut
+    assert cut["sessions"] == [{"address": CLIENT_IP, "client_port": kept, "console_port": None}]
+    assert client_ports(port) == []
+
+
+def test_a_bad_session_is_refused_naming_it_before_anything_runs(table: str) -> None:
+    result = module("console_remediate", addresses=["192.0.2.1"], table=table, ports=[5900], discover_ports=False,
+                    sessions=[{"address": CLIENT_IP, "client_port": 5}, {"address": "10.0.0.0/24", "client_port": 6}])
+    assert result.get("failed") and result["msg"] == "sessions[1]: address '10.0.0.0/24' is not an IP address"
+    assert in_host("nft", "list", "table", "inet", table, check=False).returncode != 0  # nothing blocked
 
 
 @pytest.mark.skipif(not shutil.which("qemu-system-x86_64"), reason="needs qemu-system-x86_64")

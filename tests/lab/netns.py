@@ -18,6 +18,7 @@ import ipaddress
 import os
 import socket
 import subprocess
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -48,12 +49,32 @@ def _subnet_base(index: int) -> tuple[str, str]:
     return f"100.{second}.{third}", f"fd7a:{pid % 65536:x}:{index}"
 
 
-class ClientNamespace:
-    """``ClientNamespace(index).create()``: host side ``host_ip``, client ``client_ip``."""
+def _wait_for_link_local(show: list[str], timeout: float = 10.0) -> str:
+    """The fe80:: address that ``ip -6 -o addr show dev X`` lists, once the kernel has made it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in run(show).stdout.splitlines():
+            fields = line.split()
+            if len(fields) > 3 and fields[3].startswith("fe80:") and "tentative" not in fields:
+                return fields[3].split("/")[0]
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no link-local address from {' '.join(show)}")
+        time.sleep(0.05)
 
-    def __init__(self, index: int, tag: str = "n"):
+
+class ClientNamespace:
+    """``ClientNamespace(index).create()``: host side ``host_ip``, client ``client_ip``.
+
+    With ``link_local``, both veth ends come up without duplicate address detection, so their
+    link-local addresses (``host_ll``, ``client_ll``) are usable at once; a client reaches the
+    host at ``f"{host_ll}%{ns_link}"``."""
+
+    def __init__(self, index: int, tag: str = "n", link_local: bool = False):
         if not 0 <= index < 32:
             raise ValueError("index must be 0..31")
+        self.link_local = link_local
+        self.host_ll: str | None = None
+        self.client_ll: str | None = None
         self.name = f"{PREFIX}{tag}{index}"
         self.host_link = f"{PREFIX}h{tag}{index}"[:15]
         self.ns_link = f"{PREFIX}c{tag}{index}"[:15]
@@ -70,6 +91,9 @@ class ClientNamespace:
             run(["ip", "netns", "add", self.name])
             run(["ip", "link", "add", self.host_link, "type", "veth", "peer", "name", self.ns_link])
             run(["ip", "link", "set", self.ns_link, "netns", self.name])
+            if self.link_local:  # before the links come up: their fe80:: address is then usable at once
+                run(["sysctl", "-qw", f"net.ipv6.conf.{self.host_link}.accept_dad=0"])
+                self.run(["sysctl", "-qw", f"net.ipv6.conf.{self.ns_link}.accept_dad=0"])
             run(["ip", "addr", "add", f"{self.host_ip}/24", "dev", self.host_link])
             run(["ip", "-6", "addr", "add", f"{self.host_ip6}/64", "dev", self.host_link, "nodad"])
             run(["ip", "link", "set", self.host_link, "up"])
@@ -78,6 +102,10 @@ class ClientNamespace:
                         ["ip", "link", "set", self.ns_link, "up"],
                         ["ip", "link", "set", "lo", "up"]):
                 self.run(cmd)
+            if self.link_local:
+                self.host_ll = _wait_for_link_local(["ip", "-6", "-o", "addr", "show", "dev", self.host_link])
+                self.client_ll = _wait_for_link_local(
+                    ["ip", "netns", "exec", self.name, "ip", "-6", "-o", "addr", "show", "dev", self.ns_link])
         except BaseException:
             self.delete()
             raise

@@ -15,7 +15,6 @@ from ansible_collections.virtguard.console.plugins.module_utils.console_ports im
     is_console_process,
     parse_listening,
     qemu_listening_ports,
-    split_endpoint,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures" / "console_remediation"
@@ -39,13 +38,6 @@ def test_only_console_processes_count():
     assert console_ports_of(parse_listening(QEMU)) == {5787, 5907, 5930}
     assert is_console_process("qemu-system-aar") and is_console_process("qemu-kvm")
     assert not is_console_process("qemu-img") and not is_console_process("xqemu-system-x86")
-
-
-def test_split_endpoint():
-    assert split_endpoint("[::ffff:1.2.3.4]:5900") == ("::ffff:1.2.3.4", 5900)
-    assert split_endpoint("*:5902") == ("*", 5902)
-    assert split_endpoint("[fe80::1%eth0]:22") == ("fe80::1%eth0", 22)
-    assert split_endpoint("0.0.0.0:*") == ("0.0.0.0", None)
 
 
 def test_qemu_listening_ports_runs_ss_once_and_reports_its_failure():
