@@ -48,6 +48,7 @@ _IPV6_NO_PREFIX_BLOCK = tuple(ipaddress.ip_network(text) for text in (
     "64:ff9b::/96",     # NAT64 well-known prefix (RFC 6052)
     "64:ff9b:1::/48",   # NAT64 local-use prefix (RFC 8215)
     "2001::/32",        # Teredo: the /64 is one relay's clients
+    "fe80::/10",        # link-local: fe80::/64 is every link-local client on every link of the host
 ))
 _IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 
@@ -122,7 +123,8 @@ def block_network(address: str | IPAddress, ipv6_prefix: object = 64,
     address alone), but only the
     address's /128 when that prefix overlaps a trusted network (a trusted address is never
     blocked as a side effect) or one of the ranges that embed IPv4 addresses (``::/96``,
-    ``::ffff:0:0/96``, NAT64 ``64:ff9b::/96`` and ``64:ff9b:1::/48``, Teredo ``2001::/32``),
+    ``::ffff:0:0/96``, NAT64 ``64:ff9b::/96`` and ``64:ff9b:1::/48``, Teredo ``2001::/32``) or
+    link-local ``fe80::/10`` (one /64 there is every link-local client of every link),
     where a prefix would span many unrelated hosts."""
     client = normalize_address(address)
     if client is None:
@@ -145,8 +147,9 @@ def block_network(address: str | IPAddress, ipv6_prefix: object = 64,
 
 def per_address_only(network: IPNetwork) -> bool:
     """Whether ``network`` overlaps an IPv6 range whose clients are blocked by their address
-    alone (those that embed IPv4 addresses: ``::/96``, ``::ffff:0:0/96``, NAT64, Teredo), so
-    that no block there may be wider than one address."""
+    alone (those that embed IPv4 addresses: ``::/96``, ``::ffff:0:0/96``, NAT64, Teredo; and
+    link-local ``fe80::/10``, whose one /64 holds every link's clients), so that no block there
+    may be wider than one address."""
     return isinstance(network, ipaddress.IPv6Network) and any(
         network.overlaps(special) for special in _IPV6_NO_PREFIX_BLOCK)
 

@@ -76,7 +76,6 @@ def test_a_link_local_offender_is_cut_and_never_keeps_later_offenders_from_being
             # neither the link-local client nor the IPv4 offenders
             "virtguard_trusted_networks": ["198.51.100.0/24", "2001:db8:77::/48"],
             "virtguard_block_seconds": 60,
-            "virtguard_ipv6_prefix": 128,  # block the link-local client alone, not fe80::/64
             "virtguard_remediation_holdoff": 5,
             "virtguard_audit_log": str(audit),
             "virtguard_nft_table": NFT_TABLE,
@@ -108,6 +107,11 @@ def test_a_link_local_offender_is_cut_and_never_keeps_later_offenders_from_being
                                  f"cut records: {cut_records(audit)}") from None
 
         wait_for(lambda: clients <= reported_cut(audit), 30, "the cut records of every offender", interval=0.3)
+        # the default /64 prefix never applies to link-local: fe80::/64 is every link's clients
+        blocks = [r for r in read_jsonl(audit) if r["record"] == "remediation" and r["action"] == "block"]
+        blocked = {ipaddress.ip_network(n) for r in blocks for n in r["networks"]}
+        assert ipaddress.ip_network(f"{link.client_ll}/128") in blocked, blocked
+        assert ipaddress.ip_network("fe80::/64") not in blocked, blocked
         ours = [r for r in cut_records(audit)
                 if {(peer_address(c["peer_address"]), c["peer_port"]) for c in r["result"]["cut"]} & clients]
         assert ours and all(r["ok"] and r["result"]["failed"] == [] and r["result"]["verified"] for r in ours), ours

@@ -89,6 +89,9 @@ def test_parse_network_refuses_with_the_value_named(text):
     ("::10.0.0.1", 64, (), "::a00:1/128"),
     ("64:ff9b::c000:207", 64, (), "64:ff9b::c000:207/128"),
     ("2001:0:4136:e378:8000:63bf:3fff:fdd2", 64, (), "2001:0:4136:e378:8000:63bf:3fff:fdd2/128"),
+    # link-local: fe80::/64 would shut every link-local client of every link out
+    ("fe80::5054:ff:fe12:3456", 64, (), "fe80::5054:ff:fe12:3456/128"),
+    ("fe80::5054:ff:fe12:3456%eth0", 48, (), "fe80::5054:ff:fe12:3456/128"),
 ])
 def test_block_network(address, prefix, trusted, expected):
     assert block_network(address, prefix, trusted) == N(expected)
