@@ -366,6 +366,9 @@ def test_ipv6_ipv4_mapped_and_ipv4_compatible_clients_are_cut_and_blocked(lab):
 
 @pytest.mark.parametrize("client", ["hostile", "broken", "linesep"])
 def test_hostile_certificate_name_is_remediated_never_rendered_and_audited_literally(lab, client):
+    """The hostile names come from trusted networks: the session that fails the identity policy
+    is cut alone (its exact connection), never its address, which stays unblocked with its other
+    connections (a trusted address is never blocked nor cut for its address)."""
     ns = lab.ns[client]
     port = lab.tls_domain.vnc_port
     # another console connection from the same address, open while the bad session logs in
@@ -374,23 +377,25 @@ def test_hostile_certificate_name_is_remediated_never_rendered_and_audited_liter
     try:
         rc, output = lab.clients[client].capture(ns.name, ns.host_ip, port - 5900, "mallory", "mallory-pw")
         assert rc == 0, output
-        wait_for(lambda: held_client not in established_peers([port]), CUT_TIMEOUT, "the held connection's cut")
+        records = wait_for_remediation(lab, ns.client_ip, timeout=CUT_TIMEOUT)
+        assert held_client in established_peers([port]), "a connection of the trusted address was cut"
     finally:
         held.close()
-    records = wait_for_remediation(lab, ns.client_ip)
     assert {a: r["ok"] for a, r in records.items()} == {"block": True, "cut": True}, records
     assert records["block"]["reasons"] == ["identity_not_allowed"]
+    assert records["block"]["networks"] == [] and records["block"]["result"]["blocked"] == []
 
     initialize = [e for e in events_of(lab, ns.client_ip) if e["graphics"]["phase"] == "initialize"]
     assert initialize[0]["graphics"]["identity"]["x509dname"] == dname(HOSTILE[client])
     assert initialize[0]["graphics"]["identity"]["sasl_username"] == "mallory"
+    assert initialize[0]["virtguard"]["session_id"] in records["cut"]["sessions"]
     text = lab.audit.read_text()
     assert all(line.startswith("{") for line in text.splitlines()), "a record was split by a line separator"
     if client != "linesep":
         assert HOSTILE[client] in text  # literally, not escaped away
     assert not os.path.exists(MARKER), "the certificate name was rendered as Jinja"
     assert "failed=1" not in lab.activation.output()
-    assert refused(ns, ns.host_ip, port)
+    assert not refused(ns, ns.host_ip, port), "a trusted address was blocked"
 
 
 def test_allowed_identity_from_a_trusted_network_is_never_touched(lab):
