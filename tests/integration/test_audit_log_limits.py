@@ -265,7 +265,8 @@ def lost_in_all(caplog: pytest.LogCaptureFixture) -> list[int]:
 
 def graphics_event(n: int) -> dict[str, Any]:
     return graphics_payload("connect", "2025-01-01T00:00:00+00:00", {"uri": "qemu:///system", "hostname": "h"},
-                            {"name": "vm", "uuid": "u", "id": 1}, {"family": "ipv4", "node": "0.0.0.0", "service": "5901"},
+                            {"name": "vm", "uuid": "u", "id": 1},
+                            {"family": "ipv4", "node": "0.0.0.0", "service": "5901"},
                             {"family": "ipv4", "node": "10.1.1.1", "service": str(40000 + n)}, "none", [],
                             {"id": f"session{n}", "authenticated": False})
 
