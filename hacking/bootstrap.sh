@@ -11,7 +11,7 @@ APT_PACKAGES=(
   libvirt-dev pkg-config gcc python3-dev python3-venv
   gvncviewer gnutls-bin sasl2-bin libsasl2-modules libsasl2-modules-db
   nftables iproute2 procps openjdk-17-jre-headless git rsync
-  shellcheck jq openssh-server spice-client-gtk xvfb xauth
+  shellcheck jq openssh-server spice-client-gtk xvfb xauth logrotate
 )
 PYTHON=${PYTHON:-python3}
 

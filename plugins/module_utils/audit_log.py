@@ -20,7 +20,10 @@ as ``\\udcXX`` escapes and read back as the same surrogates.
 
 Whole records or nothing. The file is opened with ``O_APPEND`` and every append holds an
 exclusive ``flock`` on it, so the writers of this module (the filter's writer, playbook runs)
-take turns; the kernel serialises appends to one file anyway. Under the lock an append:
+take turns; the kernel serialises appends to one file anyway. The lock is waited for at most
+``lock_timeout`` seconds (``DEFAULT_LOCK_TIMEOUT``), never without bound: anyone who can open
+the file, a reader included, can take a ``flock`` on it and hold it for ever. Past the bound the
+append fails (``AuditLockTimeout``) and its records count as lost. Under the lock an append:
 
 1. checks that the file ends with a newline, and ends the line if it does not (a writer
    killed in the middle of a write, or one that ignores the lock, left a fragment): a record
@@ -54,6 +57,7 @@ import datetime
 import errno
 import fcntl
 import json
+import logging
 import math
 import os
 import stat
@@ -70,6 +74,25 @@ BATCH_BYTES = 1 << 20
 # (\n \r \v \f \x1c \x1d \x1e) are control characters, which JSON always escapes.
 RAW_LINE_BREAKS = ("\x85", "\u2028", "\u2029")
 
+# How long an append waits for the file's lock. Our writers hold it for one append: an fstat,
+# a one-byte pread and one write of at most BATCH_BYTES (measured here: 0.4 ms for 1 MiB, 0.01 ms
+# for a remediation's two records; the fsync comes after the lock is released), and few want it
+# at once: the filter's writer and one audit_record per remediation run in flight. So a lock
+# still taken after 2 s is held by something else (a reader that locked the file, a stopped
+# process), and waiting longer only stalls: the filter's queue grows by 2 s of events while it
+# waits (at most about 9,000: one activation's engine takes 3,500 to 4,500 events/s,
+# docs/performance.md; far below DEFAULT_MAX_QUEUED, where submit would start to block the
+# event loop), and a playbook run lasts 2 s longer. A disk under writeback throttling (the
+# kernel pauses a writer at most 0.2 s at a time) stays well below it.
+DEFAULT_LOCK_TIMEOUT = 2.0
+# flock has no timeout: the lock is tried without blocking (LOCK_NB), first again after 1 ms,
+# then at intervals doubling up to 50 ms (a free lock is had at once; a held one costs at most
+# about 45 tries over 2 s).
+LOCK_RETRY_FIRST = 0.001
+LOCK_RETRY_MAX = 0.05
+# The AuditWriter states lost records in the log at most this often (the first loss at once).
+DEFAULT_REPORT_INTERVAL = 10.0
+
 # What AuditLog calls to write: os.write, or a stand-in in unit tests.
 WriteFunction = Callable[[int, memoryview], int]
 
@@ -83,6 +106,29 @@ class AuditError(Exception):
     def __init__(self, message: str, lines_written: int = 0) -> None:
         super().__init__(message)
         self.lines_written = lines_written
+
+
+class AuditLockTimeout(AuditError):
+    """Another process held the audit file's lock for longer than the append's ``lock_timeout``."""
+
+
+def lock_holders(fd: int) -> list[int]:
+    """The pids /proc/locks names as holding a ``flock`` on the file of ``fd`` (Linux; best
+    effort, empty when unknown): for the message that says who stalls the audit."""
+    try:
+        info = os.fstat(fd)
+        with open("/proc/locks", encoding="ascii", errors="replace") as locks:
+            table = locks.read()
+    except OSError:
+        return []
+    wanted = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    pids = []
+    for line in table.splitlines():
+        # "1: FLOCK  ADVISORY  READ  1234 fd:00:5678 0 EOF"; waiters are marked "->" and skipped
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == wanted and fields[4].isdigit():
+            pids.append(int(fields[4]))
+    return sorted(set(pids))
 
 
 def utc_now() -> str:
@@ -160,15 +206,19 @@ class AuditLog:
     """An append-only JSON Lines file. Keep one per path and process; not thread-safe (the
     ``AuditWriter`` gives one to its thread).
 
-    ``write`` is what writes to the file descriptor: ``os.write``, or a stand-in in tests."""
+    ``write`` is what writes to the file descriptor: ``os.write``, or a stand-in in tests.
+    ``lock_timeout`` is how long an append waits for the file's lock (0: one try)."""
 
     def __init__(self, path: str, fsync: str = "interval", fsync_interval: float = 1.0, mode: int = 0o640,
-                 write: WriteFunction = os.write) -> None:
+                 write: WriteFunction = os.write, lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> None:
         if fsync not in FSYNC_POLICIES:
             raise AuditError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}, got {fsync!r}")
+        if not lock_timeout >= 0:  # NaN too
+            raise AuditError(f"lock_timeout must be 0 or more seconds, got {lock_timeout!r}")
         self.path = path
         self.fsync = fsync
         self.fsync_interval = fsync_interval
+        self.lock_timeout = lock_timeout
         self.mode = mode
         self.fd: int | None = None
         self._write = write
@@ -236,10 +286,7 @@ class AuditLog:
         fd = self.fd
         if fd is None:  # _open() sets it or raises
             raise AuditError(f"audit log {self.path} is not open")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as exc:
-            raise AuditError(f"cannot lock audit log {self.path}: {exc.strerror}") from None
+        self._lock(fd)
         try:
             start = self._end_at_line_boundary(fd)
             self._write_whole(fd, data, start)
@@ -251,6 +298,29 @@ class AuditLog:
                 self.sync()
             except AuditError as exc:  # the lines are in the file, not yet on the disk
                 raise AuditError(str(exc), lines_written=data.count(b"\n")) from None
+
+    def _lock(self, fd: int) -> None:
+        """Take the file's exclusive lock within ``lock_timeout`` seconds, or raise
+        ``AuditLockTimeout`` (``AuditError`` when flock itself fails)."""
+        deadline = time.monotonic() + self.lock_timeout
+        pause = LOCK_RETRY_FIRST
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise AuditError(f"cannot lock audit log {self.path}: {exc.strerror}") from None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                holders = lock_holders(fd)
+                held_by = f" by process {', '.join(map(str, holders))}" if holders else ""
+                raise AuditLockTimeout(
+                    f"cannot lock audit log {self.path}: its lock was held{held_by} for more than "
+                    f"{self.lock_timeout:g}s (a reader that locks the file, or a stuck writer)")
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, LOCK_RETRY_MAX)
 
     def _end_at_line_boundary(self, fd: int) -> int:
         """End a fragment left at the end of the file; returns the file's size."""
@@ -313,6 +383,7 @@ class AuditLog:
             try:
                 os.fsync(self.fd)
             except OSError as exc:
+                self._last_sync = time.monotonic()  # tried: the next try is an interval away, not at once
                 raise AuditError(f"cannot sync audit log {self.path}: {exc.strerror}") from None
             self._last_sync = time.monotonic()
             self._unsynced = False
@@ -335,20 +406,40 @@ class AuditWriter:
     thread writes queued lines in batches, whole lines only. At most ``max_queued`` records
     are held: when that many wait, ``submit`` blocks until the thread has written some
     (backpressure: a disk slower than the event stream slows the stream; nothing is dropped).
+    The thread never waits for the file's lock longer than the log's ``lock_timeout``; a batch
+    whose lock was not had is lost whole, at once (its other writes do not wait again).
 
     Failures are never raised to the caller: a record that cannot be encoded or written is
     counted in ``failed`` and the reason kept in ``error`` (the last one); the thread goes on
-    with the next records. ``written`` counts the records in the file.
+    with the next records. ``written`` counts the records in the file. Both count records, not
+    writes: every submitted record ends up in exactly one of them.
+
+    The loss is stated in ``report`` (a logger; the activation log for the filter), as ERROR
+    lines that give the exact number of records lost since the last statement and in all:
+
+    * ``virtguard: audit log PATH: N record(s) could not be written since the last report
+      (T record(s) lost in all, W written): ERROR``: at the first loss, then at most once per
+      ``report_interval`` seconds while records are lost, and within ``report_interval`` seconds
+      of a loss not yet stated, whether or not more records come;
+    * ``virtguard: audit log PATH is written again (T record(s) lost in all, N of them since the
+      last report)``: when records are written after a loss (a WARNING);
+    * ``virtguard: audit log PATH closed: W record(s) written, T record(s) lost in all``: at
+      ``close()`` when any was lost.
+
+    So the last statement in the log always gives the whole loss, once the records are handled.
 
     ``close()`` writes what is queued, syncs (unless ``fsync`` is ``never``) and stops the
     thread; it is registered with ``atexit``, so what was submitted is written at interpreter
-    shutdown too. A record submitted after ``close()`` is counted in ``failed``."""
+    shutdown too. A record submitted after ``close()`` is counted in ``failed`` and stated."""
 
-    def __init__(self, log: AuditLog, max_queued: int = DEFAULT_MAX_QUEUED) -> None:
+    def __init__(self, log: AuditLog, max_queued: int = DEFAULT_MAX_QUEUED, report: logging.Logger | None = None,
+                 report_interval: float = DEFAULT_REPORT_INTERVAL) -> None:
         if max_queued < 1:
             raise ValueError(f"max_queued must be at least 1, got {max_queued}")
         self.log = log
         self.max_queued = max_queued
+        self.report = report or logging.getLogger(__name__)
+        self.report_interval = report_interval
         self.error: str | None = None
         self.failed = 0
         self.written = 0
@@ -357,6 +448,9 @@ class AuditWriter:
         self._handled = 0  # written or failed, of those submitted
         self._closing = False
         self._writer_waiting = False
+        self._stated_failed = 0  # ``failed`` as the last statement gave it
+        self._stated_at: float | None = None
+        self._losing = False  # the last records handled were lost
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # the thread waits for lines
         self._progress = threading.Condition(self._lock)  # submit (room) and flush wait for the thread
@@ -375,19 +469,20 @@ class AuditWriter:
                 self._count_failure(1, str(exc))
             return
         with self._lock:
-            if self._closing:
-                self._count_failure(1, f"audit writer for {self.log.path} is closed: a record was not written")
-                return
-            while self._submitted - self._handled >= self.max_queued:
-                if not self._thread.is_alive():  # cannot happen (the thread catches everything); never hang
-                    self._count_failure(1, f"audit writer for {self.log.path} has stopped: a record was not written")
-                    return
+            while (self._submitted - self._handled >= self.max_queued and not self._closing
+                   and self._thread.is_alive()):
                 self._progress.wait(1.0)
-            self._lines.append(line)
-            self._submitted += 1
-            if self._writer_waiting:
-                self._writer_waiting = False
-                self._work.notify()
+            if not self._closing and self._thread.is_alive():
+                self._lines.append(line)
+                self._submitted += 1
+                if self._writer_waiting:
+                    self._writer_waiting = False
+                    self._work.notify()
+                return
+            # closed, or (cannot happen: the thread catches everything) stopped; never hang
+            why = "is closed" if self._closing else "has stopped"
+            self._count_failure(1, f"audit writer for {self.log.path} {why}: a record was not written")
+        self._state_loss()  # the thread may be gone: state it here
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every record submitted before the call is handled (written, or counted
@@ -428,16 +523,30 @@ class AuditWriter:
         """Under the lock."""
         self.failed += records
         self.error = error
+        self._losing = True
+        if self._writer_waiting:  # its wait may end later than the statement of this loss is due
+            self._writer_waiting = False
+            self._work.notify()
+
+    def _statement_due_in(self, now: float) -> float | None:
+        """Under the lock: seconds until lost records not yet stated are owed a statement (0:
+        now), or None when every loss is stated."""
+        if self.failed == self._stated_failed:
+            return None
+        if self._stated_at is None:
+            return 0.0
+        return max(0.0, self._stated_at + self.report_interval - now)
 
     def _run(self) -> None:
         while True:
             with self._lock:
                 while not self._lines and not self._closing:
-                    due_in = self.log.sync_due_in(time.monotonic())
-                    if due_in == 0:
+                    now = time.monotonic()
+                    dues = [due for due in (self.log.sync_due_in(now), self._statement_due_in(now)) if due is not None]
+                    if dues and min(dues) == 0:
                         break
                     self._writer_waiting = True
-                    self._work.wait(due_in)
+                    self._work.wait(min(dues) if dues else None)
                     self._writer_waiting = False
                 batch, self._lines = self._lines, collections.deque()
                 closing = self._closing
@@ -449,19 +558,56 @@ class AuditWriter:
                     self.failed += failed
                     if error is not None:  # also a failed sync, the lines being in the file
                         self.error = error
+                    recovered = self._losing and not failed
+                    self._losing = failed > 0
                     self._progress.notify_all()
+                if recovered:
+                    self._state_recovery()
+                elif failed:
+                    self._state_loss(when_due=True)
             elif closing:
                 break
             else:
-                self._sync_quietly()
+                if self.log.sync_due_in(time.monotonic()) == 0:
+                    self._sync_quietly()
+                self._state_loss(when_due=True)
         if self.log.fsync != "never":
             self._sync_quietly()
         self.log.close()
+        self._state_close()
         with self._lock:
             self._progress.notify_all()
 
+    def _state_loss(self, when_due: bool = False) -> None:
+        """State the records lost since the last statement, if any (``when_due``: only once
+        ``report_interval`` has passed since the last statement)."""
+        with self._lock:
+            due_in = self._statement_due_in(time.monotonic())
+            if due_in is None or (when_due and due_in > 0):
+                return
+            since, total, written, error = self.failed - self._stated_failed, self.failed, self.written, self.error
+            self._stated_failed, self._stated_at = total, time.monotonic()
+        self.report.error("virtguard: audit log %s: %d record(s) could not be written since the last report "
+                          "(%d record(s) lost in all, %d written): %s", self.log.path, since, total, written, error)
+
+    def _state_recovery(self) -> None:
+        with self._lock:
+            since, total = self.failed - self._stated_failed, self.failed
+            self._stated_failed, self._stated_at = total, time.monotonic()
+        self.report.warning("virtguard: audit log %s is written again (%d record(s) lost in all, %d of them "
+                            "since the last report)", self.log.path, total, since)
+
+    def _state_close(self) -> None:
+        with self._lock:
+            total, written = self.failed, self.written
+            self._stated_failed, self._stated_at = total, time.monotonic()
+        if total:
+            self.report.error("virtguard: audit log %s closed: %d record(s) written, %d record(s) lost in all",
+                              self.log.path, written, total)
+
     def _write_batch(self, batch: collections.deque[bytes]) -> tuple[int, int, str | None]:
-        """Write the lines in writes of up to BATCH_BYTES; returns (written, failed, last error)."""
+        """Write the lines in writes of up to BATCH_BYTES; returns (written, failed, last error).
+        Once the lock was not had in time, the batch's other writes fail without waiting again."""
         written = failed = 0
         error: str | None = None
         chunks: list[list[bytes]] = [[]]
@@ -472,10 +618,14 @@ class AuditWriter:
                 size = 0
             chunks[-1].append(line)
             size += len(line)
-        for chunk in chunks:
+        for index, chunk in enumerate(chunks):
             try:
                 self.log.append_lines(b"".join(chunk))
                 written += len(chunk)
+            except AuditLockTimeout as exc:
+                failed += sum(len(rest) for rest in chunks[index:])
+                error = str(exc)
+                break
             except AuditError as exc:
                 written += exc.lines_written
                 failed += len(chunk) - exc.lines_written

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 from typing import Any, Mapping
 
 from ansible_collections.virtguard.console.plugins.module_utils.audit_log import (
@@ -58,7 +57,6 @@ PLUGIN = "virtguard.console.classify"
 LOGGER = logging.getLogger(PLUGIN)
 NFT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,30}$")
 INVENTORY_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
-AUDIT_ERROR_LOG_INTERVAL = 10.0
 
 OPTIONS = (
     Option("trusted_networks", "list", elements="str"),
@@ -128,7 +126,6 @@ class FilterState:
         self.host_map = args["host_map"]
         self.audit = self._audit_writer(args["audit_log"], args["audit_fsync"], fail) if args["audit_log"] else None
         self._audit_failures_seen = 0
-        self._audit_logged_at: float | None = None
 
     @staticmethod
     def _audit_writer(path: str, fsync: str, fail: Any) -> AuditWriter:
@@ -138,7 +135,7 @@ class FilterState:
             log.open()
         except AuditError as exc:
             raise fail("audit_log", f"cannot be used: {exc}") from None
-        return AuditWriter(log)
+        return AuditWriter(log, report=LOGGER)  # it states every lost record in the activation log
 
     @classmethod
     def from_arguments(cls, raw: Mapping[str, Any], variables: Mapping[str, Any] | None = None) -> FilterState:
@@ -179,14 +176,11 @@ class FilterState:
                     protected_networks=self.protected_networks)
 
     def audit_failed(self) -> bool:
-        """Whether audit records failed since the last event (logged at most every 10 s)."""
+        """Whether audit records were lost since the last event (the writer states how many,
+        exactly, in the activation log, also when no event follows)."""
         if self.audit is None or self.audit.failed == self._audit_failures_seen:
             return False
         self._audit_failures_seen = self.audit.failed
-        now = time.monotonic()
-        if self._audit_logged_at is None or now - self._audit_logged_at > AUDIT_ERROR_LOG_INTERVAL:
-            self._audit_logged_at = now
-            LOGGER.error("virtguard: %d audit record(s) could not be written: %s", self.audit.failed, self.audit.error)
         return True
 
 

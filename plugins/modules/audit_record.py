@@ -18,6 +18,9 @@ description:
   - A record is written whole or not at all. If the write fails part-way (disk full, file size
     limit), the records written whole stay, the rest is removed, the file still ends at a line
     boundary, and the module fails, saying how many records were written.
+  - The lock is waited for at most O(lock_timeout) seconds, never without bound. Anyone who can
+    open the file, a reader included, can take a C(flock) on it and keep it; past the bound the
+    module fails (no record written, RV(records_lost) says how many) instead of hanging the run.
   - O(path) must be the file itself. A symlink there is refused, as is anything but a regular file.
   - The same file holds the C(event) records that the C(virtguard.console.classify) event
     filter writes; C(session_id) in O(context) ties a remediation to its session's events.
@@ -57,6 +60,14 @@ options:
     description: Fields merged into every record, such as C(session_id), C(reasons), C(target_host).
     type: dict
     default: {}
+  lock_timeout:
+    description:
+      - Seconds to wait for the audit file's lock before giving up; C(0) tries once.
+      - The collection's writers hold the lock for one append (about a millisecond), so the
+        default leaves a wide margin for a busy disk while bounding how long a lock held by
+        something else (a reader that locks the file) can hold up the playbook run.
+    type: float
+    default: 2.0
 """
 
 EXAMPLES = r"""
@@ -84,6 +95,10 @@ records_written:
   description: How many of O(actions)' records are in the file (the first ones, in order).
   returned: always
   type: int
+records_lost:
+  description: How many of O(actions)' records are not in the file (the last ones, in order); 0 on success.
+  returned: always
+  type: int
 """
 
 from typing import Any
@@ -91,6 +106,7 @@ from typing import Any
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.virtguard.console.plugins.module_utils.audit_log import (
+    DEFAULT_LOCK_TIMEOUT,
     AuditError,
     AuditLog,
     encode_record,
@@ -117,6 +133,7 @@ def main() -> None:
                 result=dict(type="raw"),
             )),
             context=dict(type="dict", default={}),
+            lock_timeout=dict(type="float", default=DEFAULT_LOCK_TIMEOUT),
         ),
         supports_check_mode=True,
     )
@@ -124,15 +141,18 @@ def main() -> None:
     records = [remediation_record(entry["action"], entry["ok"], _clean(entry["result"]), params["context"])
                for entry in params["actions"]]
     if module.check_mode:
-        module.exit_json(changed=False, records=records, records_written=0)
-    log = AuditLog(params["path"], fsync="always")
+        module.exit_json(changed=False, records=records, records_written=0, records_lost=0)
     try:
-        log.append_lines(b"".join(encode_record(record) for record in records))
+        log = AuditLog(params["path"], fsync="always", lock_timeout=params["lock_timeout"])
+        try:
+            log.append_lines(b"".join(encode_record(record) for record in records))
+        finally:
+            log.close()
     except AuditError as exc:
-        module.fail_json(msg=str(exc), records=records, records_written=exc.lines_written)
-    finally:
-        log.close()
-    module.exit_json(changed=bool(records), records=records, records_written=len(records))
+        lost = len(records) - exc.lines_written
+        module.fail_json(msg=f"{exc}; {lost} of {len(records)} audit record(s) lost", records=records,
+                         records_written=exc.lines_written, records_lost=lost)
+    module.exit_json(changed=bool(records), records=records, records_written=len(records), records_lost=0)
 
 
 if __name__ == "__main__":

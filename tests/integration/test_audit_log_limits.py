@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,6 +27,9 @@ from ansible_collections.virtguard.console.plugins.module_utils.audit_log import
     AuditWriter,
     encode_record,
 )
+from ansible_collections.virtguard.console.plugins.module_utils.classify_filter import FilterState, classify_event
+from ansible_collections.virtguard.console.plugins.module_utils.graphics_event import graphics_payload
+from lab.hypervisor import wait_for
 
 COLLECTIONS = Path(__file__).resolve().parents[2] / "build" / "collections"
 RECORD = {"record": "event", "dn": "CN=" + "r" * 200}
@@ -198,6 +203,20 @@ def tiny_fs(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", str(mount)], check=True)
 
 
+def fill(fs: Path) -> Path:
+    """Fills the file system with a file of zeros; returns the file (unlink it to make room)."""
+    filler = fs / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return filler
+
+
 def test_a_full_disk_leaves_only_whole_records(tiny_fs: Path) -> None:
     path = tiny_fs / "audit.jsonl"
     record = {"dn": "CN=" + "d" * 1480}  # about 1500 bytes: lines straddle the 4 KiB pages
@@ -222,15 +241,7 @@ def test_a_full_disk_leaves_only_whole_records(tiny_fs: Path) -> None:
 
 
 def test_the_writer_counts_what_a_full_disk_refused_and_writes_once_there_is_room(tiny_fs: Path) -> None:
-    filler = tiny_fs / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        while True:
-            os.write(fd, b"\0" * 4096)
-    except OSError as exc:
-        assert exc.errno == errno.ENOSPC
-    finally:
-        os.close(fd)
+    filler = fill(tiny_fs)
     path = tiny_fs / "audit.jsonl"
     with AuditWriter(AuditLog(str(path), fsync="never")) as writer:
         for n in range(5):
@@ -244,6 +255,60 @@ def test_the_writer_counts_what_a_full_disk_refused_and_writes_once_there_is_roo
         assert writer.flush(60)
         assert (writer.written, writer.failed) == (5, 5)
     assert whole_lines(path) == [{"n": n} for n in range(5, 10)]
+
+
+def lost_in_all(caplog: pytest.LogCaptureFixture) -> list[int]:
+    """The whole loss each of the filter's audit statements gave, in order (the activation log)."""
+    return [int(found.group(1)) for record in list(caplog.records) if record.name == "virtguard.console.classify"
+            for found in [re.search(r"(\d+) record\(s\) lost in all", record.getMessage())] if found]
+
+
+def graphics_event(n: int) -> dict[str, Any]:
+    return graphics_payload("connect", "2025-01-01T00:00:00+00:00", {"uri": "qemu:///system", "hostname": "h"},
+                            {"name": "vm", "uuid": "u", "id": 1},
+                            {"family": "ipv4", "node": "0.0.0.0", "service": "5901"},
+                            {"family": "ipv4", "node": "10.1.1.1", "service": str(40000 + n)}, "none", [],
+                            {"id": f"session{n}", "authenticated": False})
+
+
+def test_the_activation_log_states_exactly_how_many_records_a_full_disk_lost(
+        tiny_fs: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The classify filter's audit on a file system that fills up during a storm of events.
+
+    It used to under-report: the filter logged the count of lost records only when an event came,
+    at most once per 10 s, so what was lost in the last 10 s of a storm, or after its last event
+    (the writer thread trails the events), was never stated (a storm lost 1,673 records here and
+    the log said 1). Now the writer states every loss within 10 s, event or not, again when the
+    file is written again and at close; the last statement gives the whole loss, which is exactly
+    the records missing from the file: one record per event classified, less the file's lines."""
+    caplog.set_level(logging.INFO, logger="virtguard.console.classify")
+    filler = fill(tiny_fs)
+    os.truncate(filler, filler.stat().st_size - 48 * 1024)  # room for about 80 records
+    path = tiny_fs / "audit.jsonl"
+    state = FilterState.from_arguments({"trusted_networks": ["10.0.0.0/8"], "remediation": False,
+                                        "audit_log": str(path)})
+    assert state.audit is not None
+    try:
+        events = flagged = 0
+        for n in range(2000):
+            flagged += bool(classify_event(state, graphics_event(n), 0.0)["virtguard"].get("audit_error"))
+            events += 1
+        assert state.audit.flush(120)
+        missing = events - len(whole_lines(path))
+        assert 0 < missing < events, "the control: some records were written, then the disk was full"
+        assert flagged > 0  # events carry audit_error, the signal a rule matches
+        # no event follows: the whole loss is stated all the same (within the 10 s report interval)
+        wait_for(lambda: lost_in_all(caplog)[-1:] == [missing], 60, f"a statement of all {missing} lost records")
+        # room again: the next record is written, and the statements give the same whole loss
+        filler.unlink()
+        classify_event(state, graphics_event(5000), 0.0)
+    finally:
+        assert state.audit.close(120)  # also when the test failed: the tmpfs is unmounted next
+    records = whole_lines(path)
+    assert len(records) == events - missing + 1 and records[-1]["graphics"]["session"]["id"] == "session5000"
+    assert lost_in_all(caplog)[-2:] == [missing, missing]
+    messages = [r.getMessage() for r in caplog.records if r.name == "virtguard.console.classify"]
+    assert "is written again" in messages[-2] and "closed:" in messages[-1]
 
 
 SEPARATORS = ["\n", "\r", "\r\n", "\v", "\f", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]

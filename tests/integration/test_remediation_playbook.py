@@ -9,12 +9,10 @@ import json
 import os
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 
-from lab.rulebook_runner import ROOT, VENV_BIN, local_inventory
+from lab.remediation_run import eda_extra_vars, run_playbook
 
 pytestmark = pytest.mark.slow
 
@@ -23,42 +21,6 @@ HOSTILE = {
     "renderable": f"O=x,CN={{{{ lookup(*'pipe~touch {MARKER}'.split('~')) }}}}",
     "broken": "O=x,CN={{ broken ~ (",
 }
-
-
-def eda_extra_vars(dname: str, address: str, table: str = "virtguard_unused", audit_log: str = "") -> dict[str, Any]:
-    graphics = {
-        "phase": "initialize", "snapshot": False, "timestamp": "2025-01-01T00:00:00+00:00",
-        "hypervisor": {"uri": "qemu:///system", "hostname": "h"},
-        "domain": {"name": "vm", "uuid": "u", "id": 1},
-        "local": {"family": "ipv4", "node": "0.0.0.0", "service": "5901"},
-        "remote": {"family": "ipv4", "node": address, "service": "40000"},
-        "auth_scheme": "vencrypt+x509+sasl",
-        "subject": [{"type": "x509dname", "name": dname}, {"type": "saslUsername", "name": dname}],
-        "identity": {"x509dname": dname, "sasl_username": dname},
-        "session": {"id": "0123abcd", "authenticated": True},
-    }
-    entry = {"session_id": "0123abcd", "address": address, "network": f"{address}/32", "client_port": 40000,
-             "console_port": 5901, "reasons": ["identity_not_allowed"]}
-    virtguard = {"verdict": "cut", "reasons": ["identity_not_allowed"], "remediate": True, "queued": False,
-                 "session_id": "0123abcd", "phase": "initialize", "snapshot": False,
-                 "remote": {"family": "ipv4", "address": address, "port": 40000, "trusted": True,
-                            "network": f"{address}/32"},
-                 "local_port": 5901, "target_host": "localhost", "block_seconds": 30, "batch": [entry],
-                 "remediation": {"networks": [f"{address}/32"], "console_ports": ["5901"], "nft_table": table,
-                                 "set_size": 1024, "block_seconds": 30, "audit_log": audit_log}}
-    return {"ansible_eda": {"event": {"graphics": graphics, "virtguard": virtguard, "meta": {"hosts": "localhost"}},
-                            "rule": f"rule {dname}", "ruleset": "r"}}
-
-
-def run_playbook(tmp_path: Path, playbook: str, extra_vars: dict[str, Any], *args: str,
-                 ) -> subprocess.CompletedProcess[str]:
-    (tmp_path / "extravars").write_text(yaml.safe_dump(extra_vars))  # as ansible-rulebook writes it
-    (tmp_path / "inventory.yml").write_text(yaml.safe_dump(local_inventory()))
-    env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}",
-               ANSIBLE_COLLECTIONS_PATH=str(ROOT / "build" / "collections"))
-    return subprocess.run([str(VENV_BIN / "ansible-playbook"), "-i", str(tmp_path / "inventory.yml"),
-                           "-e", f"@{tmp_path / 'extravars'}", playbook, *args],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, check=False)
 
 
 @pytest.fixture

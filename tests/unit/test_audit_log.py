@@ -1,6 +1,7 @@
 """The audit log: one JSON object per line, appended, literal text, concurrent writers, whole
 records or nothing (with os.write stood in for where the kernel would fail), symlinks refused,
-and the AuditWriter that takes the filter's audit I/O off the event loop.
+a lock held by another process waited for with a bound (a real flock), and the AuditWriter that
+takes the filter's audit I/O off the event loop, counts every lost record and states the loss.
 
 Real file-size limits and a real full disk: tests/integration/test_audit_log_limits.py."""
 
@@ -9,8 +10,10 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import multiprocessing
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -23,13 +26,17 @@ from typing import Any
 import pytest
 
 from ansible_collections.virtguard.console.plugins.module_utils.audit_log import (
+    BATCH_BYTES,
     AuditError,
+    AuditLockTimeout,
     AuditLog,
     AuditWriter,
     encode_record,
     event_record,
+    lock_holders,
     remediation_record,
 )
+from lab.file_lock import HeldLock, exclusive_lock_free
 
 HOSTILE = "O=Evil\\, Inc,CN={{ lookup(*'pipe~touch /tmp/x'.split('~')) }}\n\"quoted\" \u00e9"
 # Every separator str.splitlines() knows (checked against Python below), "\r\n" included.
@@ -575,3 +582,178 @@ def test_records_left_at_exit_are_written(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     assert int(run.stdout) < 10_000  # the control: the thread had not written everything at exit
     assert [r["n"] for r in lines(path)] == list(range(10_000))
+
+
+# --- the file's lock: never waited for without bound ------------------------------------------
+# Real flock: another process that holds it as a reader would (lab.file_lock.HeldLock, LOCK_SH on
+# a read-only descriptor), or an exclusive lock on another open file description in this process.
+
+
+def append_in_thread(log: AuditLog, record: dict[str, Any]) -> tuple[threading.Thread, list[BaseException]]:
+    """Runs ``log.append(record)`` on a thread (the old, unbounded flock would never return);
+    the list gets what it raised."""
+    raised: list[BaseException] = []
+
+    def append() -> None:
+        try:
+            log.append(record)
+        except BaseException as exc:  # noqa: BLE001 (handed to the test)
+            raised.append(exc)
+
+    thread = threading.Thread(target=append, daemon=True)
+    thread.start()
+    return thread, raised
+
+
+def test_an_append_gives_up_on_a_lock_another_process_holds_and_names_it(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    path.write_bytes(b'{"earlier":1}\n')
+    log = AuditLog(str(path), lock_timeout=0.5)
+    with HeldLock(path) as reader:
+        assert not exclusive_lock_free(path)  # the control: the reader does hold it
+        thread, raised = append_in_thread(log, {"n": 1})
+        thread.join(60)  # a deadline for a hang, not a timing goal
+        assert not thread.is_alive(), "the append waited for the lock without bound"
+    assert len(raised) == 1 and isinstance(raised[0], AuditLockTimeout), raised
+    assert raised[0].lines_written == 0
+    assert f"held by process {reader.pid}" in str(raised[0]) and str(path) in str(raised[0])
+    assert path.read_bytes() == b'{"earlier":1}\n'
+    log.append({"n": 2})  # the reader is gone: the same log writes again
+    log.close()
+    assert lines(path) == [{"earlier": 1}, {"n": 2}]
+
+
+def test_an_exclusive_lock_on_another_descriptor_of_this_process_is_waited_for_with_a_bound(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    holder = os.open(path, os.O_RDONLY | os.O_CREAT, 0o600)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    log = AuditLog(str(path), lock_timeout=0)  # 0: one try
+    try:
+        thread, raised = append_in_thread(log, {"n": 1})
+        thread.join(60)
+        assert not thread.is_alive(), "the append waited for the lock without bound"
+        assert len(raised) == 1 and isinstance(raised[0], AuditLockTimeout), raised
+    finally:
+        os.close(holder)
+        log.close()
+    assert path.read_bytes() == b""
+
+
+def test_a_lock_released_within_the_bound_is_taken_and_nothing_is_lost(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    path.write_bytes(b"")
+    log = AuditLog(str(path), lock_timeout=120)
+    reader = HeldLock(path).hold()
+    try:
+        thread, raised = append_in_thread(log, {"n": 1})
+        thread.join(0.5)
+        assert thread.is_alive()  # the control: it is waiting for the lock, not failed, not written
+        assert path.read_bytes() == b""
+    finally:
+        reader.release()
+    thread.join(60)
+    assert not thread.is_alive() and raised == []
+    log.close()
+    assert lines(path) == [{"n": 1}]
+
+
+def test_a_negative_lock_timeout_is_refused(tmp_path: Path) -> None:
+    for wrong in (-1.0, float("nan")):
+        with pytest.raises(AuditError, match="lock_timeout"):
+            AuditLog(str(tmp_path / "audit.jsonl"), lock_timeout=wrong)
+
+
+def test_lock_holders_names_the_processes_that_hold_a_flock(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    path.write_bytes(b"")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert lock_holders(fd) == []
+        with HeldLock(path) as first, HeldLock(path) as second:  # two readers share the lock
+            assert lock_holders(fd) == sorted([first.pid, second.pid])
+    finally:
+        os.close(fd)
+
+
+# --- the writer under a held lock: every lost record counted, and stated ----------------------
+
+
+class Statements(logging.Handler):
+    """The statements an AuditWriter makes to its ``report`` logger."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+        self.logger = logging.getLogger(f"test.audit.{id(self)}")
+        self.logger.propagate = False
+        self.logger.addHandler(self)
+        self.logger.setLevel(logging.INFO)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def lost_in_all(self) -> list[int]:
+        """The whole loss each statement gave, in order."""
+        return [int(match.group(1)) for message in list(self.messages)
+                for match in [re.search(r"(\d+) record\(s\) lost in all", message)] if match]
+
+
+@pytest.fixture
+def statements() -> Iterator[Statements]:
+    handler = Statements()
+    yield handler
+    handler.logger.removeHandler(handler)
+
+
+def test_records_that_wait_for_a_held_lock_in_vain_are_counted_one_by_one(
+        tmp_path: Path, statements: Statements) -> None:
+    """Records, not writes or batches: more than BATCH_BYTES queue while the thread waits for
+    the lock, so the lost batch spans several writes; every record is counted once."""
+    path = tmp_path / "audit.jsonl"
+    path.write_bytes(b"")
+    record = {"pad": "z" * 1000}
+    count = 3 * BATCH_BYTES // len(encode_record(record))
+    with HeldLock(path):
+        writer = AuditWriter(AuditLog(str(path), fsync="never", lock_timeout=0.5), report=statements.logger)
+        for _record in range(count):
+            writer.submit(record)
+        assert writer.flush(120), "the writer waited for the lock without bound"
+        assert (writer.written, writer.failed) == (0, count)
+        assert writer.error is not None and "cannot lock audit log" in writer.error
+    for n in range(5):
+        writer.submit({"n": n})
+    assert writer.close()
+    assert (writer.written, writer.failed) == (5, count)
+    assert lines(path) == [{"n": n} for n in range(5)]
+    assert statements.lost_in_all()[-1] == count
+    assert any("is written again" in message for message in statements.messages)
+
+
+def test_every_loss_is_stated_even_when_no_record_follows(tmp_path: Path, statements: Statements) -> None:
+    """The first loss is stated at once; later ones within report_interval, with no new record
+    to prompt it: the last statement always gives the whole loss."""
+    path = tmp_path / "audit.jsonl"
+    path.write_bytes(b"")
+    with HeldLock(path):
+        writer = AuditWriter(AuditLog(str(path), fsync="never", lock_timeout=0), report=statements.logger,
+                             report_interval=0.5)
+        writer.submit({"n": 0})
+        assert writer.flush(60)
+        wait_until(lambda: statements.lost_in_all() == [1], "the statement of the first loss")
+        for n in range(1, 8):
+            writer.submit({"n": n})
+            assert writer.flush(60)  # one batch each: seven losses within the interval
+        wait_until(lambda: statements.lost_in_all()[-1:] == [8], "the statement of the later losses")
+        assert writer.failed == 8
+        assert "could not be written since the last report" in statements.messages[-1]
+        assert writer.close()
+    assert path.read_bytes() == b""
+    assert statements.lost_in_all()[-1] == 8
+    assert "closed: 0 record(s) written, 8 record(s) lost in all" in statements.messages[-1]
+
+
+def test_a_record_submitted_after_close_is_stated(tmp_path: Path, statements: Statements) -> None:
+    writer = AuditWriter(AuditLog(str(tmp_path / "audit.jsonl")), report=statements.logger)
+    assert writer.close()
+    writer.submit({"n": 1})
+    assert writer.failed == 1 and statements.lost_in_all() == [1]
