@@ -210,7 +210,8 @@ class HypervisorWatcher:
             LOGGER.exception("%s: cannot take the lifecycle event %r", self.uri, (event, detail))
 
     def on_close(self, _conn: Any, reason: int, _opaque: Any) -> None:
-        self.close_reason = f"connection closed: {CLOSE_REASONS[reason] if 0 <= reason < 4 else reason}"
+        why = CLOSE_REASONS[reason] if 0 <= reason < len(CLOSE_REASONS) else f"reason {reason}"
+        self.close_reason = f"connection closed: {why}"
         LOGGER.warning("%s: %s", self.uri, self.close_reason)
         self.buffer.call_on_loop(self.on_closed)
 
