@@ -67,7 +67,10 @@ async def run(args: dict[str, Any]) -> None:
 
     async def consume() -> None:
         while True:
-            graphics = (await queue.get())["graphics"]
+            event = await queue.get()
+            if "graphics" not in event:  # a health event ({"hypervisor": ...})
+                continue
+            graphics = event["graphics"]
             emit({"uri": graphics["hypervisor"]["uri"], "phase": graphics["phase"],
                   "snapshot": graphics["snapshot"], "node": graphics["remote"]["node"],
                   "service": graphics["remote"]["service"], "session": graphics["session"]["id"]})

@@ -171,6 +171,8 @@ class SourceListener(Listener):
     async def consume(self) -> None:
         while True:
             event = await self.queue.get()
+            if "graphics" not in event:  # a health event ({"hypervisor": ...})
+                continue
             graphics = event["graphics"]
             self.records.append((time.time(), graphics["timestamp"], graphics["phase"], graphics["session"]["id"]))
 

@@ -40,8 +40,10 @@ async def measure(uris: list[str]) -> dict[str, Any]:
             task.result()
             raise RuntimeError("the source stopped")
         if getter in done:
-            graphics = getter.result()["graphics"]
+            graphics = getter.result().get("graphics")
             getter = asyncio.create_task(queue.get())
+            if graphics is None:  # a health event ({"hypervisor": ...})
+                continue
             events += 1
             if graphics["snapshot"]:
                 snapshot_uris.add(graphics["hypervisor"]["uri"])

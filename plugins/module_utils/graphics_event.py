@@ -206,11 +206,30 @@ def clients_from_query_spice(result: Mapping[str, Any] | None) -> list[Client]:
     clients: list[Client] = []
     for channels in by_connection.values():
         main = next((c for c in channels if c.get("channel-type") == SPICE_MAIN_CHANNEL), channels[0])
-        port = result.get("tls-port") if main.get("tls") else result.get("port")
-        local = qemu_address({"family": main.get("family", "ipv4"), "host": result.get("host", ""),
-                              "service": "" if port is None else port})
         ordered = [main] + [channel for channel in channels if channel is not main]
-        remotes = [qemu_address({"family": c.get("family", "ipv4"), "host": c.get("host", ""),
-                                 "service": c.get("port", "")}) for c in ordered]
-        clients.append((local, remotes[0], auth_scheme, [], "spice", remotes))
+        remotes = [_spice_channel_remote(c) for c in ordered]
+        clients.append((_spice_channel_local(result, main), remotes[0], auth_scheme, [], "spice", remotes))
     return clients
+
+
+def spice_channel_locals(result: Mapping[str, Any] | None) -> dict[tuple[str, str], Address]:
+    """The server address of each channel of a ``query-spice`` answer (the plain or the TLS
+    port), by the channel's client address and port (``node``, ``service``)."""
+    if not result or not result.get("enabled"):
+        return {}
+    locals_: dict[tuple[str, str], Address] = {}
+    for channel in result.get("channels", []):
+        remote = _spice_channel_remote(channel)
+        locals_[(remote["node"], remote["service"])] = _spice_channel_local(result, channel)
+    return locals_
+
+
+def _spice_channel_remote(channel: Mapping[str, Any]) -> Address:
+    return qemu_address({"family": channel.get("family", "ipv4"), "host": channel.get("host", ""),
+                         "service": channel.get("port", "")})
+
+
+def _spice_channel_local(result: Mapping[str, Any], channel: Mapping[str, Any]) -> Address:
+    port = result.get("tls-port") if channel.get("tls") else result.get("port")
+    return qemu_address({"family": channel.get("family", "ipv4"), "host": result.get("host", ""),
+                         "service": "" if port is None else port})

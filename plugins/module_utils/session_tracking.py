@@ -13,6 +13,11 @@ first channel of an address with no open session on that domain opens one (it is
 channel: a SPICE client always links it first) and is its primary; the address's later channels
 join it while it has a channel open. A snapshot (QEMU's ``query-spice``: ``connection-id`` and
 ``channel-type``) regroups them exactly.
+
+Every disconnect says what ended it (``ended_by``): ``client`` for a disconnect libvirt reported,
+or a session a snapshot found gone from a domain that still runs; ``domain`` for the sessions of
+a domain that stopped (libvirt reports no disconnect then: destroyed, shut down, saved, crashed,
+migrated away), whether a lifecycle event said so or a snapshot found the domain gone.
 """
 
 from __future__ import annotations
@@ -21,24 +26,29 @@ from typing import AbstractSet, Any, Dict, List, Mapping, NamedTuple, Sequence, 
 
 # (domain, local, remote, auth_scheme, subject) as last seen
 Details = Tuple[Dict[str, Any], Dict[str, Any], Dict[str, Any], str, List[Any]]
+# (local, remote) of one channel
+ChannelAddresses = Tuple[Dict[str, Any], Dict[str, Any]]
 # (session id, the payload's session mapping, details, protocol) for each event a snapshot yields
 SnapshotEntry = Tuple[str, Dict[str, Any], Details, str]
 
 
 class PresentClient(NamedTuple):
-    """One client a snapshot found: its primary channel's details, its protocol, and the ids of
-    all its channels (the primary's id, which is the session id, first)."""
+    """One client a snapshot found: its primary channel's details, its protocol, the ids of all
+    its channels (the primary's id, which is the session id, first) and, in the same order, each
+    channel's (local, remote) addresses (a domain's end reports every channel's disconnect)."""
 
     details: Details
     protocol: str
     channels: Sequence[str]
+    addresses: Sequence[ChannelAddresses] = ()
 
 
 class OpenSession:
     """What is remembered of an open session: enough to report its disconnect later.
     ``start_seen``: the source saw its ``connect`` live, so ``started`` is when it began."""
 
-    __slots__ = ("started", "authenticated", "details", "start_seen", "protocol", "primary", "channels", "group")
+    __slots__ = ("started", "authenticated", "details", "start_seen", "protocol", "primary", "channels", "group",
+                 "addresses")
 
     def __init__(self, started: float, authenticated: bool, details: Details, start_seen: bool, protocol: str,
                  primary: str, group: tuple[str, str] | None) -> None:
@@ -50,12 +60,23 @@ class OpenSession:
         self.primary = primary  # the id of the channel that opened the session
         self.channels: set[str] = {primary}  # the ids of its open channels
         self.group = group  # SPICE: (domain uuid, client address), the key live channels join by
+        # the (local, remote) of each open channel but the primary (whose are in details): what
+        # the disconnects a domain's end stands for report. Empty for VNC, so its events pay nothing.
+        self.addresses: dict[str, ChannelAddresses] = {}
 
 
 def _group_of(protocol: str, details: Details) -> tuple[str, str] | None:
     if protocol != "spice":
         return None
     return (str(details[0].get("uuid", "")), str(details[2].get("node", "")))
+
+
+def _runs(domain: Mapping[str, Any], running: Mapping[str, int]) -> bool:
+    """Whether the domain run a session belongs to still runs: its UUID is among the running
+    domains, with the same id (libvirt gives every start a new id, so a domain stopped and
+    started again while the source was away ended its sessions too)."""
+    dom_id = running.get(str(domain.get("uuid", "")))
+    return dom_id is not None and domain.get("id", dom_id) == dom_id
 
 
 class SessionTracker:
@@ -84,6 +105,7 @@ class SessionTracker:
             if session_id is not None:
                 session = self.sessions[session_id]
                 session.channels.add(channel_id)
+                session.addresses[channel_id] = (details[1], details[2])
                 self.channel_sessions[channel_id] = session_id
                 return session, session_id
         session = OpenSession(now, authenticated, details, start_seen, protocol, channel_id, group)
@@ -130,11 +152,11 @@ class SessionTracker:
             if owner is not None:  # a channel of an open client that opened before the source saw it
                 known = self.sessions[owner]
                 return owner, {"id": owner, "authenticated": known.authenticated, "primary": False,
-                               "channels": len(known.channels)}
+                               "channels": len(known.channels), "ended_by": "client"}
             # Began before the source saw it and no snapshot told us: libvirt repeats the
             # subject on the disconnect of an authenticated session only.
             return channel_id, {"id": channel_id, "authenticated": bool(subject), "primary": True, "channels": 0,
-                                "duration_s": None, "duration_exact": False}
+                                "duration_s": None, "duration_exact": False, "ended_by": "client"}
         session = self.sessions[session_id]
         session.channels.discard(channel_id)
         self.channel_sessions.pop(channel_id, None)
@@ -143,12 +165,44 @@ class SessionTracker:
         if mapping["primary"]:
             mapping["duration_s"] = round(now - session.started, 3)
             mapping["duration_exact"] = session.start_seen  # else a lower bound: it began earlier
+        elif session.addresses:
+            session.addresses.pop(channel_id, None)
+        mapping["ended_by"] = "client"
         if not session.channels:
             self._close(session_id)
         return session_id, mapping
 
-    def reconcile(self, present: Mapping[str, PresentClient], now: float,
-                  touched: AbstractSet[str] = frozenset()) -> tuple[list[SnapshotEntry], list[SnapshotEntry]]:
+    def end_domain(self, domain_uuid: str, now: float) -> list[SnapshotEntry]:
+        """Close every open session of the domain ``domain_uuid``, which stopped at ``now``: the
+        disconnect of each open channel, as libvirt reports a client's (for SPICE the other
+        channels first and the primary last, so the last disconnect has ``channels`` 0 and the
+        primary's carries the session's duration), with ``ended_by: domain``. Returns
+        ``(session_id, session mapping, details of that channel, protocol)`` per disconnect."""
+        ended: list[SnapshotEntry] = []
+        for session_id in [sid for sid, s in self.sessions.items() if s.details[0].get("uuid") == domain_uuid]:
+            session = self._close(session_id)
+            order = sorted(channel for channel in session.channels if channel != session.primary)
+            if session.primary in session.channels:  # a SPICE main channel may have left first
+                order.append(session.primary)
+            domain, local, remote, auth_scheme, subject = session.details
+            if session.protocol == "spice":
+                auth_scheme = ""  # QEMU names no auth scheme on a SPICE disconnect
+            for left, channel_id in enumerate(order, start=1):
+                mapping: dict[str, Any] = {"id": session_id, "authenticated": session.authenticated,
+                                           "primary": channel_id == session.primary, "channels": len(order) - left}
+                if mapping["primary"]:
+                    mapping["duration_s"] = round(now - session.started, 3)
+                    mapping["duration_exact"] = session.start_seen  # the end was seen live
+                    addresses = (local, remote)
+                else:
+                    addresses = session.addresses.get(channel_id, (local, remote))
+                mapping["ended_by"] = "domain"
+                ended.append((session_id, mapping, (domain, addresses[0], addresses[1], auth_scheme, subject),
+                              session.protocol))
+        return ended
+
+    def reconcile(self, present: Mapping[str, PresentClient], now: float, touched: AbstractSet[str] = frozenset(),
+                  running: Mapping[str, int] | None = None) -> tuple[list[SnapshotEntry], list[SnapshotEntry]]:
         """Merge a snapshot into the tracker.
 
         ``present`` maps session id -> every client QEMU reports now. Sessions with a live event
@@ -159,7 +213,10 @@ class SessionTracker:
 
         A session that is gone ended at some moment before ``now`` that the source did not see
         (it was not connected, or not listening): its ``duration_s`` runs to ``now``, an upper
-        bound, hence ``duration_exact`` false.
+        bound, hence ``duration_exact`` false. ``running`` maps the UUID of every domain running
+        at the snapshot to its id: a gone session whose domain run is not among them was ended by
+        the domain (``ended_by: domain``), any other by its client. Without ``running`` (not
+        known), ``client``.
         """
         initialized: list[SnapshotEntry] = []
         for session_id, client in present.items():
@@ -170,7 +227,7 @@ class SessionTracker:
                 session = OpenSession(now, True, client.details, False, client.protocol, session_id,
                                       _group_of(client.protocol, client.details))
                 self.sessions[session_id] = session
-            self._regroup(session_id, session, client.channels)
+            self._regroup(session_id, session, client)
             session.authenticated = True
             if client.details[4] or not session.details[4]:
                 session.details = client.details
@@ -182,23 +239,28 @@ class SessionTracker:
             gone.append((
                 session_id,
                 {"id": session_id, "authenticated": session.authenticated, "primary": True, "channels": 0,
-                 "duration_s": round(now - session.started, 3), "duration_exact": False},
+                 "duration_s": round(now - session.started, 3), "duration_exact": False,
+                 "ended_by": "client" if running is None or _runs(session.details[0], running) else "domain"},
                 session.details,
                 session.protocol,
             ))
         return initialized, gone
 
-    def _regroup(self, session_id: str, session: OpenSession, channels: Sequence[str]) -> None:
-        """Give ``session`` exactly ``channels`` (the snapshot's), taking them from any session
-        the live grouping had put them in."""
+    def _regroup(self, session_id: str, session: OpenSession, client: PresentClient) -> None:
+        """Give ``session`` exactly the snapshot's channels of ``client``, taking them from any
+        session the live grouping had put them in."""
+        channels = client.channels
         for channel_id in session.channels - set(channels):
             if self.channel_sessions.get(channel_id) == session_id:
                 del self.channel_sessions[channel_id]
         session.channels = set(channels) or {session_id}
+        session.addresses = {channel_id: addresses for channel_id, addresses in zip(channels, client.addresses)
+                             if channel_id != session_id}
         for channel_id in session.channels:
             previous = self.channel_sessions.get(channel_id)
             if previous is not None and previous != session_id and previous in self.sessions:
                 self.sessions[previous].channels.discard(channel_id)
+                self.sessions[previous].addresses.pop(channel_id, None)
             self.channel_sessions[channel_id] = session_id
         if session.group is not None:
             self.spice_groups[session.group] = session_id

@@ -49,14 +49,16 @@ class PackedChunk:
 
 class EventBuffer:
     """Between libvirt's callbacks and the queue, in arrival order: live events and the
-    snapshots in between. The first PACK_AFTER events held stay tuples (a steady flow costs
-    nothing more); the events of a backlog beyond that are packed with marshal into memory
-    maps of CHUNK_BYTES (a few hundred bytes an event, none of them a Python object, so the
-    memory a backlog took goes back to the system once the feeder has read it).
+    objects in between (snapshots, domain stops, health events). The first PACK_AFTER events
+    held stay tuples (a steady flow costs nothing more); the events of a backlog beyond that are
+    packed with marshal into memory maps of CHUNK_BYTES (a few hundred bytes an event, none of
+    them a Python object, so the memory a backlog took goes back to the system once the feeder
+    has read it).
 
-    Any thread appends (libvirt's event thread, the loop's for snapshots); one feeder on the
-    loop takes. Both hold ``lock`` briefly. A feeder that finds nothing says so (``waiting``)
-    under the lock, and the append that follows wakes it through the loop, once per batch."""
+    Any thread appends (libvirt's event thread for graphics events and domain stops, the loop's
+    for snapshots and health events); one feeder on the loop takes. Both hold ``lock`` briefly.
+    A feeder that finds nothing says so (``waiting``) under the lock, and the append that
+    follows wakes it through the loop, once per batch."""
 
     CHUNK_BYTES = 1 << 20
     PACK_AFTER = 10_000  # about 10 MB of Python objects at most
@@ -65,7 +67,7 @@ class EventBuffer:
         self.limit = limit
         self.loop = loop
         self.lock = threading.Lock()
-        self.parts: collections.deque[Any] = collections.deque()  # PackedChunk or snapshot, in order
+        self.parts: collections.deque[Any] = collections.deque()  # PackedChunk or object, in order
         self.added = 0
         self.taken = 0
         self.waiting = False
@@ -97,7 +99,8 @@ class EventBuffer:
             self._added()
 
     def append(self, item: object) -> None:
-        """Any thread: an object (a snapshot), kept as it is, in order with the events."""
+        """Any thread: an object (a snapshot, a domain stop, a health event), kept as it is, in
+        order with the events. Never refused: the limit is the graphics callback's to keep."""
         with self.lock:
             self.parts.append(item)
             self._added()

@@ -1,10 +1,12 @@
 # Copyright: virtguard.console contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """One hypervisor as the event source watches it: the connection's life cycle (connect with
-backoff, subscribe, snapshot, wait for close), libvirt's graphics callback (on libvirt's event
-thread, into the EventBuffer), the payloads built from what was buffered (on the loop, in
-arrival order), the snapshot of the clients QEMU already has, and the pause of a hypervisor
-that overflows the buffer. ``feed`` moves the buffered events of every watcher to the queue."""
+backoff, subscribe, snapshot, wait for close) and the health events that report it, libvirt's
+graphics and domain lifecycle callbacks (on libvirt's event thread, into the EventBuffer), the
+payloads built from what was buffered (on the loop, in arrival order), the snapshot of the
+clients QEMU already has, and the pause of a hypervisor that overflows the buffer. ``feed``
+moves the buffered events of every watcher to the queue; ``send_heartbeats`` adds each
+hypervisor's periodic health event to them."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import concurrent.futures
 import json
 import logging
 import time
-from typing import Any
+from typing import Any, Dict
 
 from ansible_collections.virtguard.console.plugins.module_utils.graphics_event import (
     address,
@@ -24,9 +26,22 @@ from ansible_collections.virtguard.console.plugins.module_utils.graphics_event i
     live_protocol,
     phase_name,
     session_id_for,
+    spice_channel_locals,
     spice_ports,
 )
-from ansible_collections.virtguard.console.plugins.module_utils.session_tracking import PresentClient, SessionTracker
+from ansible_collections.virtguard.console.plugins.module_utils.hypervisor_health import (
+    CONNECTED,
+    RECONNECTING,
+    UNREACHABLE,
+    HealthPayload,
+    HeartbeatClock,
+    HypervisorHealth,
+)
+from ansible_collections.virtguard.console.plugins.module_utils.session_tracking import (
+    ChannelAddresses,
+    PresentClient,
+    SessionTracker,
+)
 from ansible_collections.virtguard.console.plugins.plugin_utils.event_buffer import EventBuffer
 from ansible_collections.virtguard.console.plugins.plugin_utils.libvirt_binding import (
     GraphicsAddress,
@@ -42,22 +57,69 @@ from ansible_collections.virtguard.console.plugins.plugin_utils.source_arguments
 
 LOGGER = logging.getLogger("virtguard.console.libvirt_graphics")  # the source's one logger
 
+# virConnectCloseReason, as numbered by libvirt
+CLOSE_REASONS = ("error", "end of file (the daemon went away)", "keepalive timeout", "closed by the client")
+# virDomainEventStoppedDetailType, as numbered by libvirt
+STOPPED_DETAILS = ("shutdown", "destroyed", "crashed", "migrated", "saved", "failed", "from snapshot")
+
+Payload = Dict[str, Dict[str, Any]]
+
 
 def now_iso() -> str:
     return iso_timestamp_utc(time.time())
 
 
+# What the buffer holds besides live graphics events (tuples), in arrival order with them; the
+# feeder asks each for its events with payloads().
 class Snapshot:
     """The clients QEMU reported on one hypervisor at one moment, to be merged in order."""
 
-    __slots__ = ("watcher", "present", "spice_ports", "generation")
+    __slots__ = ("watcher", "present", "spice_ports", "generation", "running")
 
     def __init__(self, watcher: HypervisorWatcher, present: dict[str, PresentClient],
-                 spice_ports: dict[str, set[str]], generation: int):
+                 spice_ports: dict[str, set[str]], generation: int, running: dict[str, int] | None = None):
         self.watcher = watcher
         self.present = present
         self.spice_ports = spice_ports  # domain UUID -> its SPICE server's ports
         self.generation = generation
+        self.running = running  # domain UUID -> id, of every domain running then (None: not known)
+
+    def payloads(self) -> list[Payload]:
+        return self.watcher.snapshot_payloads(self)
+
+
+class DomainStopped:
+    """A domain of one hypervisor stopped (lifecycle event STOPPED): its sessions have ended,
+    though libvirt reports no disconnect for them."""
+
+    __slots__ = ("watcher", "wall", "name", "uuid", "detail")
+
+    def __init__(self, watcher: HypervisorWatcher, wall: float, name: str, uuid: str, detail: int):
+        self.watcher = watcher
+        self.wall = wall
+        self.name = name
+        self.uuid = uuid
+        self.detail = detail
+
+    def payloads(self) -> list[Payload]:
+        return self.watcher.domain_stopped_payloads(self)
+
+
+class HealthEvent:
+    """A health event of one hypervisor (hypervisor_health), built when its state changed or its
+    heartbeat was due."""
+
+    __slots__ = ("watcher", "payload", "heartbeat")
+
+    def __init__(self, watcher: HypervisorWatcher, payload: HealthPayload, heartbeat: bool):
+        self.watcher = watcher
+        self.payload = payload
+        self.heartbeat = heartbeat
+
+    def payloads(self) -> list[Payload]:
+        if self.heartbeat:
+            self.watcher.heartbeat_pending = False
+        return [self.payload]
 
 
 class HypervisorWatcher:
@@ -86,7 +148,13 @@ class HypervisorWatcher:
         self.overflowed = False
         self.dropped = 0
         self.callback_id = -1
+        self.lifecycle_callback_id = -1
         self.on_libvirt_graphics = graphics_callback(self.on_graphics, uri)
+        # domains (UUIDs) that stopped since the snapshot in flight was taken: its clients there are gone
+        self.stopped_since_snapshot: set[str] = set()
+        self.close_reason = "connection closed"
+        self.health = HypervisorHealth(uri)
+        self.heartbeat_pending = False  # a heartbeat of this hypervisor waits in the buffer
 
     # -- libvirt callbacks (libvirt's event thread: never block, never raise, and reach the
     #    loop's objects through call_soon_threadsafe only). libvirt-python calls
@@ -128,8 +196,23 @@ class HypervisorWatcher:
         self.uuids[(name, dom_id)] = uuid
         return uuid
 
+    def on_lifecycle(self, _conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
+        """A domain started, paused, stopped...: only a stop ends its console sessions (a paused
+        domain keeps its clients). Rare, so the UUID is asked each time (``ID()`` is -1 once a
+        domain has stopped: the graphics callback's cache cannot tell it)."""
+        if event != libvirt.VIR_DOMAIN_EVENT_STOPPED:
+            return
+        try:
+            name = dom.name()
+            if self.config.watches_domain(name):
+                self.buffer.append(DomainStopped(self, time.time(), name, dom.UUIDString(), detail))
+        except Exception:  # never raise into libvirt
+            LOGGER.exception("%s: cannot take the lifecycle event %r", self.uri, (event, detail))
+
     def on_close(self, _conn: Any, reason: int, _opaque: Any) -> None:
-        LOGGER.warning("%s: connection closed (reason %s)", self.uri, reason)
+        why = CLOSE_REASONS[reason] if 0 <= reason < len(CLOSE_REASONS) else f"reason {reason}"
+        self.close_reason = f"connection closed: {why}"
+        LOGGER.warning("%s: %s", self.uri, self.close_reason)
         self.buffer.call_on_loop(self.on_closed)
 
     def on_closed(self) -> None:
@@ -138,7 +221,7 @@ class HypervisorWatcher:
 
     # -- payloads (called by the feeder, in arrival order) --------------------------------
     def live_payload(self, wall: float, name: str, uuid: str, dom_id: int, phase: int, local: GraphicsAddress,
-                     remote: GraphicsAddress, auth_scheme: str, subject: GraphicsSubject) -> dict[str, dict[str, Any]]:
+                     remote: GraphicsAddress, auth_scheme: str, subject: GraphicsSubject) -> Payload:
         domain = {"name": name, "uuid": uuid, "id": dom_id}
         remote_address = address(remote)
         local_address = address(local)
@@ -155,20 +238,60 @@ class HypervisorWatcher:
         return graphics_payload(phase_text, timestamp, self.hypervisor, domain, local_address, remote_address,
                                 auth_scheme, subject, session, protocol=protocol)
 
-    def snapshot_payloads(self, snap: Snapshot) -> list[dict[str, dict[str, Any]]]:
+    def domain_stopped_payloads(self, stop: DomainStopped) -> list[Payload]:
+        """The disconnects of every open session (every channel) of a domain that stopped."""
+        ended = self.sessions.end_domain(stop.uuid, time.monotonic())
+        self.spice_ports.pop(stop.uuid, None)  # a new start may serve other ports
+        if self.touched_since_snapshot is not None:
+            self.stopped_since_snapshot.add(stop.uuid)
+            self.touched_since_snapshot.update(session_id for session_id, *_rest in ended)
+        detail = STOPPED_DETAILS[stop.detail] if 0 <= stop.detail < len(STOPPED_DETAILS) else str(stop.detail)
+        if ended:
+            LOGGER.info("%s: domain %s stopped (%s): %d console session(s) ended", self.uri, stop.name, detail,
+                        len({session_id for session_id, *_rest in ended}))
+        timestamp = iso_timestamp_utc(stop.wall)
+        return [graphics_payload("disconnect", timestamp, self.hypervisor, domain, local, remote, auth_scheme,
+                                 subject, session, protocol=protocol)
+                for _sid, session, (domain, local, remote, auth_scheme, subject), protocol in ended]
+
+    def snapshot_payloads(self, snap: Snapshot) -> list[Payload]:
         if snap.generation != self.snapshot_generation:
             return []  # superseded by a later snapshot of the same hypervisor
         touched = self.touched_since_snapshot or set()
         self.touched_since_snapshot = None
+        stopped, self.stopped_since_snapshot = self.stopped_since_snapshot, set()
         self.spice_ports = snap.spice_ports
-        initialized, gone = self.sessions.reconcile(snap.present, time.monotonic(), touched)
+        present = snap.present
+        if stopped:  # clients QEMU listed just before their domain stopped
+            present = {sid: client for sid, client in present.items() if client.details[0]["uuid"] not in stopped}
+        initialized, gone = self.sessions.reconcile(present, time.monotonic(), touched, snap.running)
         timestamp = now_iso()
-        payloads: list[dict[str, dict[str, Any]]] = []
+        payloads: list[Payload] = []
         for phase, entries in (("initialize", initialized), ("disconnect", gone)):
             for _sid, session, (domain, local, remote, auth_scheme, subject), protocol in entries:
                 payloads.append(graphics_payload(phase, timestamp, self.hypervisor, domain, local, remote,
                                                  auth_scheme, subject, session, snapshot=True, protocol=protocol))
         return payloads
+
+    # -- health (on the loop) ---------------------------------------------------------------
+    def enter(self, state: str, reason: str | None) -> None:
+        """Enter a health state: a change is logged and reported (``changed: true``), in order
+        with this hypervisor's other events; the same state again is no news."""
+        previous = self.health.state
+        payload = self.health.change(state, reason, time.time())
+        if payload is None:
+            return
+        LOGGER.log(logging.INFO if self.health.first_connection else logging.WARNING,
+                   "%s: hypervisor %s (was %s)%s", self.uri, state, previous, f": {reason}" if reason else "")
+        self.buffer.append(HealthEvent(self, payload, heartbeat=False))
+
+    def send_heartbeat(self) -> None:
+        """Report the current state (``changed: false``), unless this hypervisor's previous
+        heartbeat still waits in the buffer (a stalled queue): they never pile up."""
+        if self.heartbeat_pending:
+            return
+        self.heartbeat_pending = True
+        self.buffer.append(HealthEvent(self, self.health.heartbeat(time.time()), heartbeat=True))
 
     # -- connection life cycle --------------------------------------------------------------
     async def run(self) -> None:
@@ -182,6 +305,8 @@ class HypervisorWatcher:
                 # miss the heal of a partition by that much: try again at the next turn instead
                 LOGGER.warning("%s: %s:%d did not answer within %.1fs; retrying in %.1fs", self.uri, *endpoint,
                                self.config.connect_timeout, delay)
+                self.enter(UNREACHABLE, f"{endpoint[0]}:{endpoint[1]} did not answer within "
+                                        f"{self.config.connect_timeout:g}s")
                 await asyncio.sleep(max(0.0, delay - self.config.connect_timeout))
                 delay = min(delay * 2, self.config.reconnect_max_delay)
                 continue
@@ -190,18 +315,24 @@ class HypervisorWatcher:
                 self.conn = await loop.run_in_executor(self.executor, libvirt.open, self.uri)
             except libvirt.libvirtError as exc:
                 LOGGER.warning("%s: cannot connect (%s); retrying in %.1fs", self.uri, exc, delay)
+                self.enter(RECONNECTING, f"cannot connect: {exc}")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.config.reconnect_max_delay)
                 continue
+            self.close_reason = "connection closed"
             try:
                 await self.watch(loop)
                 delay = self.config.reconnect_delay
+                reason = self.close_reason
             except libvirt.libvirtError as exc:
                 LOGGER.warning("%s: connection lost (%s)", self.uri, exc)
-            except Exception:  # never let one hypervisor's failure end its watch for good
+                reason = f"connection lost: {exc}"
+            except Exception as exc:  # never let one hypervisor's failure end its watch for good
                 LOGGER.exception("%s: unexpected error; reconnecting", self.uri)
+                reason = f"unexpected error: {exc!r}"
             finally:
                 await self.disconnect(loop)
+            self.enter(RECONNECTING, reason)
             LOGGER.info("%s: reconnecting in %.1fs", self.uri, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.config.reconnect_max_delay)
@@ -216,6 +347,8 @@ class HypervisorWatcher:
         self.callback_id = self.subscribe(conn)
         self.hypervisor = {"uri": self.uri, "hostname": await loop.run_in_executor(self.executor, conn.getHostname)}
         LOGGER.info("%s: watching graphics events on %s", self.uri, self.hypervisor["hostname"])
+        self.health.hostname = self.hypervisor["hostname"]
+        self.enter(CONNECTED, None)  # before the snapshot, whose events follow it
         if self.config.snapshot:
             await self.take_snapshot(loop)
         while True:
@@ -228,7 +361,9 @@ class HypervisorWatcher:
             await self.wakeup.wait()
 
     def subscribe(self, conn: Any) -> int:
-        """Register the graphics callback: once, then drop it and register it again.
+        """Register the graphics callback: once, then drop it and register it again; then the
+        lifecycle callback (``lifecycle_callback_id``), after that dance, which needs this
+        connection to have no other listener for a moment.
 
         libvirt (seen with 9.0; the race is in virObjectEventStateQueueRemote) can keep an event
         stuck in a daemon's queue when the last listener leaves just as QEMU reports one, for
@@ -241,6 +376,9 @@ class HypervisorWatcher:
         conn.domainEventDeregisterAny(first)
         callback_id: int = conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_GRAPHICS,
                                                        self.on_libvirt_graphics, None)
+        # a domain that stops raises no graphics disconnect for its clients: its lifecycle event tells
+        self.lifecycle_callback_id = conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+                                                                 self.on_lifecycle, None)
         return callback_id
 
     async def resume_after_overflow(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -259,16 +397,19 @@ class HypervisorWatcher:
         generation = self.snapshot_generation
         # Live events from here on win over what the snapshot says about the same session.
         self.touched_since_snapshot = set()
-        present, ports = await loop.run_in_executor(self.executor, self.query_clients, self.conn)
-        self.buffer.append(Snapshot(self, present, ports, generation))
+        self.stopped_since_snapshot = set()
+        present, ports, running = await loop.run_in_executor(self.executor, self.query_clients, self.conn)
+        self.buffer.append(Snapshot(self, present, ports, generation, running))
 
-    def query_clients(self, conn: Any) -> tuple[dict[str, PresentClient], dict[str, set[str]]]:
-        """Blocking: every console client QEMU reports, keyed by session id, and each domain's
-        SPICE ports by domain UUID (executor thread)."""
+    def query_clients(self, conn: Any) -> tuple[dict[str, PresentClient], dict[str, set[str]], dict[str, int]]:
+        """Blocking: every console client QEMU reports, keyed by session id, each domain's SPICE
+        ports by domain UUID, and the id of every running domain by UUID (executor thread)."""
         present: dict[str, PresentClient] = {}
         ports: dict[str, set[str]] = {}
-        for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
-            domain = {"name": dom.name(), "uuid": dom.UUIDString(), "id": dom.ID()}
+        listed = [(dom, {"name": dom.name(), "uuid": dom.UUIDString(), "id": dom.ID()})
+                  for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)]
+        running = {domain["uuid"]: domain["id"] for _dom, domain in listed}
+        for dom, domain in listed:
             if not self.config.watches_domain(domain["name"]):
                 continue
             for command, parse in (("query-vnc", clients_from_query_vnc), ("query-spice", clients_from_query_spice)):
@@ -278,24 +419,31 @@ class HypervisorWatcher:
                     if exc.get_error_code() == libvirt.VIR_ERR_OPERATION_DENIED:
                         LOGGER.warning("%s: no snapshot of console clients: %s (the source needs a "
                                        "read-write connection)", self.uri, exc)
-                        return present, ports
+                        return present, ports, running
                     if command == "query-vnc" or "CommandNotFound" not in str(exc):
                         LOGGER.debug("%s: %s on %s failed: %s", self.uri, command, domain["name"], exc)
                     continue
                 result = json.loads(answer).get("return")
+                channel_locals = {}
                 if command == "query-spice":
                     ports[domain["uuid"]] = spice_ports(result)
+                    channel_locals = spice_channel_locals(result)
                 for local, remote, auth_scheme, subject, protocol, channel_remotes in parse(result):
                     channels = [session_id_for(self.uri, domain["uuid"], channel) for channel in channel_remotes]
+                    addresses: list[ChannelAddresses] = [
+                        (channel_locals.get((channel["node"], channel["service"]), local), channel)
+                        for channel in channel_remotes]
                     present[channels[0]] = PresentClient((domain, local, remote, auth_scheme, subject), protocol,
-                                                         channels)
-        return present, ports
+                                                         channels, addresses)
+        return present, ports, running
 
     async def disconnect(self, loop: asyncio.AbstractEventLoop) -> None:
         conn, self.conn = self.conn, None
         if conn is None:
             return
-        for undo in (lambda: conn.domainEventDeregisterAny(self.callback_id), conn.unregisterCloseCallback):
+        for undo in (lambda: conn.domainEventDeregisterAny(self.callback_id),
+                     lambda: conn.domainEventDeregisterAny(self.lifecycle_callback_id),
+                     conn.unregisterCloseCallback):
             try:
                 undo()
             except (libvirt.libvirtError, AttributeError):
@@ -328,8 +476,13 @@ async def feed(queue: asyncio.Queue[dict[str, Any]], buffer: EventBuffer) -> Non
     """Move events from the buffer to the queue in arrival order, waiting for room."""
     while True:
         item = await buffer.get()
-        if isinstance(item, Snapshot):
-            for payload in item.watcher.snapshot_payloads(item):
+        if not isinstance(item, tuple):  # a Snapshot, DomainStopped or HealthEvent
+            try:
+                payloads = item.payloads()
+            except Exception:  # one failure must not stop the others
+                LOGGER.exception("%s: cannot build the events of %s", item.watcher.uri, type(item).__name__)
+                continue
+            for payload in payloads:
                 await queue.put(payload)
             continue
         watcher = buffer.watchers[item[0]]
@@ -339,3 +492,14 @@ async def feed(queue: asyncio.Queue[dict[str, Any]], buffer: EventBuffer) -> Non
             LOGGER.exception("%s: cannot build the event for %r", watcher.uri, item[5:])
             continue
         await queue.put(payload)
+
+
+async def send_heartbeats(watchers: list[HypervisorWatcher], interval: float) -> None:
+    """Every ``interval`` seconds, each hypervisor's health event with ``changed: false``,
+    whatever its connection does (a filter uses them as a clock)."""
+    clock = HeartbeatClock(interval, time.monotonic())
+    while True:
+        await asyncio.sleep(clock.delay(time.monotonic()))
+        if clock.due(time.monotonic()):
+            for watcher in watchers:
+                watcher.send_heartbeat()

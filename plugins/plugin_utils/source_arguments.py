@@ -43,7 +43,13 @@ SOURCE_OPTIONS = (
            description="Report the clients already connected at every (re)connection."),
     Option("max_buffered_events", "int", default=100000, minimum=1,
            description="Events held between libvirt and the queue before a hypervisor is paused."),
+    Option("heartbeat_interval", "float", default=10.0, minimum=0,
+           description="Seconds between the periodic health events of each hypervisor (changed: false); 0 "
+                       "switches them off (the events of a change of state stay)."),
 )
+
+# The shortest heartbeat interval: faster beats would only load the rule engine.
+MIN_HEARTBEAT_INTERVAL = 0.1
 
 
 class SourceArguments:
@@ -89,6 +95,10 @@ class SourceArguments:
                                               f"reconnect_delay ({self.reconnect_delay:g})")
         self.snapshot: bool = checked["snapshot"]
         self.max_buffered_events: int = checked["max_buffered_events"]
+        self.heartbeat_interval: float = checked["heartbeat_interval"]
+        if 0 < self.heartbeat_interval < MIN_HEARTBEAT_INTERVAL:
+            raise fail("heartbeat_interval", f"must be 0 (off) or at least {MIN_HEARTBEAT_INTERVAL:g}, "
+                                             f"got {given_value('heartbeat_interval')}")
 
     def watches_domain(self, name: str) -> bool:
         """Whether ``domains`` lets the domain called ``name`` through (all, without patterns)."""

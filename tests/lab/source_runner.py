@@ -13,6 +13,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -42,12 +43,16 @@ def source_plugin() -> ModuleType:
 
 
 class SourceRun:
-    """``async with SourceRun(args) as run:`` starts the source; ``run.events`` fills up."""
+    """``async with SourceRun(args) as run:`` starts the source; ``run.events`` fills up with
+    its graphics events (``event["graphics"]``), ``run.health`` with its health events
+    (``event["hypervisor"]``)."""
 
     def __init__(self, args: dict[str, Any], maxsize: int = 1):
         self.args = args
         self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=maxsize)
         self.events: list[dict[str, Any]] = []
+        self.health: list[dict[str, Any]] = []
+        self.others: list[dict[str, Any]] = []  # any other event the source put on the queue
         self._new = asyncio.Event()
         self.draining = asyncio.Event()  # clear it to stall the consumer, as a busy engine would
         self.draining.set()
@@ -66,17 +71,33 @@ class SourceRun:
         while True:
             await self.draining.wait()
             event = await self.queue.get()
-            self.events.append(event["graphics"])
+            if "graphics" in event:
+                self.events.append(event["graphics"])
+            elif "hypervisor" in event:
+                self.health.append(event["hypervisor"])
+            else:
+                self.others.append(event)
             self._new.set()
 
     def matching(self, **where: Any) -> list[dict[str, Any]]:
         return [e for e in self.events if all(_get(e, k) == v for k, v in where.items())]
 
+    def health_matching(self, **where: Any) -> list[dict[str, Any]]:
+        return [e for e in self.health if all(_get(e, k) == v for k, v in where.items())]
+
     async def wait_for(self, count: int = 1, timeout: float = 30, **where: Any) -> list[dict[str, Any]]:
-        """Wait until ``count`` events match ``where`` (keys use __ for nesting: remote__service)."""
+        """Wait until ``count`` graphics events match ``where`` (keys use __ for nesting: remote__service)."""
+        return await self._wait(self.matching, count, timeout, where)
+
+    async def wait_for_health(self, count: int = 1, timeout: float = 30, **where: Any) -> list[dict[str, Any]]:
+        """Wait until ``count`` health events match ``where`` (state="connected", changed=True...)."""
+        return await self._wait(self.health_matching, count, timeout, where)
+
+    async def _wait(self, matching: Callable[..., list[dict[str, Any]]], count: int, timeout: float,
+                    where: dict[str, Any]) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout
         while True:
-            found = self.matching(**where)
+            found: list[dict[str, Any]] = matching(**where)
             if len(found) >= count:
                 return found
             if self.task.done():
@@ -85,7 +106,8 @@ class SourceRun:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise AssertionError(f"timed out waiting for {count} events matching {where}; "
-                                     f"have {len(found)}; last events: {self.events[-5:]}")
+                                     f"have {len(found)}; last events: {self.events[-5:]}; "
+                                     f"last health events: {self.health[-3:]}")
             self._new.clear()
             try:
                 await asyncio.wait_for(self._new.wait(), remaining)
@@ -181,7 +203,9 @@ class HandRun:
             except queue.Empty:
                 raise AssertionError(f"{len(found)} of {count} events matching {where} printed; "
                                      f"log: {''.join(self.log[-20:])}") from None
-            graphics = json.loads(line)["graphics"]
+            graphics = json.loads(line).get("graphics")
+            if graphics is None:  # a health event ({"hypervisor": ...})
+                continue
             if all(_get(graphics, k) == v for k, v in where.items()):
                 found.append(graphics)
         return found

@@ -102,7 +102,8 @@ def test_tracker_live_session():
     assert tracker.observe("s", "initialize", 10.5, details())[1] == {"id": "s", "authenticated": True,
                                                                       "primary": True, "channels": 1}
     assert tracker.observe("s", "disconnect", 12.25, details())[1] == {
-        "id": "s", "authenticated": True, "primary": True, "channels": 0, "duration_s": 2.25, "duration_exact": True}
+        "id": "s", "authenticated": True, "primary": True, "channels": 0, "duration_s": 2.25, "duration_exact": True,
+        "ended_by": "client"}
     assert len(tracker) == 0 and not tracker.channel_sessions
 
 
@@ -111,7 +112,8 @@ def test_tracker_failed_authentication_and_unknown_disconnects():
     tracker.observe("s", "connect", 1.0, details())
     assert tracker.observe("s", "disconnect", 2.0, details())[1]["authenticated"] is False
     assert tracker.observe("u", "disconnect", 3.0, details([("saslUsername", "x")]))[1] == {
-        "id": "u", "authenticated": True, "primary": True, "channels": 0, "duration_s": None, "duration_exact": False}
+        "id": "u", "authenticated": True, "primary": True, "channels": 0, "duration_s": None, "duration_exact": False,
+        "ended_by": "client"}
 
 
 def spice_events(tracker: SessionTracker, channel: str, phases: str, now: float, remote=None, uuid="u-1"):
@@ -135,7 +137,7 @@ def test_the_channels_of_a_spice_client_are_one_session_whose_primary_is_the_mai
     assert all(end["primary"] is False and "duration_s" not in end for _sid, end in ends)
     [(sid, last)] = spice_events(tracker, "main", "disconnect", 7.5)
     assert (sid, last) == ("main", {"id": "main", "authenticated": True, "primary": True, "channels": 0,
-                                    "duration_s": 6.5, "duration_exact": True})
+                                    "duration_s": 6.5, "duration_exact": True, "ended_by": "client"})
     assert len(tracker) == 0 and not tracker.channel_sessions and not tracker.spice_groups
 
 
@@ -227,7 +229,7 @@ def test_a_disconnect_found_by_a_snapshot_is_an_upper_bound():
     _initialized, [(session_id, session, _details, protocol)] = tracker.reconcile({}, 68.7)
     assert (session_id, protocol) == ("s", "vnc")
     assert session == {"id": "s", "authenticated": True, "primary": True, "channels": 0, "duration_s": 58.7,
-                       "duration_exact": False}
+                       "duration_exact": False, "ended_by": "client"}
 
 
 async def test_the_payload_of_a_disconnect_found_by_a_snapshot_says_its_duration_is_not_exact():

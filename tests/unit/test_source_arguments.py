@@ -26,6 +26,7 @@ def test_defaults():
     assert (config.reconnect_delay, config.reconnect_max_delay) == (1.0, 60.0)
     assert config.snapshot is True
     assert config.max_buffered_events == 100000
+    assert config.heartbeat_interval == 10.0
 
 
 def test_defaults_are_not_shared_between_runs():
@@ -69,11 +70,21 @@ def test_null_arguments_take_their_defaults():
     ({"snapshot": "1"}, "snapshot"),
     ({"snapshot": 0}, "snapshot"),
     ({"max_buffered_events": 0}, "max_buffered_events"),
+    ({"heartbeat_interval": -1}, "heartbeat_interval"),
+    ({"heartbeat_interval": 0.05}, "heartbeat_interval"),
+    ({"heartbeat_interval": "often"}, "heartbeat_interval"),
+    ({"heartbeat_interval": False}, "heartbeat_interval"),
     ({"uris": "qemu:///system"}, "uris"),
 ])
 def test_bad_arguments_name_what_is_wrong(args, names):
     with pytest.raises(ArgumentError, match=f"virtguard.console.libvirt_graphics: .*{names}"):
         SourceArguments(args)
+
+
+def test_heartbeats_can_be_switched_off_or_come_as_often_as_asked():
+    assert SourceArguments({"heartbeat_interval": 0}).heartbeat_interval == 0
+    assert SourceArguments({"heartbeat_interval": "0.5"}).heartbeat_interval == 0.5
+    assert SourceArguments({"heartbeat_interval": 60}).heartbeat_interval == 60
 
 
 def test_the_argument_error_is_the_one_every_plugin_raises():

@@ -1,8 +1,10 @@
 """libvirt_graphics: who opens the graphical consoles (VNC, SPICE) of libvirt domains.
 
 An ansible-rulebook event source: one connection per libvirt URI, libvirt's graphics
-events (connect, initialize, disconnect) as ``{"graphics": {...}}`` events, and a snapshot of
-the clients already connected whenever a connection is (re)established. The work is done in
+events (connect, initialize, disconnect) as ``{"graphics": {...}}`` events, a snapshot of
+the clients already connected whenever a connection is (re)established, the disconnect of every
+session of a domain that stops, and the health of each connection as ``{"hypervisor": {...}}``
+events. The work is done in
 plugins/plugin_utils/ (source_arguments, event_buffer, hypervisor_watcher, libvirt_binding,
 libvirt_event_loop); this file is the plugin: its documentation and ``main(queue, args)``.
 
@@ -24,8 +26,16 @@ description:
     console clients that QEMU already has (C(query-vnc), C(query-spice)) as C(initialize)
     events with C(snapshot=true), and the sessions it knew of that are gone as
     C(disconnect) events with C(snapshot=true).
+  - "A domain that stops (shut down, destroyed, crashed, saved, migrated away: libvirt's lifecycle
+    event C(VIR_DOMAIN_EVENT_STOPPED)) ends its console sessions, though libvirt reports no graphics
+    disconnect for them: the source reports the C(disconnect) of every open channel of each, with
+    C(session.ended_by=domain). A paused domain keeps its clients."
   - A hypervisor that is down or unreachable is retried with exponential backoff; the other
     URIs keep working.
+  - "The state of each connection (C(connecting), C(connected), C(reconnecting), C(unreachable)) is
+    reported as C({\"hypervisor\": {...}}) events: one with C(changed=true) at every change, logged at
+    WARNING (INFO for the first C(connected)), and one with C(changed=false) every O(heartbeat_interval)
+    seconds."
   - Events are never dropped between libvirt and the queue. libvirt's default event loop runs
     in one thread of the process; its callback appends to an in-memory buffer and one task
     feeds the queue with backpressure. The buffer holds at
@@ -88,6 +98,13 @@ options:
         an event, in memory given back to the system once read.
     type: int
     default: 100000
+  heartbeat_interval:
+    description:
+      - Seconds between the periodic health events of each hypervisor (C(changed=false), the current
+        state), which come whatever the connection does; a filter can use them as a clock.
+        C(0) switches them off; the events of a change of state stay. Otherwise at least C(0.1).
+    type: float
+    default: 10
 """
 
 EXAMPLES = r"""
@@ -159,11 +176,31 @@ graphics:
         duration_exact:
           description:
             - On C(disconnect) only. True when the source saw the session begin (C(connect)) and end
-              (this live C(disconnect)), so C(duration_s) is its length.
+              (this live C(disconnect), or its domain's stop), so C(duration_s) is its length.
             - False otherwise. A disconnect found by a snapshot (the session ended while the source was
               not connected) has an upper bound as C(duration_s); a session first seen by a snapshot
               or after its C(connect) has a lower bound.
           type: bool
+        ended_by:
+          description:
+            - On every C(disconnect). C(client) for a disconnect libvirt reported (and a session a snapshot
+              found gone from a domain that still runs); C(domain) when the session's domain stopped
+              (lifecycle event, or a snapshot that found the domain's run gone).
+          type: str
+hypervisor:
+  description:
+    - The health of one hypervisor's connection, put on the queue as C(event.hypervisor) (no C(graphics)
+      key). docs/payload.md describes it.
+  type: dict
+  returned: at every change of state, and every O(heartbeat_interval) seconds
+  contains:
+    uri: {description: The URI as configured., type: str}
+    hostname: {description: The host name libvirt gave at the last connection; null before the first., type: str}
+    state: {description: "C(connecting), C(connected), C(reconnecting) or C(unreachable).", type: str}
+    previous: {description: The state before the current one; null while C(connecting)., type: str}
+    changed: {description: True when the state just changed; false on the periodic events., type: bool}
+    reason: {description: Why the current state was entered (null for C(connected))., type: str}
+    timestamp: {description: ISO-8601 in UTC, when the source made the event., type: str}
 """
 
 import asyncio
@@ -205,6 +242,7 @@ from ansible_collections.virtguard.console.plugins.plugin_utils.event_buffer imp
 from ansible_collections.virtguard.console.plugins.plugin_utils.hypervisor_watcher import (  # noqa: E402
     HypervisorWatcher,
     feed,
+    send_heartbeats,
 )
 from ansible_collections.virtguard.console.plugins.plugin_utils.libvirt_binding import (  # noqa: E402
     LIBVIRT_IMPORT_ERROR,
@@ -220,7 +258,8 @@ from ansible_collections.virtguard.console.plugins.plugin_utils.source_arguments
 
 
 async def main(queue: asyncio.Queue[dict[str, Any]], args: dict[str, Any]) -> None:
-    """Watch the graphics events of every configured hypervisor until cancelled."""
+    """Watch the graphics and lifecycle events of every configured hypervisor, and report the
+    health of each connection, until cancelled."""
     config = SourceArguments(args)
     if LIBVIRT_IMPORT_ERROR is not None:
         raise RuntimeError(f"libvirt-python is required: {LIBVIRT_IMPORT_ERROR}")
@@ -233,6 +272,9 @@ async def main(queue: asyncio.Queue[dict[str, Any]], args: dict[str, Any]) -> No
                                                      thread_name_prefix="libvirt_graphics connect")
     watchers = [HypervisorWatcher(uri, config, buffer, executor) for uri in config.uris]
     tasks = [asyncio.create_task(w.run(), name=f"libvirt_graphics {w.uri}") for w in watchers]
+    if config.heartbeat_interval:
+        tasks.append(asyncio.create_task(send_heartbeats(watchers, config.heartbeat_interval),
+                                         name="libvirt_graphics heartbeats"))
     try:
         await feed(queue, buffer)
     finally:
