@@ -213,7 +213,7 @@ class AuditLog:
                  write: WriteFunction = os.write, lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> None:
         if fsync not in FSYNC_POLICIES:
             raise AuditError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}, got {fsync!r}")
-        if not lock_timeout >= 0:  # NaN too
+        if math.isnan(lock_timeout) or lock_timeout < 0:
             raise AuditError(f"lock_timeout must be 0 or more seconds, got {lock_timeout!r}")
         self.path = path
         self.fsync = fsync

@@ -25,6 +25,7 @@ from ansible_collections.virtguard.console.plugins.module_utils.console_policy i
     ConsolePolicy,
     PolicyError,
 )
+from ansible_collections.virtguard.console.plugins.module_utils.identity_policy import identity_forms
 from ansible_collections.virtguard.console.plugins.module_utils.ip_addresses import (
     DEFAULT_SET_SIZE,
     MAX_BLOCK_SECONDS,
@@ -41,16 +42,15 @@ from ansible_collections.virtguard.console.plugins.module_utils.plugin_arguments
 from ansible_collections.virtguard.console.plugins.module_utils.remediation_batches import (
     RemediationBatches,
 )
+from ansible_collections.virtguard.console.plugins.module_utils.remediation_targets import (
+    missing_targets,
+    read_inventory,
+)
 from ansible_collections.virtguard.console.plugins.module_utils.rulebook_context import (
     FilterLoad,
     RulebookInventory,
     render_arguments,
     variable_origins,
-)
-from ansible_collections.virtguard.console.plugins.plugin_utils.identity_policy import identity_forms
-from ansible_collections.virtguard.console.plugins.plugin_utils.remediation_targets import (
-    missing_targets,
-    read_inventory,
 )
 
 PLUGIN = "virtguard.console.classify"

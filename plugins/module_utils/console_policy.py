@@ -24,6 +24,11 @@ import re
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
+from ansible_collections.virtguard.console.plugins.module_utils.identity_policy import (
+    IdentityError,
+    IdentityPolicy,
+    session_identities,
+)
 from ansible_collections.virtguard.console.plugins.module_utils.ip_addresses import (
     IPAddress,
     IPNetwork,
@@ -34,11 +39,6 @@ from ansible_collections.virtguard.console.plugins.module_utils.ip_addresses imp
 from ansible_collections.virtguard.console.plugins.module_utils.remediation_batches import (
     Offender,
     RemediationBatches,
-)
-from ansible_collections.virtguard.console.plugins.plugin_utils.identity_policy import (
-    IdentityError,
-    IdentityPolicy,
-    session_identities,
 )
 
 # Reason codes, in the order they are checked.

@@ -90,10 +90,12 @@ from ansible_collections.virtguard.console.plugins.module_utils.nftables_plan im
 )
 
 # The planning moved to nftables_plan; its types stay importable from here.
-from ansible_collections.virtguard.console.plugins.module_utils.nftables_plan import BlockSet as BlockSet
-from ansible_collections.virtguard.console.plugins.module_utils.nftables_plan import Element as Element
-from ansible_collections.virtguard.console.plugins.module_utils.nftables_plan import SetState as SetState
-from ansible_collections.virtguard.console.plugins.module_utils.nftables_plan import network_text as network_text
+from ansible_collections.virtguard.console.plugins.module_utils.nftables_plan import (  # noqa: F401
+    BlockSet,
+    Element,
+    SetState,
+    network_text,
+)
 
 RULE_COMMENT = "virtguard console block"
 PORT_SET = "console_ports"

@@ -64,4 +64,3 @@ def filter_address(address: str, port: int) -> str:
     (ss refuses one: the interface is a condition of its own, ``dev = INDEX``)."""
     address = address.partition("%")[0]
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
-

@@ -30,8 +30,9 @@ def domain(uuid: str, dom_id: int = 1) -> dict[str, Any]:
     return {"name": f"dom-{uuid}", "uuid": uuid, "id": dom_id}
 
 
-def details(uuid: str, port: int, local=LOCAL, auth: str = "none", subject=(), dom_id: int = 1):
-    return (domain(uuid, dom_id), local, remote(port), auth, list(subject))
+def details(uuid: str, port: int, local: dict[str, Any] | None = None, auth: str = "none", subject=(),
+            dom_id: int = 1):
+    return (domain(uuid, dom_id), LOCAL if local is None else local, remote(port), auth, list(subject))
 
 
 def vnc_session(tracker: SessionTracker, channel: str, uuid: str, port: int, now: float = 1.0) -> None:
@@ -40,8 +41,9 @@ def vnc_session(tracker: SessionTracker, channel: str, uuid: str, port: int, now
     tracker.observe(channel, "initialize", now, details(uuid, port, subject=subject))
 
 
-def spice_channel(tracker: SessionTracker, channel: str, uuid: str, port: int, local=SPICE_LOCAL,
-                  now: float = 1.0) -> dict[str, Any]:
+def spice_channel(tracker: SessionTracker, channel: str, uuid: str, port: int,
+                  local: dict[str, Any] | None = None, now: float = 1.0) -> dict[str, Any]:
+    local = SPICE_LOCAL if local is None else local
     tracker.observe(channel, "connect", now, details(uuid, port, local=local, auth=""), "spice")
     return tracker.observe(channel, "initialize", now, details(uuid, port, local=local, auth="none"), "spice")[1]
 

@@ -43,8 +43,8 @@ def test_a_hypervisor_starts_connecting_and_reports_each_change_once():
     assert lost is not None and lost["hypervisor"]["previous"] == "connected"
     unreachable = health.change(UNREACHABLE, "kvm1.example.com:16514 did not answer within 5s", WALL + 10)
     assert unreachable is not None
-    assert (unreachable["hypervisor"]["state"], unreachable["hypervisor"]["previous"]) == ("unreachable",
-                                                                                          "reconnecting")
+    changed = unreachable["hypervisor"]
+    assert (changed["state"], changed["previous"]) == ("unreachable", "reconnecting")
     assert unreachable["hypervisor"]["hostname"] == "kvm1"  # the last one libvirt gave
     assert health.change(CONNECTED, None, WALL + 11) is not None
     assert not health.first_connection  # a connection again is news

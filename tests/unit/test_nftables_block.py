@@ -369,8 +369,8 @@ def test_a_migrated_set_keeps_the_batch_first_and_the_longest_blocks():
         '"10.0.0.2"', '"10.0.0.2", {"elem": {"val": "10.0.0.3", "timeout": 600, "expires": 5}}')
     fake = FakeNft(table="old", sets=sets)
     # no wider network may be blocked here: the smaller set makes room by eviction
-    result = BlockTable(fake, table="old", set_size=3).block(["192.0.2.1"], 60, [],
-                                                               protected=["10.0.0.0/16", "192.0.2.0/24"])
+    table = BlockTable(fake, table="old", set_size=3)
+    result = table.block(["192.0.2.1"], 60, [], protected=["10.0.0.0/16", "192.0.2.0/24"])
     added = [line for line in fake.writes() if line.startswith("add element inet old blocked_ipv4")]
     # room for 3: the batch, the permanent one, then the one with most time left (10.0.0.1: 599 s)
     assert sorted(added) == sorted(["add element inet old blocked_ipv4 { 192.0.2.1 timeout 60s }",

@@ -128,8 +128,8 @@ def test_a_protected_network_is_never_covered():
 def test_whatever_the_batch_no_set_overflows_and_no_widened_network_touches_a_protected_one(seed):
     rng = random.Random(seed)
     size = rng.choice((2, 5, 10))
-    v4 = [f"10.{rng.randrange(3)}.{rng.randrange(4)}.{rng.randrange(1, 255)}" for _ in range(rng.randrange(1, 60))]
-    v6 = [f"2001:db8:{rng.randrange(3):x}:{rng.randrange(4):x}::/64" for _ in range(rng.randrange(0, 30))]
+    v4 = [f"10.{rng.randrange(3)}.{rng.randrange(4)}.{rng.randrange(1, 255)}" for _n in range(rng.randrange(1, 60))]
+    v6 = [f"2001:db8:{rng.randrange(3):x}:{rng.randrange(4):x}::/64" for _n in range(rng.randrange(0, 30))]
     protected = [f"10.{rng.randrange(3)}.{rng.randrange(4)}.{rng.randrange(1, 255)}/32",
                  f"2001:db8:{rng.randrange(3):x}:{rng.randrange(4):x}::7/128"]
     present = {"blocked_ipv4": [element(f"10.{rng.randrange(3)}.9.{i}", expires=rng.randrange(1, 600))

@@ -9,13 +9,13 @@ import pytest
 
 from ansible_collections.virtguard.console.plugins.module_utils.classify_filter import FilterState, source_uris
 from ansible_collections.virtguard.console.plugins.module_utils.plugin_arguments import ArgumentError
+from ansible_collections.virtguard.console.plugins.module_utils.remediation_targets import (
+    missing_targets,
+    read_inventory,
+)
 from ansible_collections.virtguard.console.plugins.module_utils.rulebook_context import (
     FilterLoad,
     RulebookInventory,
-)
-from ansible_collections.virtguard.console.plugins.plugin_utils.remediation_targets import (
-    missing_targets,
-    read_inventory,
 )
 
 INVENTORY = """

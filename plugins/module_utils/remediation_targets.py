@@ -18,8 +18,8 @@ as ansible-playbook reads them).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Iterable, Mapping
 
 from ansible_collections.virtguard.console.plugins.module_utils.console_policy import target_host_for
 

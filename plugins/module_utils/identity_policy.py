@@ -25,15 +25,16 @@ Entries are checked when the activation starts: one that does not parse, or that
 match (an empty value, a SASL name with control characters or U+FFFD), is a ``PolicyError``.
 Untyped entries (plain strings, which match a DN or a SASL name written exactly so) are
 accepted for one release and named in a warning.
+
+Controller-only (the classify filter's), standard library only.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping, Sequence, Tuple
 
 X509 = "x509dname"
 SASL = "saslUsername"
@@ -60,7 +61,7 @@ class IdentityError(ValueError):
 
 
 # (attribute OID or lower-case name, normalised value) pairs; an RDN is a sorted tuple of them
-RDN = tuple[tuple[str, str], ...]
+RDN = Tuple[Tuple[str, str], ...]
 
 
 def _split_unescaped(text: str, separators: str) -> list[str]:
