@@ -86,13 +86,9 @@ from ansible_collections.virtguard.console.plugins.module_utils.nftables_plan im
     MAX_PREFIX,
     MIN_PREFIX,
     BatchPlan,
-    SetPlan,
-)
-
-# The planning moved to nftables_plan; its types stay importable from here.
-from ansible_collections.virtguard.console.plugins.module_utils.nftables_plan import (  # noqa: F401
     BlockSet,
     Element,
+    SetPlan,
     SetState,
     network_text,
 )

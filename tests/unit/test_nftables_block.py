@@ -15,15 +15,14 @@ import pytest
 from ansible_collections.virtguard.console.plugins.module_utils.ip_addresses import MAX_BLOCK_SECONDS, MAX_SET_SIZE
 from ansible_collections.virtguard.console.plugins.module_utils.nftables_block import (
     RULE_COMMENT,
-    BlockSet,
     BlockTable,
-    Element,
     NftablesError,
     SetFullError,
     parse_chain_names,
     parse_get_output,
     parse_set_json,
 )
+from ansible_collections.virtguard.console.plugins.module_utils.nftables_plan import BlockSet, Element
 
 FIXTURES = Path(__file__).parent / "fixtures" / "console_remediation"
 
