@@ -42,13 +42,8 @@ from ansible_collections.virtguard.console.plugins.module_utils.plugin_arguments
 from ansible_collections.virtguard.console.plugins.module_utils.remediation_batches import (
     RemediationBatches,
 )
-from ansible_collections.virtguard.console.plugins.module_utils.remediation_targets import (
-    missing_targets,
-    read_inventory,
-)
 from ansible_collections.virtguard.console.plugins.module_utils.rulebook_context import (
     FilterLoad,
-    RulebookInventory,
     render_arguments,
     variable_origins,
 )
@@ -143,25 +138,6 @@ class FilterState:
         origins = variable_origins(raw)
         rendered = render_arguments(PLUGIN, raw, variables)
         return cls(check_arguments(PLUGIN, OPTIONS, rendered, origins=origins), origins)
-
-    def check_remediation_targets(self, uris: list[str], inventory: RulebookInventory) -> None:
-        """Stop the start when a watched hypervisor has no host in the inventory that can
-        remediate it (remediation_targets); say so in the log when the inventory is not known."""
-        if not self.remediating:
-            return
-        if inventory.path is None:
-            LOGGER.warning("virtguard: cannot check that every hypervisor has a remediating host: %s; "
-                           "check that the job's inventory holds %s", inventory.unknown_because,
-                           ", ".join(sorted({self.classifier.target_of(uri) for uri in uris})))
-            return
-        try:
-            hosts = read_inventory(inventory.path)
-        except Exception as exc:  # ansible-core's parsers raise their own error types
-            raise ArgumentError(f"{PLUGIN}: the inventory {inventory.path} cannot be read: {exc}") from None
-        problems = missing_targets(uris, self.host_map, hosts, self.run_hosts)
-        if problems:
-            raise ArgumentError(f"{PLUGIN}: a watched hypervisor has no host that can remediate it: "
-                                + "; ".join(problems))
 
     def remediation_settings(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
         """What the remediation run needs besides the batch, all checked at start: the networks

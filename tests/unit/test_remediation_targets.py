@@ -9,13 +9,14 @@ import pytest
 
 from ansible_collections.virtguard.console.plugins.module_utils.classify_filter import FilterState, source_uris
 from ansible_collections.virtguard.console.plugins.module_utils.plugin_arguments import ArgumentError
-from ansible_collections.virtguard.console.plugins.module_utils.remediation_targets import (
-    missing_targets,
-    read_inventory,
-)
 from ansible_collections.virtguard.console.plugins.module_utils.rulebook_context import (
     FilterLoad,
     RulebookInventory,
+)
+from ansible_collections.virtguard.console.plugins.plugin_utils.remediation_targets import (
+    check_remediation_targets,
+    missing_targets,
+    read_inventory,
 )
 
 INVENTORY = """
@@ -76,15 +77,15 @@ def test_fleet_scope_needs_the_serving_host_in_the_fleet_group(inventory_file):
 def test_the_filter_refuses_to_start_and_names_the_uri_and_the_host(inventory_file):
     state = FilterState.from_arguments({"trusted_networks": [], "host_map": {"qemu+tls://kvm1/system": "kvm7"}})
     with pytest.raises(ArgumentError, match=r"qemu\+tls://kvm1/system is remediated by host 'kvm7'"):
-        state.check_remediation_targets(["qemu+tls://kvm1/system"], RulebookInventory(str(inventory_file)))
-    state.check_remediation_targets(["qemu+tls://kvm3/system"], RulebookInventory(str(inventory_file)))
+        check_remediation_targets(state, ["qemu+tls://kvm1/system"], RulebookInventory(str(inventory_file)))
+    check_remediation_targets(state, ["qemu+tls://kvm3/system"], RulebookInventory(str(inventory_file)))
 
 
 def test_without_remediation_or_inventory_nothing_stops_the_start(inventory_file, caplog):
     audit_only = FilterState.from_arguments({"remediation": False})
-    audit_only.check_remediation_targets(["qemu+tls://kvm9/system"], RulebookInventory(str(inventory_file)))
+    check_remediation_targets(audit_only, ["qemu+tls://kvm9/system"], RulebookInventory(str(inventory_file)))
     state = FilterState.from_arguments({"trusted_networks": []})
-    state.check_remediation_targets(["qemu+tls://kvm9/system"], RulebookInventory(None, "worker mode"))
+    check_remediation_targets(state, ["qemu+tls://kvm9/system"], RulebookInventory(None, "worker mode"))
     assert "cannot check that every hypervisor has a remediating host: worker mode" in caplog.text
     assert "kvm9" in caplog.text
 
@@ -92,7 +93,7 @@ def test_without_remediation_or_inventory_nothing_stops_the_start(inventory_file
 def test_an_inventory_that_cannot_be_read_stops_the_start(tmp_path):
     state = FilterState.from_arguments({"trusted_networks": []})
     with pytest.raises(ArgumentError, match="cannot be read"):
-        state.check_remediation_targets(["qemu:///system"], RulebookInventory(str(tmp_path / "missing.yml")))
+        check_remediation_targets(state, ["qemu:///system"], RulebookInventory(str(tmp_path / "missing.yml")))
 
 
 def test_the_source_uris_are_rendered_as_the_source_renders_them():

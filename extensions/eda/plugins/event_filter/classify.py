@@ -299,6 +299,9 @@ from ansible_collections.virtguard.console.plugins.module_utils.rulebook_context
     loading_filter,
     rulebook_inventory,
 )
+from ansible_collections.virtguard.console.plugins.plugin_utils.remediation_targets import (
+    check_remediation_targets,
+)
 
 LOGGER = logging.getLogger("virtguard.console.classify")
 
@@ -321,7 +324,7 @@ _LOADING = loading_filter()
 if _LOADING is not None:
     _LOADED = _STATES[repr(sorted(_LOADING.filter_args.items()))] = FilterState.from_arguments(
         _LOADING.filter_args, _LOADING.variables)
-    _LOADED.check_remediation_targets(source_uris(_LOADING), rulebook_inventory())
+    check_remediation_targets(_LOADED, source_uris(_LOADING), rulebook_inventory())
 
 
 def main(event: Any, **kwargs: Any) -> Any:

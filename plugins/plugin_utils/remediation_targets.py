@@ -17,11 +17,17 @@ as ansible-playbook reads them).
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Mapping
 
+from ansible_collections.virtguard.console.plugins.module_utils.classify_filter import PLUGIN, FilterState
 from ansible_collections.virtguard.console.plugins.module_utils.console_policy import target_host_for
+from ansible_collections.virtguard.console.plugins.module_utils.plugin_arguments import ArgumentError
+from ansible_collections.virtguard.console.plugins.module_utils.rulebook_context import RulebookInventory
+
+LOGGER = logging.getLogger(PLUGIN)
 
 IMPLICIT_HOSTS = frozenset({"localhost"})
 
@@ -67,3 +73,24 @@ def missing_targets(uris: Iterable[str], host_map: Mapping[str, str], inventory:
             problems.append(f"{uri} is remediated by host {target!r}, which the inventory {inventory.source} "
                             "does not have (add it, or map the URI to an inventory host with virtguard_host_map)")
     return problems
+
+
+def check_remediation_targets(state: FilterState, uris: list[str], inventory: RulebookInventory) -> None:
+    """Stop the start (ArgumentError) when a hypervisor the filter's source watches has no host
+    in the inventory that can remediate it; say so in the log when the inventory is not known.
+    Nothing to check for a filter that remediates nothing."""
+    if not state.remediating:
+        return
+    if inventory.path is None:
+        LOGGER.warning("virtguard: cannot check that every hypervisor has a remediating host: %s; "
+                       "check that the job's inventory holds %s", inventory.unknown_because,
+                       ", ".join(sorted({state.classifier.target_of(uri) for uri in uris})))
+        return
+    try:
+        hosts = read_inventory(inventory.path)
+    except Exception as exc:  # ansible-core's parsers raise their own error types
+        raise ArgumentError(f"{PLUGIN}: the inventory {inventory.path} cannot be read: {exc}") from None
+    problems = missing_targets(uris, state.host_map, hosts, state.run_hosts)
+    if problems:
+        raise ArgumentError(f"{PLUGIN}: a watched hypervisor has no host that can remediate it: "
+                            + "; ".join(problems))
