@@ -1,8 +1,8 @@
 """The console firewall's table: the spec, what differs from a host's table, the transaction,
 and nft's JSON listing (module_utils.console_firewall_ruleset, console_firewall_listing,
 console_firewall_table). The listing is one captured with nftables 1.0.6 from a lab host after
-the module made the table (allowed 10.221.112.0/24 and fd00::/8, ports 5700-6899, one refused
-source). Real nft runs in tests/integration/test_console_firewall.py."""
+the module made the table (allowed 10.221.112.0/24 and fd00::/8, ports 5700-6899) and one new
+connection was let through and one refused (from 192.0.2.2). Real nft runs in tests/integration/test_console_firewall.py."""
 
 from __future__ import annotations
 
@@ -137,7 +137,7 @@ def test_a_listing_that_is_not_nfts_json_is_an_error():
     with pytest.raises(FirewallError, match="cannot read nft's JSON listing of table inet"):
         parse_table("{not json", TABLE)
     with pytest.raises(FirewallError, match="cannot read"):
-        parse_table('{"nftables": [{"set": {"name": "x", "table": "%s"}}]}' % TABLE, TABLE)
+        parse_table(json.dumps({"nftables": [{"set": {"name": "x", "table": TABLE}}]}), TABLE)
 
 
 # -- differences and the transaction ------------------------------------------------------------
@@ -203,7 +203,8 @@ def test_what_is_not_the_roles_is_removed_and_a_changed_rule_is_seen():
         "timeout=86400, counter=True)",
         "set junk is not the role's", "counter stray is not the role's"]
     lines = script(spec(), odd)
-    for line in ("delete chain inet virtguard_console_firewall extra", "delete set inet virtguard_console_firewall junk",
+    for line in ("delete chain inet virtguard_console_firewall extra",
+                 "delete set inet virtguard_console_firewall junk",
                  "delete set inet virtguard_console_firewall refused_ipv6_sources",
                  "delete counter inet virtguard_console_firewall stray"):
         assert line in lines
@@ -241,7 +242,8 @@ class FakeNft:
                 return 1, "", "Error: No such file or directory\nlist table inet virtguard_console_firewall\n"
             return 0, listing, ""
         if argv == ["nft", "-f", "-"]:
-            return self.apply_rc, "", "Error: Could not process rule: Operation not permitted\n" if self.apply_rc else ""
+            error = "Error: Could not process rule: Operation not permitted\n"
+            return self.apply_rc, "", error if self.apply_rc else ""
         return 0, "", ""
 
     def written(self) -> list[str]:
