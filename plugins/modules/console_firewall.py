@@ -13,18 +13,18 @@ description:
     of every new TCP connection to a console port (a SYN) with a TCP reset, unless it comes from
     one of O(allowed_networks). QEMU never accepts such a connection, so no console session and
     no libvirt graphics event exist for it.
-  - Only new inbound connections are judged (a SYN alone, conntrack state C(new)): established
+  - Only new inbound connections are judged (a SYN alone, conntrack state C(new)). Established
     sessions, and the replies to the host's own outgoing connections (which arrive on ephemeral
     ports that may lie in a guarded range), are never touched. Other ports (sshd, libvirtd's
     TLS port, migration) are not guarded unless listed.
   - The guarded ports are O(ports) plus, with O(domain_ports), every console port of the
-    domains of O(libvirt_uri): the fixed ports of defined domains and the ports running domains
+    domains of O(libvirt_uri), the fixed ports of defined domains and the ports running domains
     have now (VNC, VNC websocket, SPICE plain and TLS), read with C(virsh dumpxml).
   - The table is made, repaired or updated in one C(nft -f -) transaction, and read back to
     check it. Its counters (C(allowed), C(refused)) and the sets of refused sources
-    (C(refused_ipv4_sources), C(refused_ipv6_sources): 4096 addresses each, forgotten a day after
+    (C(refused_ipv4_sources), C(refused_ipv6_sources), 4096 addresses each, forgotten a day after
     their last attempt) are kept across runs; the module returns them.
-  - Coexists with the remediation's table (C(virtguard_nft_table), O(remediation_table)): a
+  - Coexists with the remediation's table (C(virtguard_nft_table), O(remediation_table)), a
     different table with a base chain of its own, which still sees every packet this table lets
     through. The module refuses to use the remediation's table.
   - With O(state=absent), deletes the table.
@@ -50,8 +50,8 @@ options:
   ports:
     description:
       - Console ports and ranges to guard, such as C(5900-6899); the C(console_firewall) role gives
-        libvirt's display and websocket port ranges. Required with O(state=present) unless
-        O(domain_ports) finds some.
+        libvirt's display and websocket port ranges. With O(state=present), the module fails when
+        neither these nor O(domain_ports) give a port to guard.
     type: list
     elements: str
     default: []
@@ -93,7 +93,7 @@ requirements:
   - C(nft) (nftables 1.0 or later), with conntrack; C(virsh) for O(domain_ports).
 notes:
   - Refused attempts never reach QEMU, so libvirt raises no event for them and the rulebooks
-    never see them: RV(refused_attempts) and RV(refused_sources) are the record.
+    never see them. RV(refused_attempts) and RV(refused_sources) are the record.
 """
 
 EXAMPLES = r"""
