@@ -19,10 +19,12 @@ that host put it back as the variables file has it before they end.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -55,6 +57,11 @@ DISPLAY_RANGE = (5900, 6899)  # the role's defaults
 WEBSOCKET_RANGE = (5700, 5899)
 FIXED_PORT = 7100  # outside both ranges
 OUTGOING_PORT = 6800  # a local port in the display range, for the host's own outgoing connection
+OPERATOR_QEMU_CONF = """\
+# Operator's settings, kept by the role.
+#remote_display_port_min = 5900
+remote_display_port_max = 65535
+"""
 RANGE_KEYS = {"remote_display_port_min": 5900, "remote_display_port_max": 6899,
               "remote_websocket_port_min": 5700, "remote_websocket_port_max": 5899}
 
@@ -240,6 +247,8 @@ def new_site(clients: dict[str, ClientNamespace]) -> Iterator[Site]:
     controller = Path(tempfile.mkdtemp(prefix=f"{PREFIX}-fw-controller-"))
     try:
         host.start()
+        with host.path(QEMU_CONF).open("a") as conf:  # an operator's settings: one commented, one set
+            conf.write(OPERATOR_QEMU_CONF)
         site = Site(host, controller, {
             "virtguard_trusted_networks": [clients["trusted"].network, clients["trusted"].network6],
             "virtguard_console_proxies": ["127.0.0.1", "::1"],
@@ -332,6 +341,10 @@ def test_first_run_guards_the_ranges_and_the_domains_and_narrows_libvirts_ranges
     for key, value in RANGE_KEYS.items():
         assert f"{key} = {value}" in conf
     assert 'vnc_listen = "0.0.0.0"' in conf and 'security_driver = "none"' in conf  # the rest kept
+    assert "# Operator's settings, kept by the role." in conf and "remote_display_port_max = 65535" not in conf
+    # a key that was only commented out is set right below it; a key that was set is set in its place
+    assert conf.index("#remote_display_port_min = 5900") + 1 == conf.index("remote_display_port_min = 5900")
+    assert conf.index("remote_display_port_min = 5900") + 1 == conf.index("remote_display_port_max = 6899")
 
     table = guarded.table()
     assert table is not None
@@ -548,3 +561,54 @@ def test_state_absent_removes_the_table_and_nothing_else(host_back_as_configured
     assert site.qemu_conf() == conf
     assert attempt(clients["untrusted"], site.host.address, domain.vnc_port) == "connected"
     assert site.apply(console_firewall_state="absent").counts["changed"] == 0
+
+
+def test_ipv6_clients_are_judged_by_the_allowed_ipv6_networks(guarded: Site, clients):
+    """No IPv6 route reaches a fleet host, so the clients are addresses of the host itself, on
+    its loopback (its input hook judges those packets too): one in the trusted IPv6 /64 of the
+    variables file, one in the untrusted client's; the console listens on every IPv6 address."""
+    host = guarded.host
+    inside = str(ipaddress.ip_network(clients["trusted"].network6)[0x99])
+    outside = str(ipaddress.ip_network(clients["untrusted"].network6)[0x99])
+    name = f"{host.name}-v6"
+    try:
+        for address in (inside, outside):
+            host.run(["ip", "-6", "addr", "add", f"{address}/128", "dev", "lo", "nodad"])
+        xml = start_domain(host, name, "<graphics type='vnc' autoport='yes' listen='::'/>")
+        port = int(re.search(r"<graphics type='vnc' port='(\d+)'", xml)[1])  # type: ignore[index]
+
+        def banner(source: str) -> str:
+            code = ("import socket\ntry:\n"
+                    f"    s = socket.create_connection(({inside!r}, {port}), 5, source_address=({source!r}, 0))\n"
+                    "    print(s.recv(12).decode().strip())\n"
+                    "except ConnectionRefusedError:\n    print('refused')\n")
+            return str(host.run(["python3", "-c", code], timeout=30).stdout.strip())
+        refused_before = guarded.refused()
+        assert banner(outside) == "refused"
+        assert guarded.refused() == refused_before + 1
+        assert outside in guarded.refused_sources()
+        assert banner(inside) == "RFB 003.008"
+        assert inside not in guarded.refused_sources()
+    finally:
+        remove_domain(host, name)
+        for address in (inside, outside):
+            host.run(["ip", "-6", "addr", "del", f"{address}/128", "dev", "lo"], check=False)
+
+
+def test_domains_that_cannot_be_read_fail_the_run_after_the_table_is_made(host_back_as_configured: Site,
+                                                                          clients):
+    """libvirtd down: the run still writes the table (the ranges, the ports it guarded before,
+    the new allowed list) and then fails, saying why."""
+    site = host_back_as_configured
+    other = clients["other"]
+    domain = site.domains["before"]
+    site.host.kill_libvirtd(signal.SIGTERM)
+    try:
+        run = site.playbook(extra_vars={"virtguard_trusted_networks":
+                                        site.policy["virtguard_trusted_networks"] + [other.network]})
+        assert run.proc.returncode != 0
+        assert "the console ports of the domains were not read" in run.output
+        assert attempt(other, site.host.address, domain.vnc_port) == "connected"  # the new list
+        assert site.guarded_ports() == [(5700, 6899)]
+    finally:
+        site.host.start_libvirtd()
