@@ -2,7 +2,8 @@
 and nft's JSON listing (module_utils.console_firewall_ruleset, console_firewall_listing,
 console_firewall_table). The listing is one captured with nftables 1.0.6 from a lab host after
 the module made the table (allowed 10.221.112.0/24 and fd00::/8, ports 5700-6899) and one new
-connection was let through and one refused (from 192.0.2.2). Real nft runs in tests/integration/test_console_firewall.py."""
+connection was let through and one refused (from 192.0.2.2). Real nft runs in
+tests/integration/test_console_firewall.py."""
 
 from __future__ import annotations
 
