@@ -3,11 +3,14 @@
 # untrusted client (each in its own network namespace), and the shipped unauthorized_console
 # rulebook run by ansible-rulebook. The untrusted client is cut within seconds and refused on
 # reconnect; the trusted one keeps its session; the audit log tells the story.
+# Then deny first (hacking/demo/firewall_and_remediation.py): a hypervisor host with the
+# console_firewall role, where an untrusted client is refused before any session, beside the
+# rulebook cutting a trusted-network client that brings no identity.
 # Needs root and `make deps`. Cleans up everything it made.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH" ANSIBLE_COLLECTIONS_PATH="$PWD/build/collections"
-exec python - <<'PY'
+python - <<'PY'
 import json, os, socket, subprocess, sys, tempfile, time
 from pathlib import Path
 sys.path[:0] = ["tests", "build/collections"]
@@ -74,3 +77,5 @@ finally:
         hv.stop()
     subprocess.run(["rm", "-rf", str(work)])
 PY
+echo
+python hacking/demo/firewall_and_remediation.py

@@ -273,7 +273,7 @@ class FleetHost:
 
     def _make_files(self) -> None:
         os.chmod(self.root, 0o700)
-        run(["cp", "-a", "/etc", str(self.root / "etc")])
+        self._copy_etc()
         for directory in PRIVATE_DIRS.values():
             (self.root / directory).mkdir(exist_ok=True)
         self._make_etc_files()
@@ -281,6 +281,20 @@ class FleetHost:
         _write(self.path("/etc/libvirt/qemu.conf"), QEMU_CONF, 0o600)
         self._make_certificates()
         self._make_ssh_files()
+
+    def _copy_etc(self, attempts: int = 5) -> None:
+        """The machine's /etc, copied. Other suites on this machine add and remove files there
+        all the time (useradd's lock and backup files, a role's directories), and ``cp -a`` fails
+        on a file that vanished between its listing and its copy: copy again."""
+        target = self.root / "etc"
+        for attempt in range(attempts):
+            copied = run(["cp", "-a", "/etc", str(target)], check=False)
+            if copied.returncode == 0:
+                return
+            shutil.rmtree(target, ignore_errors=True)
+            if attempt + 1 == attempts:
+                raise CommandFailed(copied.returncode, copied.args, copied.stdout, copied.stderr)
+            time.sleep(0.2)
 
     def _make_etc_files(self) -> None:
         """The host's own /etc (a copy of the machine's): empty /etc/libvirt and /etc/pki, an

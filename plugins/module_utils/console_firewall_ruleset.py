@@ -1,0 +1,318 @@
+# Copyright: virtguard.console contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The console firewall's nftables table: what it should hold, what differs between that and
+the table a host has, and the one transaction that makes it so.
+
+The table (``inet virtguard_console_firewall`` by default; never the remediation's table)::
+
+    table inet T {
+        counter allowed {}     # new console connections let through
+        counter refused {}     # new console connections answered with a TCP reset
+        set console_ports { type inet_service; flags interval; }
+        set allowed_ipv4 { type ipv4_addr; flags interval; }
+        set allowed_ipv6 { type ipv6_addr; flags interval; }
+        set refused_ipv4_sources { type ipv4_addr; size 4096; flags dynamic,timeout; timeout 1d; counter; }
+        set refused_ipv6_sources { type ipv6_addr; ... }
+        chain input {
+            type filter hook input priority -20; policy accept;
+            tcp dport @console_ports tcp flags & (fin|syn|rst|ack) == syn ct state new jump console_new
+        }
+        chain console_new {
+            ip saddr @allowed_ipv4 counter name allowed accept
+            ip6 saddr @allowed_ipv6 counter name allowed accept
+            update @refused_ipv4_sources { ip saddr counter }
+            update @refused_ipv6_sources { ip6 saddr counter }
+            counter name refused reject with tcp reset
+        }
+    }
+
+Why this shape:
+
+* Only the first packet of a new inbound connection is judged: a SYN alone, which conntrack
+  also calls ``new``. The replies to the host's own outgoing connections arrive on ephemeral
+  ports that may lie in a guarded range (SYN-ACK, then ACKs), and established sessions send
+  ACKs: neither is ever looked at, so a run never drops a session, and conntrack picking up a
+  connection it did not see start (``new`` for a mid-stream ACK) changes nothing either.
+* The reset answers the SYN itself: QEMU never accepts the connection, libvirt raises no event.
+* ``accept`` ends this table's chain only: the remediation's table (its own base chain) still
+  sees the packet, so an allowed network's blocked address stays blocked.
+* Updating the refused-sources sets is a rule of its own: a full set ends the ``update`` rule,
+  and the reset must never depend on it (a flood of spoofed SYNs fills the set).
+* Priority -20 runs before the remediation's chain (-10), so every refusal of a network outside
+  the allowed ones is counted here.
+
+Each rule carries a comment with a digest of its text: the rules on the host are the role's
+rules when the comments match. Set elements are compared as values (integer ranges, merged).
+
+Pure functions, standard library only, Python 3.8+ (the module_utils run on managed hosts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+from typing import Any, Iterable, NamedTuple, Sequence, Tuple
+
+from ansible_collections.virtguard.console.plugins.module_utils.ip_addresses import (
+    AddressError,
+    IPNetwork,
+    format_port_ranges,
+    parse_network,
+)
+
+DEFAULT_TABLE = "virtguard_console_firewall"
+DEFAULT_PRIORITY = -20
+BASE_CHAIN = "input"
+JUDGE_CHAIN = "console_new"
+PORT_SET = "console_ports"
+ALLOWED_SET = {4: "allowed_ipv4", 6: "allowed_ipv6"}
+REFUSED_SOURCES_SET = {4: "refused_ipv4_sources", 6: "refused_ipv6_sources"}
+ADDRESS_TYPE = {4: "ipv4_addr", 6: "ipv6_addr"}
+SADDR = {4: "ip saddr", 6: "ip6 saddr"}
+ALLOWED_COUNTER = "allowed"
+REFUSED_COUNTER = "refused"
+# The refused sources a table remembers, per family, and for how long after their last attempt.
+REFUSED_SOURCES_SIZE = 4096
+REFUSED_SOURCES_SECONDS = 86400
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,30}$")
+_COMMENT_MARK = "virtguard console firewall"
+
+Range = Tuple[int, int]
+
+
+class FirewallError(Exception):
+    """A firewall setting that is not valid, or nft's answer is not what it should be."""
+
+
+class SetDeclaration(NamedTuple):
+    """What a set is declared as: the parts of it this table cares about."""
+
+    type: str
+    interval: bool
+    size: int | None
+    timeout: int | None
+    counter: bool
+
+
+class Rule(NamedTuple):
+    chain: str
+    text: str
+    purpose: str
+
+    @property
+    def comment(self) -> str:
+        """The rule's purpose and a digest of its text: the same text, the same comment."""
+        digest = hashlib.sha256(f"{self.chain}\n{self.text}".encode()).hexdigest()[:12]
+        return f"{_COMMENT_MARK} {digest}: {self.purpose}"
+
+
+class FirewallSpec(NamedTuple):
+    """The table a host should have: its name and priority, the allowed networks (collapsed,
+    per family) and the guarded ports (merged ranges)."""
+
+    table: str
+    priority: int
+    allowed: dict[int, tuple[IPNetwork, ...]]
+    ports: tuple[Range, ...]
+
+    def sets(self) -> dict[str, SetDeclaration]:
+        declared = {PORT_SET: SetDeclaration("inet_service", True, None, None, False)}
+        for version in (4, 6):
+            declared[ALLOWED_SET[version]] = SetDeclaration(ADDRESS_TYPE[version], True, None, None, False)
+            declared[REFUSED_SOURCES_SET[version]] = SetDeclaration(
+                ADDRESS_TYPE[version], False, REFUSED_SOURCES_SIZE, REFUSED_SOURCES_SECONDS, True)
+        return declared
+
+    def elements(self) -> dict[str, list[Range]]:
+        """The sets whose elements the role owns, as merged integer ranges."""
+        owned = {PORT_SET: merge(self.ports)}
+        for version in (4, 6):
+            owned[ALLOWED_SET[version]] = merge(network_range(n) for n in self.allowed[version])
+        return owned
+
+    def rules(self) -> list[Rule]:
+        rules = [Rule(BASE_CHAIN, f"tcp dport @{PORT_SET} tcp flags & (fin|syn|rst|ack) == syn ct state new "
+                                  f"jump {JUDGE_CHAIN}", "new connections to a console port")]
+        for version in (4, 6):
+            rules.append(Rule(JUDGE_CHAIN, f"{SADDR[version]} @{ALLOWED_SET[version]} counter name "
+                                           f"{ALLOWED_COUNTER} accept", f"allowed IPv{version} networks"))
+        for version in (4, 6):
+            rules.append(Rule(JUDGE_CHAIN, f"update @{REFUSED_SOURCES_SET[version]} {{ {SADDR[version]} counter }}",
+                              f"remember refused IPv{version} sources"))
+        rules.append(Rule(JUDGE_CHAIN, f"counter name {REFUSED_COUNTER} reject with tcp reset",
+                          "refuse everything else"))
+        return rules
+
+    def base_chain(self) -> dict[str, Any]:
+        return {"type": "filter", "hook": "input", "prio": self.priority, "policy": "accept"}
+
+
+class TableState(NamedTuple):
+    """The table as ``nft -j list table`` shows it (see console_firewall_listing)."""
+
+    chains: dict[str, dict[str, Any]]  # name -> {type, hook, prio, policy} (empty for a regular chain)
+    rule_comments: dict[str, list[str | None]]  # chain -> the comments of its rules, in order
+    sets: dict[str, SetDeclaration]
+    elements: dict[str, list[Range]]  # interval sets: merged integer ranges
+    counters: dict[str, dict[str, int]]  # name -> {packets, bytes}
+    refused_sources: list[dict[str, Any]]  # {address, packets, bytes, expires}
+
+
+# -- values ---------------------------------------------------------------------------------------
+
+def check_table_name(name: object, what: str = "table") -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise FirewallError(f"{what} {name!r} must be a letter then letters, digits or _ (at most 31)")
+    return name
+
+
+def network_range(network: IPNetwork) -> Range:
+    return int(network.network_address), int(network.broadcast_address)
+
+
+def merge(ranges: Iterable[Range]) -> list[Range]:
+    """Integer ranges sorted, overlapping and adjacent ones merged."""
+    merged: list[Range] = []
+    for low, high in sorted(ranges):
+        if merged and low <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(high, merged[-1][1]))
+        else:
+            merged.append((low, high))
+    return merged
+
+
+def allowed_networks(items: Iterable[Any]) -> dict[int, tuple[IPNetwork, ...]]:
+    """Addresses and CIDRs (IPv4-mapped ones as IPv4) collapsed per family; FirewallError names
+    the item that does not parse."""
+    ipv4: list[ipaddress.IPv4Network] = []
+    ipv6: list[ipaddress.IPv6Network] = []
+    for item in items:
+        try:
+            network = parse_network(item)
+        except AddressError as exc:
+            raise FirewallError(f"allowed_networks: {exc}") from None
+        if isinstance(network, ipaddress.IPv4Network):
+            ipv4.append(network)
+        else:
+            ipv6.append(network)
+    return {4: tuple(ipaddress.collapse_addresses(ipv4)), 6: tuple(ipaddress.collapse_addresses(ipv6))}
+
+
+def make_spec(table: str, priority: object, allowed: Iterable[Any], ports: Sequence[Range]) -> FirewallSpec:
+    check_table_name(table)
+    if isinstance(priority, bool) or not isinstance(priority, int) or not -400 <= priority <= 400:
+        raise FirewallError(f"priority must be a whole number from -400 to 400, got {priority!r}")
+    networks = allowed_networks(allowed)
+    if not networks[4] and not networks[6]:
+        raise FirewallError("allowed_networks is empty: every console client would be refused "
+                            "(remove the rules with state=absent instead)")
+    if not ports:
+        raise FirewallError("no console port to guard")
+    return FirewallSpec(table, priority, networks, tuple(merge(ports)))
+
+
+def network_text(network: IPNetwork) -> str:
+    return str(network.network_address) if network.num_addresses == 1 else str(network)
+
+
+# -- comparing ------------------------------------------------------------------------------------
+
+def differences(spec: FirewallSpec, state: TableState | None) -> list[str]:
+    """What differs between the table ``spec`` describes and ``state`` (None: no such table), in
+    words; empty when the host's table is the role's."""
+    if state is None:
+        return [f"table inet {spec.table} does not exist"]
+    found: list[str] = []
+    wanted_chains = {BASE_CHAIN: spec.base_chain(), JUDGE_CHAIN: {}}
+    for name, declaration in wanted_chains.items():
+        if name not in state.chains:
+            found.append(f"chain {name} is missing")
+        elif state.chains[name] != declaration:
+            found.append(f"chain {name} is declared {state.chains[name]}, not {declaration}")
+    found += [f"chain {name} is not the role's" for name in sorted(set(state.chains) - set(wanted_chains))]
+    rules = spec.rules()
+    for chain in wanted_chains:
+        wanted = [rule.comment for rule in rules if rule.chain == chain]
+        if chain in state.chains and state.rule_comments.get(chain, []) != wanted:
+            found.append(f"the rules of chain {chain} are not the role's")
+    wanted_sets = spec.sets()
+    for name, set_declaration in wanted_sets.items():
+        if name not in state.sets:
+            found.append(f"set {name} is missing")
+        elif state.sets[name] != set_declaration:
+            found.append(f"set {name} is declared {state.sets[name]}, not {set_declaration}")
+    found += [f"set {name} is not the role's" for name in sorted(set(state.sets) - set(wanted_sets))]
+    for name, elements in spec.elements().items():
+        if name in state.sets and state.elements.get(name, []) != elements:
+            found.append(f"the elements of set {name} differ")
+    for name in (ALLOWED_COUNTER, REFUSED_COUNTER):
+        if name not in state.counters:
+            found.append(f"counter {name} is missing")
+    found += [f"counter {name} is not the role's" for name in sorted(set(state.counters) - {ALLOWED_COUNTER,
+                                                                                             REFUSED_COUNTER})]
+    return found
+
+
+# -- writing --------------------------------------------------------------------------------------
+
+def _declaration_text(declaration: SetDeclaration) -> str:
+    parts = [f"type {declaration.type};"]
+    if declaration.size is not None:
+        parts.append(f"size {declaration.size};")
+    if declaration.interval:
+        parts.append("flags interval;")
+    if declaration.timeout is not None:
+        parts += ["flags dynamic,timeout;", f"timeout {declaration.timeout}s;"]
+    if declaration.counter:
+        parts.append("counter;")
+    return " ".join(parts)
+
+
+def _range_text(version: int | None, low: int, high: int) -> str:
+    if version is None:
+        return format_port_ranges([(low, high)])[0]
+    if version == 4:
+        networks: list[IPNetwork] = list(ipaddress.summarize_address_range(ipaddress.IPv4Address(low),
+                                                                          ipaddress.IPv4Address(high)))
+    else:
+        networks = list(ipaddress.summarize_address_range(ipaddress.IPv6Address(low), ipaddress.IPv6Address(high)))
+    return ", ".join(network_text(n) for n in networks)
+
+
+def script(spec: FirewallSpec, state: TableState | None) -> list[str]:
+    """The ``nft -f -`` lines that turn ``state`` (None: no table) into ``spec``'s table, as one
+    atomic transaction. The refused-sources sets and the counters are kept when their
+    declaration is right: a run does not forget who was refused, nor the counts."""
+    t = f"inet {spec.table}"
+    lines = [f"add table {t}"]
+    chains = state.chains if state is not None else {}
+    sets = state.sets if state is not None else {}
+    counters = state.counters if state is not None else {}
+    # Every rule goes first (nothing may reference a set or chain that is deleted below), then
+    # whatever is not the role's or is declared otherwise goes.
+    lines += [f"flush chain {t} {name}" for name in sorted(chains)]
+    wanted_sets = spec.sets()
+    base = spec.base_chain()
+    for name in sorted(chains):
+        if name not in (BASE_CHAIN, JUDGE_CHAIN) or (name == BASE_CHAIN and chains[name] != base) \
+                or (name == JUDGE_CHAIN and chains[name]):
+            lines.append(f"delete chain {t} {name}")
+    for name in sorted(sets):
+        if wanted_sets.get(name) != sets[name]:
+            lines.append(f"delete set {t} {name}")
+    lines += [f"delete counter {t} {name}" for name in sorted(counters)
+              if name not in (ALLOWED_COUNTER, REFUSED_COUNTER)]
+    lines += [f"add counter {t} {name}" for name in (ALLOWED_COUNTER, REFUSED_COUNTER)]
+    for name, declaration in wanted_sets.items():
+        lines.append(f"add set {t} {name} {{ {_declaration_text(declaration)} }}")
+    versions = {PORT_SET: None, ALLOWED_SET[4]: 4, ALLOWED_SET[6]: 6}
+    for name, elements in spec.elements().items():
+        lines.append(f"flush set {t} {name}")
+        if elements:
+            texts = ", ".join(_range_text(versions[name], low, high) for low, high in elements)
+            lines.append(f"add element {t} {name} {{ {texts} }}")
+    lines += [f"add chain {t} {BASE_CHAIN} {{ type filter hook input priority {spec.priority}; policy accept; }}",
+              f"add chain {t} {JUDGE_CHAIN}"]
+    lines += [f'add rule {t} {rule.chain} {rule.text} comment "{rule.comment}"' for rule in spec.rules()]
+    return lines
