@@ -249,8 +249,8 @@ def differences(spec: FirewallSpec, state: TableState | None) -> list[str]:
     for name in (ALLOWED_COUNTER, REFUSED_COUNTER):
         if name not in state.counters:
             found.append(f"counter {name} is missing")
-    found += [f"counter {name} is not the role's" for name in sorted(set(state.counters) - {ALLOWED_COUNTER,
-                                                                                             REFUSED_COUNTER})]
+    theirs = set(state.counters) - {ALLOWED_COUNTER, REFUSED_COUNTER}
+    found += [f"counter {name} is not the role's" for name in sorted(theirs)]
     return found
 
 
@@ -273,8 +273,8 @@ def _range_text(version: int | None, low: int, high: int) -> str:
     if version is None:
         return format_port_ranges([(low, high)])[0]
     if version == 4:
-        networks: list[IPNetwork] = list(ipaddress.summarize_address_range(ipaddress.IPv4Address(low),
-                                                                          ipaddress.IPv4Address(high)))
+        first4, last4 = ipaddress.IPv4Address(low), ipaddress.IPv4Address(high)
+        networks: list[IPNetwork] = list(ipaddress.summarize_address_range(first4, last4))
     else:
         networks = list(ipaddress.summarize_address_range(ipaddress.IPv6Address(low), ipaddress.IPv6Address(high)))
     return ", ".join(network_text(n) for n in networks)

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import re
 import secrets
-import xml.etree.ElementTree as ElementTree
 from typing import NamedTuple
+from xml.etree import ElementTree
 
 from ansible_collections.virtguard.console.plugins.module_utils.host_commands import Run
 

@@ -161,7 +161,7 @@ refused_attempts:
 refused_sources:
   description:
     - The refused addresses the table remembers (those with an attempt in the last 24 hours, at
-      most 4096 per family), most refusals first. RV(refused_sources[].expires_in) is the seconds
+      most 4096 per family), most refusals first. C(expires_in) is the seconds
       until it is forgotten.
   returned: always
   type: list

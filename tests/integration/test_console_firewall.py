@@ -414,8 +414,9 @@ def test_websocket_and_spice_consoles_started_afterwards_are_guarded(guarded: Si
     vnc_name, spice_name = f"{guarded.host.name}-ws", f"{guarded.host.name}-spice"
     try:
         vnc = start_domain(guarded.host, vnc_name, "<graphics type='vnc' autoport='yes' websocket='-1'/>")
-        spice = start_domain(guarded.host, spice_name, "<graphics type='spice' autoport='yes' listen='0.0.0.0'>"
-                                                      "<listen type='address' address='0.0.0.0'/></graphics>")
+        spice_xml = ("<graphics type='spice' autoport='yes' listen='0.0.0.0'>"
+                     "<listen type='address' address='0.0.0.0'/></graphics>")
+        spice = start_domain(guarded.host, spice_name, spice_xml)
         websocket = int(re.search(r"websocket='(\d+)'", vnc)[1])  # type: ignore[index]
         spice_port = int(re.search(r"<graphics type='spice' port='(\d+)'", spice)[1])  # type: ignore[index]
         assert WEBSOCKET_RANGE[0] <= websocket <= WEBSOCKET_RANGE[1]
@@ -426,7 +427,7 @@ def test_websocket_and_spice_consoles_started_afterwards_are_guarded(guarded: Si
             assert guarded.refused() == refused_before + 1  # the firewall's reset, not a closed port's
             held = clients["trusted"].connect(guarded.host.address, port)
             try:
-                wait_for(lambda p=port: any(str(a) == clients["trusted"].client_ip for a, _ in
+                wait_for(lambda p=port: any(str(a) == clients["trusted"].client_ip for a, _port in
                                             established_peers([p], netns=guarded.host.name)),
                          10, f"the trusted connection to {port} on the host")
             finally:

@@ -38,8 +38,8 @@ TABLE = "virtguard_console_firewall"
 RANGES = [(5700, 5899), (5900, 6899)]
 
 
-def spec(allowed=("10.221.112.0/24", "fd00::/8"), ports=RANGES, priority=-20):
-    return make_spec(TABLE, priority, allowed, ports)
+def spec(allowed=("10.221.112.0/24", "fd00::/8"), ports=None, priority=-20):
+    return make_spec(TABLE, priority, allowed, RANGES if ports is None else ports)
 
 
 def ip(text: str) -> int:
@@ -192,8 +192,8 @@ def test_a_changed_priority_makes_the_base_chain_anew():
 def test_what_is_not_the_roles_is_removed_and_a_changed_rule_is_seen():
     state = parse_table(LISTING, TABLE)
     comments = dict(state.rule_comments, input=["hand-made"])
-    odd = edited(state, chains=dict(state.chains, extra={"type": "filter", "hook": "input", "prio": 0,
-                                                          "policy": "accept"}),
+    extra = {"type": "filter", "hook": "input", "prio": 0, "policy": "accept"}
+    odd = edited(state, chains=dict(state.chains, extra=extra),
                  sets=dict(state.sets, junk=state.sets[ALLOWED_SET[4]],
                            refused_ipv6_sources=state.sets[ALLOWED_SET[6]]),
                  counters=dict(state.counters, stray={"packets": 0, "bytes": 0}), rule_comments=comments)
