@@ -400,10 +400,12 @@ def report_resilience(report: Report, r: dict[str, Any]) -> None:
                   ll["followers_cut"] == ll["followers"] and bound is not None and ll["worst_s"] is not None
                   and ll["worst_s"] <= bound)
     de = r["domain_end"]
-    for kind in ("in flight", "queued"):
+    for kind, when in (("in flight", "once the dead session's run ended"),
+                       ("in flight, at once", "at once, beside the dead session's run"),
+                       ("queued", "once the run it was queued behind ended")):
         row = de[kind]
-        report.figure(f"domain destroyed under an offender ({kind}): the next offender on another console cut, "
-                      "worst connect to cut",
+        report.figure(f"domain destroyed under an offender ({kind.split(',')[0]}): the next offender on another "
+                      f"console, {when}: cut, worst connect to cut",
                       f"{row['cut']} of {row['asked']}, worst {_opt(row['worst_s'])} s "
                       f"({_seconds([x['latency_s'] for x in de['rounds'] if x['kind'] == kind])}; {beside}); "
                       f"disconnect ended_by domain {row['ended_by_domain']} of {row['asked']}; load {de['load']}",
@@ -419,16 +421,19 @@ def report_resilience(report: Report, r: dict[str, Any]) -> None:
                   f"load {fs['load']}", "< 5 %",
                   fs.get("overflow_share_ss") is not None and max(fs["overflow_share_ss"],
                                                                   fs["overflow_share_events"]) < 0.05)
-    report.figure("full set: where the overflow's connected time goes (libvirt's sessions)",
-                  f"first sessions until their first cut {_share(fs.get('overflow_share_first_sessions'))} of the "
-                  f"window (p50 {_opt(fs.get('overflow_first_session_p50_s'))} s, max "
-                  f"{_opt(fs.get('overflow_first_session_max_s'))} s each, {beside}); later sessions "
-                  f"{_share(fs.get('overflow_share_later_sessions'))} ({fs.get('overflow_later_sessions')} sessions)")
-    report.figure("full set: all offenders together (ss / sessions); sessions in the window; block runs "
-                  "(batch size, recorded at, widened to)",
+    report.figure("full set: where the overflow's connected time goes (libvirt's sessions): before each "
+                  "offender's first cut / after it",
+                  f"{_share(fs.get('overflow_share_before_first_cut'))} / "
+                  f"{_share(fs.get('overflow_share_after_first_cut'))} of the window; first connect to first cut "
+                  f"p50 {_opt(fs.get('overflow_to_first_cut_p50_s'))} s, "
+                  f"max {_opt(fs.get('overflow_to_first_cut_max_s'))} s ({beside}); "
+                  f"never cut {fs.get('overflow_never_cut')}; "
+                  f"{fs.get('sessions_after_first_cut')} sessions after a first cut")
+    report.figure("full set: all offenders together (ss / sessions); sessions in the window; runs "
+                  "(batch size, its cut landed at, widened to)",
                   f"{_share(fs.get('all_share_ss'))} / {_share(fs.get('all_share_events'))}; "
                   f"{fs.get('sessions_in_window')}; "
-                  + ", ".join(f"{run['batch_size']} at {_opt(run['at_s'])} s"
+                  + ", ".join(f"{run['batch_size']} at {_opt(run['cut_at_s'])} s"
                               + (f" -> {' '.join(run['widened'])}" if run["widened"] else "") for run in fs["runs"]))
     report.figure("full set: every offender blocked, none connected after; the trusted neighbour blocked / "
                   "gets a session",

@@ -24,7 +24,6 @@ is judged on the hypervisor: its kernel's connections (``ss``) and QEMU's client
 
 from __future__ import annotations
 
-import datetime
 import ipaddress
 import os
 import socket
@@ -41,6 +40,7 @@ from bench.stats import load_average, median, percentile
 from bench.storm import (
     Activation,
     AttackerHost,
+    client_address,
     event_seconds,
     lone,
     lone_offender,
@@ -168,31 +168,32 @@ def after_link_local(activation: Activation, attacker: AttackerHost, hv: Session
 
 def after_domain_end(activation: Activation, attacker: AttackerHost, hv: SessionHypervisor, domains: list[Domain],
                      rounds: int, log: Log) -> dict[str, Any]:
-    """Each round, twice: the doomed domain's offender with its run in flight (destroyed 0.5 s
-    after its connect), and the doomed domain's offender queued behind another offender's run
-    (on ``domains[1]``; destroyed at once, and the next offender comes once that run's cut
-    landed, so that it waits for nothing but what the dead session may still hold). Then one
-    offender alone on ``domains[0]``: its connect-to-cut time."""
+    """Each round, three times a domain destroyed under its offender, then one offender alone on
+    ``domains[0]`` (its connect-to-cut time):
+
+    - ``in flight``: the offender's run was sent (destroyed 0.5 s after its connect); the next
+      offender comes once that run's ansible-playbook has ended, as offenders a few seconds
+      apart do: only the filter's state can make it wait (before, the dead session held the
+      host's queue for the whole holdoff);
+    - ``in flight, at once``: the same, the next offender right after the destroy, while the
+      dead session's ansible-playbook still runs beside its own;
+    - ``queued``: the offender queued behind another offender's run (on ``domains[1]``),
+      destroyed at once; the next offender comes once that run has ended."""
     load = load_average()
     rows: list[dict[str, Any]] = []
     for n in range(rounds):
-        for kind in ("in flight", "queued"):
-            doomed = hv.create_domain(f"{hv.user}-x{n}{kind[0]}", listen="::")
+        for k, kind in enumerate(("in flight", "in flight, at once", "queued")):
+            doomed = hv.create_domain(f"{hv.user}-x{n}{k}", listen="::")
             held: list[tuple[socket.socket, str]] = []
             try:
-                blocker: set[tuple[str, int]] = set()
                 if kind == "queued":  # a run in flight, so that the doomed domain's offender is queued behind it
-                    first = open_sessions(attacker, attacker.host_ip, [domains[1].vnc_port], attacker.addresses4(1), 1)
-                    held += first
-                    blocker = {(source, sock.getsockname()[1]) for sock, source in first}
+                    held += open_sessions(attacker, attacker.host_ip, [domains[1].vnc_port], attacker.addresses4(1), 1)
                 source = attacker.addresses4(1)
                 held += open_sessions(attacker, attacker.host_ip, [doomed.vnc_port], source, 1)
-                if kind == "in flight":
+                if kind != "queued":
                     time.sleep(0.5)
                 hv.destroy_domain(doomed.name)
-                if blocker:
-                    wait_cut_on_hypervisor(hv, [domains[1]], blocker, 60)
-                latency = lone_offender(activation, attacker, hv, domains[0])
+                latency = lone_offender(activation, attacker, hv, domains[0], idle_first=kind != "in flight, at once")
                 ended = [r for r in activation.read() if r["record"] == "event"
                          and r["virtguard"]["remote"]["address"] == source[0]
                          and r["graphics"]["phase"] == "disconnect"]
@@ -201,12 +202,11 @@ def after_domain_end(activation: Activation, attacker: AttackerHost, hv: Session
                     sock.close()
             rows.append({"kind": kind, "latency_s": latency,
                          "ended_by": [r["virtguard"].get("ended_by") for r in ended]})
-            time.sleep(1)
     log("#   domain stopped under an offender, the next offender's connect to cut: "
         + ", ".join(f"{r['kind']} {'not cut' if r['latency_s'] is None else round(r['latency_s'], 2)}"
                     for r in rows))
     summary: dict[str, Any] = {"load": load, "rounds": rows}
-    for kind in ("in flight", "queued"):
+    for kind in ("in flight", "in flight, at once", "queued"):
         mine = [r["latency_s"] for r in rows if r["kind"] == kind]
         cut = [s for s in mine if s is not None]
         summary[kind] = {"asked": len(mine), "cut": len(cut), "worst_s": max(cut) if cut else None,
@@ -266,62 +266,85 @@ def full_set(hv: SessionHypervisor, attacker: AttackerHost, domains: list[Domain
             trusted_in = False
         time.sleep(2)  # the last runs' audit records
         records = activation.read()
-    return dict(connected_time(samples, records, offenders, blocks, window_s), load=load, set_size=set_size,
-                groups=list(groups), pause_s=pause_s, all_blocked=blocked_at is not None and not [
-                    a for a in offenders if not covered(a, blocks)],
-                connected_after_blocked=len(connected_after) + sum(
-                    1 for t, c in samples if blocked_at is not None and t > blocked_at and c),
-                trusted_blocked=covered(trusted, blocks), trusted_session=bool(trusted_in), kept_trying=kept_trying,
-                offenders_own_counts={k: sum(c.get(k, 0) for c in counts.values())
-                                      for k in ("sessions", "refused", "other")},
-                runs=block_runs(records, min((s["connect"] for s in offender_sessions(records, set(offenders))),
-                                             default=None)))
+    result = connected_time(samples, records, offenders, blocks, window_s)
+    result.update({
+        "load": load, "set_size": set_size, "groups": list(groups), "pause_s": pause_s, "kept_trying": kept_trying,
+        "all_blocked": blocked_at is not None and all(covered(a, blocks) for a in offenders),
+        # samples after every offender was blocked that still had one connected, and connections at the end
+        "connected_after_blocked": len(connected_after) + sum(
+            1 for t, c in samples if blocked_at is not None and t > blocked_at and c),
+        "trusted_blocked": covered(trusted, blocks), "trusted_session": bool(trusted_in),
+        "offenders_own_counts": {k: sum(c.get(k, 0) for c in counts.values())
+                                 for k in ("sessions", "refused", "other")},
+    })
+    return result
 
 
 def connected_time(samples: list[tuple[float, set[str]]], records: list[dict[str, Any]], offenders: list[str],
                    blocks: set[Network], window_s: float) -> dict[str, Any]:
-    """The share of the window each group was connected, and where the overflow's time went."""
+    """The share of the window each group was connected, and where the overflow's time went:
+    before each offender's first cut (the batches of the storm) or after it (sessions that got
+    through again before a block held)."""
     # the overflow: offenders that did not fit in the set of single addresses (a wider network holds them)
     overflow = [a for a in offenders if ipaddress.ip_network(a) not in blocks]
     sessions = offender_sessions(records, set(offenders))
-    starts = [s["connect"] for s in sessions]
-    if not starts:
-        return {"offenders": len(offenders), "overflow": len(overflow), "sessions": 0}
-    begin = min(starts)
+    if not sessions:
+        return {"offenders": len(offenders), "overflow": len(overflow), "window_s": window_s, "runs": []}
+    begin = sessions[0]["connect"]
     end = begin + window_s
     window = [c for t, c in samples if begin <= t <= end]
+    runs = remediation_runs(records, sessions, begin)
+    first_cut: dict[str, float] = {}
+    for session in sessions:
+        if session["cut"] and session["disconnect"] is not None:
+            first_cut[session["address"]] = min(first_cut.get(session["address"], session["disconnect"]),
+                                                session["disconnect"])
 
     def sampled(group: list[str]) -> float | None:
         if not group or not window:
             return None
         return sum(len(c & set(group)) for c in window) / (len(window) * len(group))
 
-    def evented(group: list[str], first: bool | None = None) -> float | None:
+    def evented(group: list[str], part: str = "all") -> float | None:
+        """Connected share of the window; ``part``: all, before or after each address's first cut."""
         if not group:
             return None
-        chosen = [s for s in sessions if s["address"] in group and (first is None or s["first"] == first)]
-        return sum(overlap(s, begin, end) for s in chosen) / (window_s * len(group))
+        total = 0.0
+        for s in sessions:
+            if s["address"] not in group:
+                continue
+            cut_at = first_cut.get(s["address"], end)
+            lo, hi = {"all": (begin, end), "before": (begin, min(cut_at, end)),
+                      "after": (max(cut_at, begin), end)}[part]
+            total += overlap(s, lo, hi)
+        return total / (window_s * len(group))
 
-    first_sessions = [s for s in sessions if s["address"] in overflow and s["first"]]
-    first_s = sorted(overlap(s, begin, end) for s in first_sessions)
-    later = [s for s in sessions if s["address"] in overflow and not s["first"] and s["connect"] <= end]
+    firsts = {a: min(s["connect"] for s in sessions if s["address"] == a) for a in overflow
+              if any(s["address"] == a for s in sessions)}
+    to_first_cut = sorted(first_cut[a] - firsts[a] for a in firsts if a in first_cut)
+    after = [s for s in sessions if s["address"] in first_cut and s["connect"] >= first_cut[s["address"]]
+             and s["connect"] <= end]
     return {
         "offenders": len(offenders), "overflow": len(overflow), "window_s": window_s, "samples": len(window),
         "overflow_share_ss": sampled(overflow), "overflow_share_events": evented(overflow),
         "all_share_ss": sampled(offenders), "all_share_events": evented(offenders),
-        "overflow_share_first_sessions": evented(overflow, first=True),
-        "overflow_share_later_sessions": evented(overflow, first=False),
-        "overflow_first_session_p50_s": percentile(first_s, 50),
-        "overflow_first_session_max_s": max(first_s, default=None),
-        "overflow_later_sessions": len(later),
+        "overflow_share_before_first_cut": evented(overflow, "before"),
+        "overflow_share_after_first_cut": evented(overflow, "after"),
+        "overflow_to_first_cut_p50_s": percentile(to_first_cut, 50),
+        "overflow_to_first_cut_max_s": to_first_cut[-1] if to_first_cut else None,
+        "overflow_never_cut": len(overflow) - len(to_first_cut),
+        "sessions_after_first_cut": len(after),
         "sessions_in_window": sum(1 for s in sessions if s["connect"] <= end),
-        "sessions_open_at_window_end": sum(1 for s in sessions if s["disconnect"] is None and s["connect"] <= end),
+        "sessions_open_at_window_end": sum(1 for s in sessions if s["connect"] <= end
+                                           and (s["disconnect"] is None or s["disconnect"] > end)),
+        "runs": runs,
     }
 
 
 def offender_sessions(records: list[dict[str, Any]], offenders: set[str]) -> list[dict[str, Any]]:
-    """Every session of ``offenders`` from libvirt's connect and disconnect events: address,
-    connect and disconnect times (None: still open), and whether it was the address's first."""
+    """Every session of ``offenders`` from libvirt's connect and disconnect events, in the order
+    they connected: address, port, connect and disconnect times (None: still open), and whether
+    a remediation's cut record lists it (``cut``)."""
     found: dict[str, dict[str, Any]] = {}
     for record in records:
         if record["record"] != "event" or record["virtguard"]["remote"]["address"] not in offenders:
@@ -329,16 +352,40 @@ def offender_sessions(records: list[dict[str, Any]], offenders: set[str]) -> lis
         session = record["graphics"]["session"]["id"]
         phase = record["graphics"]["phase"]
         if phase == "connect":
-            found[session] = {"address": record["virtguard"]["remote"]["address"], "connect": event_seconds(record),
-                              "disconnect": None}
+            found[session] = {"address": record["virtguard"]["remote"]["address"],
+                              "port": record["virtguard"]["remote"]["port"], "connect": event_seconds(record),
+                              "disconnect": None, "cut": False}
         elif phase == "disconnect" and session in found:
             found[session]["disconnect"] = event_seconds(record)
-    ordered = sorted(found.values(), key=lambda s: s["connect"])
-    seen: set[str] = set()
-    for session in ordered:
-        session["first"] = session["address"] not in seen
-        seen.add(session["address"])
-    return ordered
+    by_client = {(s["address"], s["port"]): s for s in sorted(found.values(), key=lambda s: s["connect"])}
+    for client in cut_clients(records):
+        if client in by_client:
+            by_client[client]["cut"] = True
+    return sorted(found.values(), key=lambda s: s["connect"])
+
+
+def cut_clients(records: list[dict[str, Any]], record: dict[str, Any] | None = None) -> set[tuple[str, int]]:
+    """(client address, client port) of every connection the cut records (or ``record``) list as cut."""
+    chosen = [record] if record else [r for r in records if r["record"] == "remediation" and r["action"] == "cut"]
+    return {(client_address(c["peer_address"]), c["peer_port"]) for r in chosen for c in r["result"].get("cut", [])}
+
+
+def remediation_runs(records: list[dict[str, Any]], sessions: list[dict[str, Any]], begin: float
+                     ) -> list[dict[str, Any]]:
+    """Each run (its block and cut records, written together): batch size, networks widened,
+    addresses left out, and when its cut landed (the last disconnect of the sessions it cut),
+    in seconds after ``begin``."""
+    blocks = [r for r in records if r["record"] == "remediation" and r["action"] == "block"]
+    cuts = [r for r in records if r["record"] == "remediation" and r["action"] == "cut"]
+    ends = {(s["address"], s["port"]): s["disconnect"] for s in sessions if s["disconnect"] is not None}
+    runs = []
+    for block, cut in zip(blocks, cuts, strict=False):
+        landed = [ends[c] for c in cut_clients(records, cut) if c in ends]
+        runs.append({"batch_size": block.get("batch_size"), "ok": block["ok"] and cut["ok"],
+                     "widened": [w["network"] for w in block["result"].get("widened", [])],
+                     "not_blocked": len(block["result"].get("not_blocked", [])),
+                     "cut_at_s": max(landed) - begin if landed else None})
+    return runs
 
 
 def overlap(session: dict[str, Any], begin: float, end: float) -> float:
@@ -346,16 +393,6 @@ def overlap(session: dict[str, Any], begin: float, end: float) -> float:
     stop: float = session["disconnect"] if session["disconnect"] is not None else end
     start: float = session["connect"]
     return max(0.0, min(stop, end) - max(start, begin))
-
-
-def block_runs(records: list[dict[str, Any]], begin: float | None) -> list[dict[str, Any]]:
-    """The block records in order: when each was recorded (seconds after ``begin``: its run's
-    block and cut were done by then), batch size, networks widened, whether anything was left out."""
-    return [{"at_s": None if begin is None else datetime.datetime.fromisoformat(r["time"]).timestamp() - begin,
-             "batch_size": r.get("batch_size"), "ok": r["ok"],
-             "widened": [w["network"] for w in r["result"].get("widened", [])],
-             "not_blocked": len(r["result"].get("not_blocked", []))}
-            for r in records if r["record"] == "remediation" and r["action"] == "block"]
 
 
 # -- protected addresses under bruteforce ----------------------------------------------------

@@ -140,6 +140,15 @@ class Activation:
     def remediations(self, action: str) -> list[dict[str, Any]]:
         return [r for r in self.read() if r["record"] == "remediation" and r["action"] == action]
 
+    def wait_idle(self, timeout: float = 120) -> float | None:
+        """Seconds until none of the activation's ansible-playbook runs is left, or None."""
+        started = time.monotonic()
+        while self.run.playbook_runs_left():
+            if time.monotonic() - started > timeout:
+                return None
+            time.sleep(0.2)
+        return time.monotonic() - started
+
     @property
     def proc(self) -> subprocess.Popen[Any]:
         """The running ansible-rulebook."""
@@ -289,11 +298,14 @@ def lone(activation: Activation, attacker: AttackerHost, hv: SessionHypervisor, 
             "p50_s": median(latencies) if latencies else None}
 
 
-def lone_offender(activation: Activation, attacker: AttackerHost, hv: SessionHypervisor,
-                  domain: Domain) -> float | None:
-    """One untrusted session from a new address, alone on ``domain``'s console: its connect-to-cut
-    time (libvirt's), or None when it was not cut (still on the hypervisor after 60 s, or no cut
+def lone_offender(activation: Activation, attacker: AttackerHost, hv: SessionHypervisor, domain: Domain,
+                  idle_first: bool = True) -> float | None:
+    """One untrusted session from a new address, alone on ``domain``'s console, once no playbook
+    run of the activation is left (unless not ``idle_first``): its connect-to-cut time
+    (libvirt's), or None when it was not cut (still on the hypervisor after 60 s, or no cut
     record of it 30 s later)."""
+    if idle_first:
+        activation.wait_idle()
     source = attacker.addresses4(1)
     opened = open_sessions(attacker, attacker.host_ip, [domain.vnc_port], source, 1)
     clients = {(source[0], sock.getsockname()[1]) for sock, _s in opened}

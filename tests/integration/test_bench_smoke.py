@@ -67,7 +67,7 @@ def test_bench_smoke_resilience_cuts_every_offender_and_protects_every_trusted_a
     link_local = r["link_local"]
     assert link_local["zoned"] and link_local["link_local_cut"] and link_local["cut_records_ok"]
     assert link_local["followers_cut"] == 2
-    for kind in ("in flight", "queued"):
+    for kind in ("in flight", "in flight, at once", "queued"):
         assert r["domain_end"][kind]["cut"] == r["domain_end"][kind]["ended_by_domain"] == 1
     full_set = r["full_set"]
     assert full_set["all_blocked"] and full_set["connected_after_blocked"] == 0
