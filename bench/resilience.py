@@ -93,10 +93,17 @@ def measure(lab: Any, log: Log, lone_runs: int = 5, followers: int = 5, domain_r
         variables = {"virtguard_uri": hv.uri, "virtguard_trusted_networks": ["192.0.2.0/24"],
                      "virtguard_nft_table": table, "virtguard_block_seconds": 600}
         with Activation("unauthorized_console", variables, workdir / "unauthorized") as activation:
+            # The reference: lone sessions before and after the phases it stands beside, so that it
+            # sees the same machine as they do (others' load here changes from minute to minute).
             load = load_average()
-            result["lone"] = dict(lone(activation, attacker, hv, domains[0], lone_runs, log), load=load)
+            before = lone(activation, attacker, hv, domains[0], lone_runs, log)
             result["link_local"] = after_link_local(activation, attacker, hv, domains[0], followers, log)
             result["domain_end"] = after_domain_end(activation, attacker, hv, domains[:2], domain_rounds, log)
+            after = lone(activation, attacker, hv, domains[0], lone_runs, log)
+            latencies = before["latencies_s"] + after["latencies_s"]
+            result["lone"] = {"runs": before["runs"] + after["runs"], "cut": len(latencies), "latencies_s": latencies,
+                              "p50_s": median(latencies), "p50_before_s": before["p50_s"],
+                              "p50_after_s": after["p50_s"], "load": load, "load_after": load_average()}
         drop_table(table)
         result["full_set"] = full_set(hv, attacker, domains[:2], table, workdir / "full_set", set_size, groups,
                                       window_s, pause_s, log)
