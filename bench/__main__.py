@@ -399,7 +399,9 @@ def report_resilience(report: Report, r: dict[str, Any]) -> None:
                   f"{ll['followers_cut']} of {ll['followers']}, worst {_opt(ll['worst_s'])} s "
                   f"(p50 {_opt(median([s for s in ll['latencies_s'] if s is not None]))} s) "
                   f"({_seconds(ll['latencies_s'])}; "
-                  f"{beside}); load {ll['load']}", f"every one cut, {within}",
+                  f"{beside}); each sent alone at its own connect: {ll['followers_sent_alone']} of {ll['followers']}; "
+                  f"later batches holding the link-local one: {ll['link_local_batches_after_its_own']}; "
+                  f"load {ll['load']}", f"every one cut, {within}",
                   ll["followers_cut"] == ll["followers"] and bound is not None and ll["worst_s"] is not None
                   and ll["worst_s"] <= bound)
     de = r["domain_end"]
@@ -411,7 +413,8 @@ def report_resilience(report: Report, r: dict[str, Any]) -> None:
                       f"console, {when}: cut, worst connect to cut",
                       f"{row['cut']} of {row['asked']}, worst {_opt(row['worst_s'])} s "
                       f"({_seconds([x['latency_s'] for x in de['rounds'] if x['kind'] == kind])}; {beside}); "
-                      f"disconnect ended_by domain {row['ended_by_domain']} of {row['asked']}; load {de['load']}",
+                      f"disconnect ended_by domain {row['ended_by_domain']} of {row['asked']}; the next offender sent "
+                      f"alone at its own connect {row['sent_alone']} of {row['asked']}; load {de['load']}",
                       f"every one cut, {within}",
                       row["cut"] == row["asked"] and bound is not None and row["worst_s"] is not None
                       and row["worst_s"] <= bound)

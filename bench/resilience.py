@@ -155,19 +155,44 @@ def after_link_local(activation: Activation, attacker: AttackerHost, hv: Session
                    if any(c["peer_port"] == port and c["peer_address"].split("%", 1)[0] == ns.client_ll
                           for c in r["result"].get("cut", []))]
         latencies: list[float | None] = []
+        sources = []
         for _follower in range(followers):
             time.sleep(1)
-            latencies.append(lone_offender(activation, attacker, hv, domain))
+            latency, source = lone_offender(activation, attacker, hv, domain)
+            latencies.append(latency)
+            sources.append(source)
     finally:
         ns.delete()
     cut = [s for s in latencies if s is not None]
+    # Independent of the machine's speed: each later offender's run went out with its own session's
+    # event, alone, and no batch after the link-local one's carried it again.
+    batches = sent_batches(activation.read())
+    sent_alone = sum(1 for source in sources if own_batch(batches, source) == [source])
+    carried_again = max(0, sum(1 for _address, batch in batches if ns.client_ll in batch) - 1)
     log(f"#   link-local offender shown with its zone: {zoned}, gone on the hypervisor after {gone_s} s; "
         f"offenders after it, connect to cut: {', '.join('not cut' if s is None else f'{s:.2f}' for s in latencies)}")
     return {"load": load, "zoned": zoned, "link_local_cut": gone_s is not None and bool(own),
             "link_local_s": max(own.values()) if own else None,
             "cut_records_ok": bool(records) and all(r["ok"] and not r["result"].get("failed") for r in records),
             "followers": followers, "followers_cut": len(cut), "latencies_s": latencies,
-            "worst_s": max(cut) if cut else None}
+            "worst_s": max(cut) if cut else None, "followers_sent_alone": sent_alone,
+            "link_local_batches_after_its_own": carried_again}
+
+
+def sent_batches(records: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
+    """Every batch the filter sent, in order: the address of the event that carried it, and the
+    batch's addresses."""
+    return [(r["virtguard"]["remote"]["address"], [b["address"] for b in r["virtguard"]["batch"]])
+            for r in records if r["record"] == "event" and r["virtguard"].get("remediate")]
+
+
+def own_batch(batches: list[tuple[str, list[str]]], address: str) -> list[str] | None:
+    """The batch that an event of ``address``'s own session carried with ``address`` in it: its
+    remediation went out at once, not held behind another run. None when no such batch."""
+    for carrier, batch in batches:
+        if carrier == address and address in batch:
+            return batch
+    return None
 
 
 # -- a domain destroyed under its offender ---------------------------------------------------
@@ -200,15 +225,20 @@ def after_domain_end(activation: Activation, attacker: AttackerHost, hv: Session
                 if kind != "queued":
                     time.sleep(0.5)
                 hv.destroy_domain(doomed.name)
-                latency = lone_offender(activation, attacker, hv, domains[0], idle_first=kind != "in flight, at once")
-                ended = [r for r in activation.read() if r["record"] == "event"
+                latency, following = lone_offender(activation, attacker, hv, domains[0],
+                                                   idle_first=kind != "in flight, at once")
+                records = activation.read()
+                ended = [r for r in records if r["record"] == "event"
                          and r["virtguard"]["remote"]["address"] == source[0]
                          and r["graphics"]["phase"] == "disconnect"]
             finally:
                 for sock, _source in held:
                     sock.close()
+            # independent of the machine's speed: the next offender's run went out with its own
+            # session's event, alone (not held behind the dead session's run until the holdoff)
             rows.append({"kind": kind, "latency_s": latency,
-                         "ended_by": [r["virtguard"].get("ended_by") for r in ended]})
+                         "ended_by": [r["virtguard"].get("ended_by") for r in ended],
+                         "sent_alone": own_batch(sent_batches(records), following) == [following]})
     log("#   domain stopped under an offender, the next offender's connect to cut: "
         + ", ".join(f"{r['kind']} {'not cut' if r['latency_s'] is None else round(r['latency_s'], 2)}"
                     for r in rows))
@@ -218,7 +248,8 @@ def after_domain_end(activation: Activation, attacker: AttackerHost, hv: Session
         cut = [s for s in mine if s is not None]
         summary[kind] = {"asked": len(mine), "cut": len(cut), "worst_s": max(cut) if cut else None,
                          "p50_s": median(cut) if cut else None,
-                         "ended_by_domain": sum(r["ended_by"] == ["domain"] for r in rows if r["kind"] == kind)}
+                         "ended_by_domain": sum(r["ended_by"] == ["domain"] for r in rows if r["kind"] == kind),
+                         "sent_alone": sum(r["sent_alone"] for r in rows if r["kind"] == kind)}
     return summary
 
 

@@ -289,7 +289,7 @@ def lone(activation: Activation, attacker: AttackerHost, hv: SessionHypervisor, 
          log: Callable[[str], None]) -> dict[str, Any]:
     latencies = []
     for _run in range(runs):
-        latency = lone_offender(activation, attacker, hv, domain)
+        latency, _source = lone_offender(activation, attacker, hv, domain)
         if latency is not None:
             latencies.append(latency)
         time.sleep(1)
@@ -299,11 +299,11 @@ def lone(activation: Activation, attacker: AttackerHost, hv: SessionHypervisor, 
 
 
 def lone_offender(activation: Activation, attacker: AttackerHost, hv: SessionHypervisor, domain: Domain,
-                  idle_first: bool = True) -> float | None:
+                  idle_first: bool = True) -> tuple[float | None, str]:
     """One untrusted session from a new address, alone on ``domain``'s console, once no playbook
     run of the activation is left (unless not ``idle_first``): its connect-to-cut time
     (libvirt's), or None when it was not cut (still on the hypervisor after 60 s, or no cut
-    record of it 30 s later)."""
+    record of it 30 s later); and the address."""
     if idle_first:
         activation.wait_idle()
     source = attacker.addresses4(1)
@@ -311,14 +311,14 @@ def lone_offender(activation: Activation, attacker: AttackerHost, hv: SessionHyp
     clients = {(source[0], sock.getsockname()[1]) for sock, _s in opened}
     try:
         if not opened or wait_cut_on_hypervisor(hv, [domain], clients, 60) is None:
-            return None
+            return None, source[0]
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             cut = sessions_cut(activation, set(source))
             if cut:
-                return max(cut.values())
+                return max(cut.values()), source[0]
             time.sleep(0.2)
-        return None
+        return None, source[0]
     finally:
         for sock, _source in opened:
             sock.close()
