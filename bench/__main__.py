@@ -667,7 +667,7 @@ def main(argv: list[str] | None = None) -> int:
             if "resilience" in chosen:
                 from bench.resilience import measure as resilience
 
-                report.section("11. Resilience: no single input switches remediation off or turns it against "
+                report.section("12. Resilience: no single input switches remediation off or turns it against "
                                "its users")
                 results["resilience"] = resilience(
                     lab, report.line, lone_runs=options.resilience_lone, followers=options.resilience_followers,

@@ -1,4 +1,4 @@
-"""Measurement 11: remediation that no single input switches off or turns against its users
+"""Measurement 12: remediation that no single input switches off or turns against its users
 (issue 17). The shipped rulebooks through the real ansible-rulebook, against one real session
 daemon whose consoles listen on ``::``, with clients that have addresses of their own
 (bench/storm.py's AttackerHost; a link-local client namespace from tests/lab/netns.py). Every cut
@@ -302,7 +302,7 @@ def full_set(hv: SessionHypervisor, attacker: AttackerHost, domains: list[Domain
             sock.close()
         except (OSError, TimeoutError):
             trusted_in = False
-        time.sleep(2)  # the last runs' audit records
+        activation.wait_idle()  # the last runs' audit records
         records = activation.read()
     result = connected_time(samples, records, offenders, blocks, window_s)
     result.update({
@@ -531,7 +531,8 @@ def protected(hv: SessionHypervisor, attacker: AttackerHost, domains: list[Domai
                     wait_for(done, 60, what, interval=0.5)
                 except TimeoutError:
                     log(f"#   protected: no {what} within 60 s")
-            time.sleep(3)  # a remediation run, had one been sent for a protected address, lands by now
+            time.sleep(3)  # a remediation run, had one been sent for a protected address, has started by now
+            activation.wait_idle()  # and ended
             blocks = nft_blocked_networks(table)
             still = {(str(a), p) for a, p in connected_clients(hv, [console])}
             records = activation.read()
@@ -651,7 +652,7 @@ def storm_on_hypervisor(activation: Activation, attacker: AttackerHost, hv: Sess
     left = clients & {(str(a), p) for a, p in connected_clients(hv, domains)}
     values: list[float] = []
     if audited:
-        time.sleep(3)  # the last runs' audit records
+        activation.wait_idle()  # the last runs' audit records
         values = sorted(sessions_cut(activation, set(sources)).values())
     for sock, _source in opened:
         sock.close()

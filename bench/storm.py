@@ -333,7 +333,7 @@ def storm(activation: Activation, attacker: AttackerHost, ports: list[int], coun
     open_s = time.monotonic() - started
     clients = {(source, sock.getsockname()[1]) for sock, source in opened}
     gone_s = wait_all_gone(ports, clients, 120)
-    time.sleep(3)  # the last runs' audit records
+    activation.wait_idle()  # the last runs' audit records (a fixed wait missed them on a busy machine)
     cut = sessions_cut(activation, set(sources))
     runs = [r for r in activation.remediations("block")[runs_before:] if set(r.get("addresses", [])) & set(sources)]
     for sock, _source in opened:
