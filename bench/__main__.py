@@ -391,10 +391,12 @@ def report_resilience(report: Report, r: dict[str, Any]) -> None:
                   "p50 <= 2 s on an idle machine", reference is not None and reference <= 2.0
                   and lone["cut"] == lone["runs"])
     ll = r["link_local"]
-    report.figure("link-local offender: shown by ss with its zone; cut (connect to cut); cut records ok",
+    report.figure("link-local offender: shown by ss with its zone; cut (connect to cut); cut records ok; blocked "
+                  "by its /128",
                   f"{ll['zoned']}; {ll['link_local_cut']} "
-                  f"({_opt(ll['link_local_s'])} s); {ll['cut_records_ok']}",
-                  "True; True; True", ll["zoned"] and ll["link_local_cut"] and ll["cut_records_ok"])
+                  f"({_opt(ll['link_local_s'])} s); {ll['cut_records_ok']}; {ll['link_local_blocked_128']}",
+                  "True; True; True; True", ll["zoned"] and ll["link_local_cut"] and ll["cut_records_ok"]
+                  and ll["link_local_blocked_128"])
     report.figure("after a link-local offender: later offenders cut, worst (p50) connect to cut",
                   f"{ll['followers_cut']} of {ll['followers']}, worst {_opt(ll['worst_s'])} s "
                   f"(p50 {_opt(median([s for s in ll['latencies_s'] if s is not None]))} s) "

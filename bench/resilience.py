@@ -10,7 +10,8 @@ is judged on the hypervisor: its kernel's connections (``ss``) and QEMU's client
 - link_local: a link-local offender (``ss`` prints it with its zone), then offenders one at a
   time after it;
 - domain_end: a domain destroyed under its offender, the offender's run in flight or the
-  offender queued behind another's run, then an offender alone on another console of the host;
+  offender queued behind another's run, then an offender alone on another console of the host
+  (once the runs ended, or at once beside the dead session's run);
 - full_set: a block set of 10 and 30 offenders that reconnect every 0.4 s: how much of a fixed
   window the offenders that did not fit in the set of single addresses are connected, and where
   that time goes;
@@ -67,7 +68,7 @@ PORT_BASE = 27400
 # 198.18.SUBNET.0/24 of the clients that need /24s of their own (AttackerHost.addresses4_in),
 # far above the addresses AttackerHost.addresses4 counts up from 198.18.0.10.
 FULL_SET_SUBNET = 210  # one /24 per group of offenders: 210, 211, ...
-PROTECTED_SUBNET = 220  # 220..224: trusted admin, bystander, control, exclusive taker
+PROTECTED_SUBNET = 220  # 220..223: trusted admin, bystander, control, exclusive taker
 LOCK_TRUSTED_SUBNET = 230
 TRUSTED_HOST = 200  # the full set's trusted neighbour, in the last group's /24
 
@@ -133,6 +134,8 @@ def covered(address: str, networks: set[Network]) -> bool:
 
 def after_link_local(activation: Activation, attacker: AttackerHost, hv: SessionHypervisor, domain: Domain,
                      followers: int, log: Log) -> dict[str, Any]:
+    """A client at ``fe80::…`` (through a veth whose link-local addresses are usable at once)
+    holds a session on ``domain`` until it is cut; then ``followers`` offenders, one at a time."""
     load = load_average()
     ns = ClientNamespace(0, tag="r", link_local=True).create()
     try:
@@ -169,6 +172,8 @@ def after_link_local(activation: Activation, attacker: AttackerHost, hv: Session
     batches = sent_batches(activation.read())
     sent_alone = sum(1 for source in sources if own_batch(batches, source) == [source])
     carried_again = max(0, sum(1 for _address, batch in batches if ns.client_ll in batch) - 1)
+    blocked_128 = any(f"{ns.client_ll}/128" in r.get("networks", []) and r["ok"]
+                      for r in activation.remediations("block"))
     log(f"#   link-local offender shown with its zone: {zoned}, gone on the hypervisor after {gone_s} s; "
         f"offenders after it, connect to cut: {', '.join('not cut' if s is None else f'{s:.2f}' for s in latencies)}")
     return {"load": load, "zoned": zoned, "link_local_cut": gone_s is not None and bool(own),
@@ -176,7 +181,7 @@ def after_link_local(activation: Activation, attacker: AttackerHost, hv: Session
             "cut_records_ok": bool(records) and all(r["ok"] and not r["result"].get("failed") for r in records),
             "followers": followers, "followers_cut": len(cut), "latencies_s": latencies,
             "worst_s": max(cut) if cut else None, "followers_sent_alone": sent_alone,
-            "link_local_batches_after_its_own": carried_again}
+            "link_local_batches_after_its_own": carried_again, "link_local_blocked_128": blocked_128}
 
 
 def sent_batches(records: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:

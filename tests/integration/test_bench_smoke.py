@@ -63,12 +63,14 @@ def test_bench_smoke_resilience_cuts_every_offender_and_protects_every_trusted_a
     data = json.loads(results.read_text())
     assert data["lost"] == 0
     r = data["resilience"]
-    assert r["lone"]["cut"] == 1
+    assert r["lone"]["cut"] == r["lone"]["runs"] == 2  # one before the link-local and domain phases, one after
     link_local = r["link_local"]
     assert link_local["zoned"] and link_local["link_local_cut"] and link_local["cut_records_ok"]
-    assert link_local["followers_cut"] == 2
+    assert link_local["followers_cut"] == link_local["followers_sent_alone"] == 2
+    assert link_local["link_local_batches_after_its_own"] == 0 and link_local["link_local_blocked_128"]
     for kind in ("in flight", "in flight, at once", "queued"):
-        assert r["domain_end"][kind]["cut"] == r["domain_end"][kind]["ended_by_domain"] == 1
+        row = r["domain_end"][kind]
+        assert row["cut"] == row["ended_by_domain"] == row["sent_alone"] == 1
     full_set = r["full_set"]
     assert full_set["all_blocked"] and full_set["connected_after_blocked"] == 0
     assert not full_set["trusted_blocked"] and full_set["trusted_session"]
