@@ -18,9 +18,9 @@ from typing import Any
 
 from bench import ROOT
 from bench.lab import Lab
-from bench.stats import load_average, mem_available_mib
+from bench.stats import load_average, median, mem_available_mib
 
-MEASUREMENTS = ("burst", "endtoend", "scale", "soak", "audit", "storm", "fleet", "reconnect")
+MEASUREMENTS = ("burst", "endtoend", "scale", "soak", "audit", "storm", "fleet", "reconnect", "resilience")
 # Real resident memory of one tiny paused TCG domain here (MemAvailable drop per domain),
 # plus the daemons' share: the scale test is sized down when the machine has less to spare.
 MIB_PER_DOMAIN = 18
@@ -89,6 +89,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Ansible forks for the fleet-wide block's runs (default: Ansible's, 5)")
     parser.add_argument("--reconnect-rounds", type=int, default=40,
                         help="daemon restarts in the reconnection measurement (default 40)")
+    parser.add_argument("--resilience-lone", type=int, default=5,
+                        help="lone untrusted sessions, the reference of the resilience measurement (default 5)")
+    parser.add_argument("--resilience-followers", type=int, default=5,
+                        help="offenders one at a time after the link-local one (default 5)")
+    parser.add_argument("--resilience-domain-rounds", type=int, default=3,
+                        help="rounds of a domain destroyed under its offender, each with the offender's run in "
+                             "flight and with the offender queued (default 3)")
+    parser.add_argument("--resilience-set-size", type=int, default=10,
+                        help="virtguard_block_set_size for the full set (default 10)")
+    parser.add_argument("--resilience-groups", type=int, nargs="+", default=[13, 13, 4],
+                        help="reconnecting offenders per /24 for the full set (default 13 13 4: 30)")
+    parser.add_argument("--resilience-window", type=float, default=60,
+                        help="seconds from the first offender's connect over which the full set's connected time "
+                             "is measured (default 60)")
+    parser.add_argument("--resilience-threshold", type=int, default=4,
+                        help="virtguard_bruteforce_threshold for the protected addresses (default 4)")
+    parser.add_argument("--resilience-lock-storm", type=int, default=100,
+                        help="addresses of each storm around the audit lock (default 100)")
+    parser.add_argument("--resilience-consoles", type=int, default=5,
+                        help="consoles of the resilience daemon (default 5; at least 2, and 32 sessions each at most)")
     parser.add_argument("--profile", metavar="DIR",
                         help="profile the source (cProfile) in the bursts, the real activation and the soak, into DIR; "
                              "profiled figures are slower and only for finding where time goes")
@@ -354,6 +374,141 @@ def report_reconnect(report: Report, r: dict[str, Any]) -> None:
     report.lost += r["lost"]
 
 
+def report_resilience(report: Report, r: dict[str, Any]) -> None:
+    lone = r["lone"]
+    reference = lone["p50_s"]
+    bound = None if reference is None else reference + 1.0
+    beside = "no lone session cut" if reference is None else f"lone p50 {reference:.2f} s"
+    within = f"each <= lone p50 + 1 s = {bound:.2f} s" if bound is not None else "each <= lone p50 + 1 s"
+    report.line("  the shipped rulebooks through ansible-rulebook, one session daemon with VNC on ::, "
+                f"{r['consoles']} consoles; times are libvirt's (connect to disconnect), cuts judged with ss and "
+                "query-vnc; the load average (1 min) is given with each figure")
+    report.figure("lone untrusted session, connect to cut (p50 of the sessions before and after the link-local "
+                  "and domain phases): the reference",
+                  f"{reference:.2f} s over {lone['cut']} of {lone['runs']} ({_seconds(lone['latencies_s'])}; p50 "
+                  f"before {_opt(lone['p50_before_s'])} s, after {_opt(lone['p50_after_s'])} s); load {lone['load']}, "
+                  f"after {lone['load_after']}" if reference is not None else f"none cut; load {lone['load']}",
+                  "p50 <= 2 s on an idle machine", reference is not None and reference <= 2.0
+                  and lone["cut"] == lone["runs"])
+    ll = r["link_local"]
+    report.figure("link-local offender: shown by ss with its zone; cut (connect to cut); cut records ok; blocked "
+                  "by its /128",
+                  f"{ll['zoned']}; {ll['link_local_cut']} "
+                  f"({_opt(ll['link_local_s'])} s); {ll['cut_records_ok']}; {ll['link_local_blocked_128']}",
+                  "True; True; True; True", ll["zoned"] and ll["link_local_cut"] and ll["cut_records_ok"]
+                  and ll["link_local_blocked_128"])
+    report.figure("after a link-local offender: later offenders cut, worst (p50) connect to cut",
+                  f"{ll['followers_cut']} of {ll['followers']}, worst {_opt(ll['worst_s'])} s "
+                  f"(p50 {_opt(median([s for s in ll['latencies_s'] if s is not None]))} s) "
+                  f"({_seconds(ll['latencies_s'])}; "
+                  f"{beside}); each sent alone at its own connect: {ll['followers_sent_alone']} of {ll['followers']}; "
+                  f"later batches holding the link-local one: {ll['link_local_batches_after_its_own']}; "
+                  f"load {ll['load']}", f"every one cut, {within}",
+                  ll["followers_cut"] == ll["followers"] and bound is not None and ll["worst_s"] is not None
+                  and ll["worst_s"] <= bound)
+    de = r["domain_end"]
+    for kind, when in (("in flight", "once the dead session's run ended"),
+                       ("in flight, at once", "at once, beside the dead session's run"),
+                       ("queued", "once the run it was queued behind ended")):
+        row = de[kind]
+        report.figure(f"domain destroyed under an offender ({kind.split(',')[0]}): the next offender on another "
+                      f"console, {when}: cut, worst connect to cut",
+                      f"{row['cut']} of {row['asked']}, worst {_opt(row['worst_s'])} s "
+                      f"({_seconds([x['latency_s'] for x in de['rounds'] if x['kind'] == kind])}; {beside}); "
+                      f"disconnect ended_by domain {row['ended_by_domain']} of {row['asked']}; the next offender sent "
+                      f"alone at its own connect {row['sent_alone']} of {row['asked']}; load {de['load']}",
+                      f"every one cut, {within}",
+                      row["cut"] == row["asked"] and bound is not None and row["worst_s"] is not None
+                      and row["worst_s"] <= bound)
+    fs = r["full_set"]
+    window = f"the {fs.get('window_s', 0):.0f} s from the first offender's connect"
+    report.figure(f"full set ({fs['set_size']}), {fs['offenders']} offenders reconnecting every {fs['pause_s']} s: "
+                  f"the {fs['overflow']} beyond the set of single addresses connected, share of {window} "
+                  "(ss samples / libvirt's sessions)",
+                  f"{_share(fs.get('overflow_share_ss'))} / {_share(fs.get('overflow_share_events'))}; "
+                  f"load {fs['load']}", "< 5 %",
+                  fs.get("overflow_share_ss") is not None and max(fs["overflow_share_ss"],
+                                                                  fs["overflow_share_events"]) < 0.05)
+    report.figure("full set: where the overflow's connected time goes (libvirt's sessions): before each "
+                  "offender's first cut / after it",
+                  f"{_share(fs.get('overflow_share_before_first_cut'))} / "
+                  f"{_share(fs.get('overflow_share_after_first_cut'))} of the window; first connect to first cut "
+                  f"p50 {_opt(fs.get('overflow_to_first_cut_p50_s'))} s, "
+                  f"max {_opt(fs.get('overflow_to_first_cut_max_s'))} s ({beside}); "
+                  f"never cut {fs.get('overflow_never_cut')}; "
+                  f"{fs.get('sessions_after_first_cut')} sessions after a first cut")
+    report.figure("full set: all offenders together (ss / sessions); sessions in the window; runs "
+                  "(batch size, its cut landed at, widened to)",
+                  f"{_share(fs.get('all_share_ss'))} / {_share(fs.get('all_share_events'))}; "
+                  f"{fs.get('sessions_in_window')}; "
+                  + ", ".join(f"{run['batch_size']} at {_opt(run['cut_at_s'])} s"
+                              + (f" -> {' '.join(run['widened'])}" if run["widened"] else "") for run in fs["runs"]))
+    report.figure("full set: every offender blocked, none connected after; the trusted neighbour blocked / "
+                  "gets a session",
+                  f"{fs['all_blocked']}, {fs['connected_after_blocked']}; {fs['trusted_blocked']} / "
+                  f"{fs['trusted_session']}", "True, 0; False / True",
+                  fs["all_blocked"] and fs["connected_after_blocked"] == 0 and not fs["trusted_blocked"]
+                  and fs["trusted_session"])
+    pr = r["protected"]
+    cases = pr["cases"]
+    report.figure("bruteforce: trusted addresses blocked: proxy / same-/64 admin / exclusive-client case "
+                  "(and the admin failing logins itself)",
+                  f"{int(cases['proxy']['blocked'])} / {int(cases['same /64']['blocked'])} / "
+                  f"{int(cases['exclusive client']['blocked'])} ({int(cases['trusted admin']['blocked'])}); "
+                  f"load {pr['load']}", "0", pr["trusted_blocked"] == 0 and not pr["protected_in_remediations"])
+    report.figure("bruteforce: trusted sessions cut (proxy, admin, same-/64 admin); brute-force reports "
+                  "(proxy, admin)",
+                  f"{pr['trusted_cut']}; {cases['proxy']['reports']}, {cases['trusted admin']['reports']}",
+                  "0; reported", pr["trusted_cut"] == 0 and cases["proxy"]["reports"] > 0
+                  and cases["trusted admin"]["reports"] > 0)
+    ex = cases["exclusive client"]
+    report.figure("exclusive client, no authentication: shared sessions dropped / their disconnects / counted as "
+                  "failed logins / the untrusted bystander blocked",
+                  f"{sum(ex['dropped'].values())} / {ex['disconnects']} / {ex['failed_logins']} / "
+                  f"{ex['bystander_blocked']}", "0 failed logins, not blocked",
+                  ex["failed_logins"] == 0 and not ex["bystander_blocked"]
+                  and sum(ex["dropped"].values()) == 2 * pr["attempts"])
+    same = cases["same /64"]
+    report.figure("controls: an untrusted address failing the threshold blocked and its session cut; the attacker "
+                  "in the admin's /64 blocked by its /128 (not the /64), its session cut",
+                  f"{pr['control']['blocked']} and {pr['control']['session_cut']}; {same['attacker_blocked_128']} "
+                  f"(/64: {same['prefix_blocked']}), {pr['attacker6_session_cut']}",
+                  "True and True; True (/64: False), True",
+                  pr["control"]["blocked"] and pr["control"]["session_cut"] and same["attacker_blocked_128"]
+                  and not same["prefix_blocked"] and pr["attacker6_session_cut"])
+    al = r["audit_lock"]
+    free, locked = al["free"], al["locked"]
+    report.figure(f"storm of {al['storm']} while a reader holds the audit file's flock: opened / cut / not cut "
+                  "(ss and query-vnc); lock held throughout",
+                  f"{locked['opened']} / {locked['opened'] - locked['not_cut']} / {locked['not_cut']}; "
+                  f"{al['lock_held_before'] and al['lock_held_after']}; load {al['load']}",
+                  "every offender cut", locked["not_cut"] == 0 and locked["opened"] > 0 and locked["gone_s"] is not None
+                  and al["lock_held_before"] and al["lock_held_after"])
+    report.figure("the same storm: first session opened to none left in the hypervisor's connections (ss), "
+                  "locked / free (free: p50 / last connect to cut); playbook runs all ended after",
+                  f"{_opt(locked['ss_gone_s'])} s / {_opt(free['ss_gone_s'])} s ({_opt(free['p50_s'])} / "
+                  f"{_opt(free['max_s'])} s; {beside}); {_opt(al['locked_runs_end_s'])} s")
+    counts = al["counts"]
+    report.figure("audit loss under the lock: stated / missing, event records; remediation records",
+                  f"{counts['stated_lost_events']} / {al['missing_events']} (of {counts['graphics_events']} events); "
+                  f"{counts['stated_lost_remediations']} / {al['missing_remediations']} (of "
+                  f"{2 * counts['audit_runs']}); end marked: {al['end_marked']}",
+                  "stated = missing, > 0", al["exact"] and al["end_marked"] and counts["stated_lost_events"] > 0)
+    report.lost += locked["not_cut"] + ll["followers"] - ll["followers_cut"]
+
+
+def _seconds(values: list[float | None]) -> str:
+    return ", ".join("not cut" if v is None else f"{v:.2f}" for v in values)
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f} %"
+
+
+def _opt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def report_fleet_block(report: Report, r: dict[str, Any]) -> None:
     report.line("  the shipped unauthorized_console rulebook through ansible-rulebook, virtguard_block_scope: fleet, "
                 "remediation over SSH to every host of virtguard_fleet_group; one untrusted session on the last "
@@ -398,8 +553,6 @@ def run_scale(lab: Lab, report: Report, options: argparse.Namespace) -> dict[str
         for sock in clients:
             sock.close()
         lab.release(hvs)
-    from bench.stats import median
-
     return {
         "hypervisors": hypervisors, "domains": domains, "setup_s": setup, "scaled_down": scaled_down, "runs": runs,
         "registered_median": median([r["registered_s"] for r in runs]),
@@ -513,6 +666,18 @@ def main(argv: list[str] | None = None) -> int:
                 report.section("10. Reconnections: the source's memory across daemon restarts")
                 results["reconnect"] = reconnect(lab, report.line, options.reconnect_rounds)
                 report_reconnect(report, results["reconnect"])
+            if "resilience" in chosen:
+                from bench.resilience import measure as resilience
+
+                report.section("12. Resilience: no single input switches remediation off or turns it against "
+                               "its users")
+                results["resilience"] = resilience(
+                    lab, report.line, lone_runs=options.resilience_lone, followers=options.resilience_followers,
+                    domain_rounds=options.resilience_domain_rounds, set_size=options.resilience_set_size,
+                    groups=tuple(options.resilience_groups), window_s=options.resilience_window,
+                    threshold=options.resilience_threshold, lock_storm=options.resilience_lock_storm,
+                    consoles=options.resilience_consoles)
+                report_resilience(report, results["resilience"])
         except KeyboardInterrupt:
             report.line("# interrupted: cleaning up")
             status = 130

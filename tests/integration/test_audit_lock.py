@@ -14,7 +14,6 @@ be in it (``virsh event`` on the hypervisor)."""
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import re
 import socket
@@ -25,12 +24,13 @@ from typing import Any
 import pytest
 
 from lab import rfb
+from lab.audit_loss import audit_loss, missing_events, missing_remediations, stated_lost_in_all
 from lab.file_lock import HeldLock, exclusive_lock_free
 from lab.hypervisor import Domain, EventWitness, SessionHypervisor, wait_for
 from lab.netns import ClientNamespace
 from lab.remediation_run import eda_extra_vars, run_playbook
-from lab.rulebook_runner import RulebookRun, descendants_of, read_jsonl
-from lab.server_view import established_peers, nft_blocks, vnc_clients
+from lab.rulebook_runner import RulebookRun, read_jsonl
+from lab.server_view import connected_clients, nft_blocks
 
 pytestmark = pytest.mark.slow
 
@@ -92,33 +92,6 @@ def open_storm(ns: ClientNamespace, sources: list[str], domains: list[Domain]) -
     return opened
 
 
-def connected_clients(hv: SessionHypervisor, domains: list[Domain]) -> set[Client]:
-    """Every console client, in the hypervisor kernel's view and in QEMU's."""
-    clients = established_peers([d.vnc_port for d in domains])
-    for domain in domains:
-        clients |= vnc_clients(hv.query_vnc(domain.name))
-    return clients
-
-
-def playbook_runs_left(activation: RulebookRun) -> list[str]:
-    """The command lines of the activation's ansible-playbook processes still running."""
-    assert activation.proc is not None
-    left = []
-    for pid in descendants_of(activation.proc.pid):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if "ansible-playbook" in cmdline:
-            left.append(f"{pid}: {cmdline[:200]}")
-    return left
-
-
-def stated_lost_in_all(log: str) -> list[int]:
-    """The whole loss of event records each of the filter's statements gave, in order."""
-    return [int(n) for n in re.findall(r"virtguard: audit log \S+[: ].*?(\d+) record\(s\) lost in all", log)]
-
-
 def test_a_reader_holding_the_audit_lock_through_a_storm_stalls_nothing_and_every_loss_is_counted(
         tmp_path: Path) -> None:
     """The shipped unauthorized_console rulebook, an audit log that a reader holds locked for
@@ -169,7 +142,7 @@ def test_a_reader_holding_the_audit_lock_through_a_storm_stalls_nothing_and_ever
         assert len(offenders) >= OFFENDERS * 0.9, "the storm could not open its sessions"
         wait_for(lambda: not connected_clients(hv, domains) & offenders, CUT_TIMEOUT,
                  f"{len(offenders)} offenders to be cut")
-        wait_for(lambda: not playbook_runs_left(activation), PLAYBOOK_TIMEOUT, "the playbook runs to end")
+        wait_for(lambda: not activation.playbook_runs_left(), PLAYBOOK_TIMEOUT, "the playbook runs to end")
         assert all(nft_blocks(NFT_TABLE, source) for source in sources)
         assert not exclusive_lock_free(audit), "the reader let go of the lock during the storm"
         log = activation.output()
@@ -206,18 +179,7 @@ def test_a_reader_holding_the_audit_lock_through_a_storm_stalls_nothing_and_ever
         storm.delete()
         trusted.delete()
 
-    records = read_jsonl(audit)  # json.loads of every line: only whole records are there
-    graphics_events = len(re.findall(r"^event 'graphics' for domain ", witnessed, re.M))
-    event_records = sum(r["record"] == "event" for r in records)
-    audit_runs = log.count("TASK [Record the block and the cut, with their results, in the audit log]")
-    remediation_records = sum(r["record"] == "remediation" for r in records)
-    stated_events = stated_lost_in_all(log)[-1]
-    # each failed run's last play prints its message twice (an [ERROR] line, then the result): count the result
-    stated_remediations = sum(int(n) for n in re.findall(
-        r'"msg": "block and cut: [^;"]*; audit record: FAILED, (\d+) record\(s\) lost', log))
-    counts = json.dumps({"graphics events": graphics_events, "event records": event_records,
-                         "audit runs": audit_runs, "remediation records": remediation_records,
-                         "stated lost events": stated_events, "stated lost remediations": stated_remediations})
-    assert stated_events > 0 and stated_remediations > 0, counts  # the controls: the lock did cost records
-    assert stated_events == graphics_events - event_records, counts
-    assert stated_remediations == 2 * audit_runs - remediation_records, counts
+    counts = audit_loss(witnessed, log, read_jsonl(audit))  # json.loads of every line: only whole records are there
+    assert counts["stated_lost_events"] > 0 and counts["stated_lost_remediations"] > 0, counts  # the controls
+    assert counts["stated_lost_events"] == missing_events(counts), counts
+    assert counts["stated_lost_remediations"] == missing_remediations(counts), counts

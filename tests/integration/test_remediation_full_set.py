@@ -16,11 +16,8 @@ that did not fit in the set of single addresses were connected.
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import subprocess
-import sys
-import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +27,8 @@ import pytest
 from lab import rfb
 from lab.hypervisor import Domain, SessionHypervisor, wait_for
 from lab.netns import ClientNamespace
-from lab.rulebook_runner import ROOT, RulebookRun, read_jsonl
+from lab.reconnecting_offenders import ReconnectingOffenders
+from lab.rulebook_runner import RulebookRun, read_jsonl
 from lab.server_view import established_peers, nft_blocked_networks, vnc_clients
 
 pytestmark = pytest.mark.slow
@@ -83,82 +81,6 @@ def add_addresses(ns: ClientNamespace, hosts: list[int]) -> list[str]:
     return addresses
 
 
-# Offenders of one namespace: each connects (RFB handshake: a real session), holds the session
-# until the hypervisor ends it, waits PAUSE and connects again, until stdin closes.
-RECONNECTING = textwrap.dedent("""
-    import json, socket, sys, threading, time
-    from lab import rfb
-    host, pause, sources = sys.argv[1], float(sys.argv[3]), sys.argv[4:]
-    ports = [int(p) for p in sys.argv[2].split(",")]
-    stop = threading.Event()
-    counts = {source: {"sessions": 0, "refused": 0, "other": 0} for source in sources}
-
-    def offend(index, source):
-        port = ports[index % len(ports)]
-        while not stop.is_set():
-            try:
-                sock = rfb.open_session(host, port, timeout=3, source=(source, 0))
-            except ConnectionRefusedError:
-                counts[source]["refused"] += 1
-            except OSError:
-                counts[source]["other"] += 1
-            else:
-                counts[source]["sessions"] += 1
-                sock.settimeout(0.3)
-                while not stop.is_set():
-                    try:
-                        if not sock.recv(65536):
-                            break
-                    except socket.timeout:
-                        continue
-                    except OSError:
-                        break
-                sock.close()
-            stop.wait(pause)
-
-    threads = [threading.Thread(target=offend, args=(i, s), daemon=True) for i, s in enumerate(sources)]
-    for thread in threads:
-        thread.start()
-    print("started", flush=True)
-    sys.stdin.read()
-    stop.set()
-    for thread in threads:
-        thread.join(10)
-    print(json.dumps(counts), flush=True)
-""")
-
-
-class Offenders:
-    """The reconnecting offenders of one namespace, in a process of their own there."""
-
-    def __init__(self, ns: ClientNamespace, sources: list[str], ports: list[int]) -> None:
-        env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"))
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns.name, sys.executable, "-c", RECONNECTING, ns.host_ip,
-             ",".join(map(str, ports)), str(PAUSE), *sources],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert line.strip() == "started", f"the offenders did not start: {line}{self.proc.communicate()[1]}"
-
-    def running(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self) -> dict[str, dict[str, int]]:
-        """Stop them; what each address met (its own view, for the report only)."""
-        if self.proc.poll() is not None:
-            return {}
-        try:
-            out, _err = self.proc.communicate("", timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            return {}
-        lines = out.strip().splitlines()
-        counts: dict[str, dict[str, int]] = json.loads(lines[-1]) if lines else {}
-        return counts
-
-
 def covered(address: str, networks: set[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
     value = ipaddress.ip_address(address)
     return any(value in network for network in networks)
@@ -181,10 +103,11 @@ def test_a_set_of_ten_blocks_thirty_reconnecting_offenders_and_keeps_a_trusted_n
         "virtguard_audit_log": str(audit),
         "virtguard_nft_table": NFT_TABLE,
     }, tmp_path).start()
-    running: list[Offenders] = []
+    running: list[ReconnectingOffenders] = []
     try:
         started = time.monotonic()
-        running = [Offenders(ns, group, ports) for ns, group in zip(namespaces, offenders_of, strict=True)]
+        running = [ReconnectingOffenders(ns.name, ns.host_ip, ports, group, PAUSE)
+                   for ns, group in zip(namespaces, offenders_of, strict=True)]
         samples: list[tuple[float, set[str]]] = []  # (seconds since start, offenders connected)
         blocked_at: float | None = None
         while True:
@@ -228,9 +151,7 @@ def test_a_set_of_ten_blocks_thirty_reconnecting_offenders_and_keeps_a_trusted_n
         report(samples, offenders, blocks, audit, counts)
     finally:
         for offender in running:
-            if offender.running():
-                offender.proc.kill()
-                offender.proc.wait()
+            offender.kill()
         activation.stop()
         subprocess.run(["nft", "delete", "table", "inet", NFT_TABLE], capture_output=True, check=False)
 

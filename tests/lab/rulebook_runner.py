@@ -74,6 +74,19 @@ class RulebookRun:
                                      f"{self.output()[-4000:]}")
             time.sleep(0.2)
 
+    def playbook_runs_left(self) -> list[str]:
+        """The command lines of the activation's ansible-playbook processes still running."""
+        assert self.proc is not None, "the activation was not started"
+        left = []
+        for pid in descendants_of(self.proc.pid):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if "ansible-playbook" in cmdline:
+                left.append(f"{pid}: {cmdline[:200]}")
+        return left
+
     def stop(self) -> None:
         if self.proc is None:
             return

@@ -9,6 +9,10 @@ import ipaddress
 import json
 import subprocess
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lab.hypervisor import Domain, SessionHypervisor
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -50,6 +54,15 @@ def vnc_clients(query_vnc_output: str) -> set[tuple[IPAddress, int]]:
     """(client address, client port) of every client in QEMU's ``query-vnc`` answer."""
     answer = json.loads(query_vnc_output)["return"]
     return {(_address(c["host"]), int(c["service"])) for c in answer.get("clients", [])}
+
+
+def connected_clients(hv: SessionHypervisor, domains: Iterable[Domain]) -> set[tuple[IPAddress, int]]:
+    """Every console client of ``domains`` (VNC), in the hypervisor kernel's view and in QEMU's."""
+    domains = list(domains)
+    clients = established_peers([d.vnc_port for d in domains])
+    for domain in domains:
+        clients |= vnc_clients(hv.query_vnc(domain.name))
+    return clients
 
 
 def nft_blocks(table: str, network: str, netns: str | None = None) -> bool:
