@@ -13,6 +13,7 @@ import pwd
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
@@ -60,6 +61,14 @@ def delete_user(name: str) -> None:
         time.sleep(0.1)
     run(["userdel", "-r", name], check=False)
     run(["userdel", name], check=False)
+
+
+def free_tcp_port() -> int:
+    """A TCP port no socket of this machine's network namespace holds now, IPv4 and IPv6."""
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::", 0))
+        return int(sock.getsockname()[1])
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
@@ -300,7 +309,17 @@ class SessionHypervisor:
             xml = xml.replace("autoport='yes'", f"autoport='no' port='{port}'")
         xml_file = self.base / f"{name}.xml"
         xml_file.write_text(xml)
-        self.virsh("create", "--paused", str(xml_file))
+        try:
+            self.virsh("create", "--paused", str(xml_file))
+        except CommandFailed as exc:
+            # Each session daemon hands out autoport ports on its own: another suite's (or another
+            # daemon's) QEMU may hold the one it picked ("Failed to find an available port").
+            # Once, on a port the kernel says is free on every address.
+            if port is not None or graphics != "vnc" or "Address already in use" not in str(exc):
+                raise
+            port = free_tcp_port()
+            xml_file.write_text(xml.replace("autoport='yes'", f"autoport='no' port='{port}'"))
+            self.virsh("create", "--paused", str(xml_file))
         tls_port = None
         if graphics == "spice":
             xml_now = self.virsh("dumpxml", name).stdout
