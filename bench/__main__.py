@@ -411,7 +411,8 @@ def report_resilience(report: Report, r: dict[str, Any]) -> None:
                        ("in flight, at once", "at once, beside the dead session's run"),
                        ("queued", "once the run it was queued behind ended")):
         row = de[kind]
-        report.figure(f"domain destroyed under an offender ({kind.split(',', maxsplit=1)[0]}): the next offender on another "
+        phase = kind.split(",", maxsplit=1)[0]
+        report.figure(f"domain destroyed under an offender ({phase}): the next offender on another "
                       f"console, {when}: cut, worst connect to cut",
                       f"{row['cut']} of {row['asked']}, worst {_opt(row['worst_s'])} s "
                       f"({_seconds([x['latency_s'] for x in de['rounds'] if x['kind'] == kind])}; {beside}); "
