@@ -16,6 +16,7 @@ from typing import Any
 
 from bench import ROOT
 from lab.hypervisor import Domain, SessionHypervisor
+from lab.leftovers import remove_dead_owners
 
 # VNC ports: each daemon gets its own range, above the 5900+ that other suites' daemons use,
 # because session daemons allocate ports independently and race when started side by side.
@@ -40,6 +41,7 @@ class Lab:
 
     def __enter__(self) -> Lab:
         self._old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+        remove_dead_owners(lambda line: self.log(f"# {line}"))
         return self
 
     def __exit__(self, *exc: object) -> None:

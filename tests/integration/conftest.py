@@ -17,10 +17,18 @@ import pytest
 import yaml
 
 from lab.hypervisor import SessionHypervisor, heal_event_delivery
+from lab.leftovers import remove_dead_owners
 from lab.rulebook_runner import ROOT, VENV_BIN
 from lab.source_log import SourceLog
 
 TEST_RULEBOOKS = Path(__file__).resolve().parent / "rulebooks"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_dead_runs_leftovers() -> None:
+    """Users, namespaces, links, tables and directories that a killed earlier run left (their
+    owner is gone) would take this run's traffic or refuse its clients: removed first."""
+    remove_dead_owners(print)
 
 
 @pytest.fixture(scope="session")
