@@ -20,7 +20,8 @@ from bench import ROOT
 from bench.lab import Lab
 from bench.stats import load_average, median, mem_available_mib
 
-MEASUREMENTS = ("burst", "endtoend", "scale", "soak", "audit", "storm", "fleet", "reconnect", "resilience")
+MEASUREMENTS = ("burst", "endtoend", "scale", "soak", "audit", "storm", "fleet", "reconnect", "resilience",
+                "blind_starts")
 # Real resident memory of one tiny paused TCG domain here (MemAvailable drop per domain),
 # plus the daemons' share: the scale test is sized down when the machine has less to spare.
 MIB_PER_DOMAIN = 18
@@ -89,6 +90,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Ansible forks for the fleet-wide block's runs (default: Ansible's, 5)")
     parser.add_argument("--reconnect-rounds", type=int, default=40,
                         help="daemon restarts in the reconnection measurement (default 40)")
+    parser.add_argument("--blind-starts", type=int, default=100,
+                        help="source starts during each storm of the blind-starts measurement (default 100)")
+    parser.add_argument("--blind-storms", type=int, nargs="+", default=[2, 8],
+                        help="clients per console of each storm of the blind-starts measurement (default 2 8)")
     parser.add_argument("--resilience-lone", type=int, default=5,
                         help="lone untrusted sessions, the reference of the resilience measurement (default 5)")
     parser.add_argument("--resilience-followers", type=int, default=5,
@@ -372,6 +377,20 @@ def report_reconnect(report: Report, r: dict[str, Any]) -> None:
                   "after the last)")
     report.figure("events lost across the reconnections", str(r["lost"]), "0", r["lost"] == 0)
     report.lost += r["lost"]
+
+
+def report_blind_starts(report: Report, r: dict[str, Any]) -> None:
+    report.line("  the source as shipped (delivery check every 20 s of quiet, 10 s timeout) started in this process "
+                "while 2 consoles of one session daemon take a storm of whole VNC sessions; after a random 0.2 to "
+                "1 s the storm stops and one session opens; the load average (1 min) is given with each figure")
+    for storm in r["storms"]:
+        report.figure(f"starts during a storm of {storm['sessions_per_s']:.0f} sessions/s "
+                      f"({storm['clients_per_console']} clients per console): blind for good (the session after the "
+                      "storm never seen within 60 s)",
+                      f"{storm['blind_for_good']} of {storm['starts']}; seen live {storm['seen_live']} (p50 "
+                      f"{_opt(median(storm['seen_after_s']))} s), healed by the delivery check {storm['healed']} "
+                      f"({_seconds(storm['healed_after_s'])}); load {storm['load']}, after {storm['load_after']}",
+                      "0", storm["blind_for_good"] == 0)
 
 
 def report_resilience(report: Report, r: dict[str, Any]) -> None:
@@ -679,6 +698,13 @@ def main(argv: list[str] | None = None) -> int:
                     threshold=options.resilience_threshold, lock_storm=options.resilience_lock_storm,
                     consoles=options.resilience_consoles)
                 report_resilience(report, results["resilience"])
+            if "blind_starts" in chosen:
+                from bench.blind_starts import measure as blind_starts
+
+                report.section("14. Sources started during a storm: never blind for good")
+                results["blind_starts"] = blind_starts(lab, report.line, starts=options.blind_starts,
+                                                       storms=tuple(options.blind_storms))
+                report_blind_starts(report, results["blind_starts"])
         except KeyboardInterrupt:
             report.line("# interrupted: cleaning up")
             status = 130

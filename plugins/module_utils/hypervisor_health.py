@@ -13,9 +13,9 @@ with ``changed: false`` and the current state, whatever the connection does (a f
 as a clock). Pure logic with the time passed in, so tests need no clock and no daemon.
 
 A state is a name in ``STATES``; every change goes through ``HypervisorHealth.change``, which
-accepts any move between two known states other than back to ``connecting``. A later state (a
-connection that is up but blind to events, a hypervisor resynchronised by snapshot) is one more
-entry in ``STATES`` and one more call to ``change`` where the source learns it.
+accepts any move between two known states other than back to ``connecting``: ``blind`` (a
+connection that is up but delivers no event, found by the source's delivery probe) and
+``resynchronised`` (the new connection after a blind one, with its snapshot) included.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ CONNECTING = "connecting"
 CONNECTED = "connected"
 RECONNECTING = "reconnecting"
 UNREACHABLE = "unreachable"
+BLIND = "blind"
+RESYNCHRONISED = "resynchronised"
 
 # Every state and what it means (docs/payload.md says the same).
 STATES = {
@@ -35,6 +37,10 @@ STATES = {
     CONNECTED: "connected and subscribed: console events of this hypervisor reach the source",
     RECONNECTING: "the connection was lost or could not be opened; the source retries with backoff",
     UNREACHABLE: "the host did not answer on libvirt's port within connect_timeout; the source retries",
+    BLIND: "connected, but a delivery probe's event did not come back: the source drops the connection and "
+           "connects again at once",
+    RESYNCHRONISED: "connected again after a blind connection: the snapshot that follows reports the sessions "
+                    "that opened or ended while the source was blind",
 }
 
 HealthPayload = Dict[str, Dict[str, Any]]
@@ -80,7 +86,7 @@ class HypervisorHealth:
         if state == self.state:
             return None
         self.previous, self.state, self.reason = self.state, state, reason
-        if state == CONNECTED:
+        if state in (CONNECTED, RESYNCHRONISED):
             self.connections += 1
         return self.payload(True, wall)
 

@@ -30,8 +30,10 @@ from ansible_collections.virtguard.console.plugins.module_utils.graphics_event i
     spice_ports,
 )
 from ansible_collections.virtguard.console.plugins.module_utils.hypervisor_health import (
+    BLIND,
     CONNECTED,
     RECONNECTING,
+    RESYNCHRONISED,
     UNREACHABLE,
     HealthPayload,
     HeartbeatClock,
@@ -63,6 +65,11 @@ CLOSE_REASONS = ("error", "end of file (the daemon went away)", "keepalive timeo
 STOPPED_DETAILS = ("shutdown", "destroyed", "crashed", "migrated", "saved", "failed", "from snapshot")
 
 Payload = Dict[str, Dict[str, Any]]
+
+# The delivery probe's metadata element (a namespace of the source's own: no other program's
+# metadata is touched), set and removed in a running domain's live definition.
+PROBE_NAMESPACE = "urn:x-virtguard-console:delivery-probe"
+PROBE_KEY = "virtguard-probe"
 
 
 def now_iso() -> str:
@@ -155,6 +162,13 @@ class HypervisorWatcher:
         self.close_reason = "connection closed"
         self.health = HypervisorHealth(uri)
         self.heartbeat_pending = False  # a heartbeat of this hypervisor waits in the buffer
+        # the delivery check: when this connection last delivered an event (monotonic, set on
+        # libvirt's thread), and the probe event it waits for
+        self.last_delivery = 0.0
+        self.metadata_callback_id = -1
+        self.probe_seen = asyncio.Event()
+        self.blind_reason: str | None = None  # why the last connection was found blind
+        self.found_blind = False  # the delivery check closed the current connection
 
     # -- libvirt callbacks (libvirt's event thread: never block, never raise, and reach the
     #    loop's objects through call_soon_threadsafe only). libvirt-python calls
@@ -162,6 +176,7 @@ class HypervisorWatcher:
     def on_graphics(self, _conn: Any, dom: Any, phase: int, local: GraphicsAddress, remote: GraphicsAddress,
                     auth_scheme: str, subject: GraphicsSubject, _opaque: Any) -> None:
         wall = time.time()
+        self.last_delivery = time.monotonic()
         if self.overflowed:
             self.dropped += 1
             return
@@ -200,6 +215,7 @@ class HypervisorWatcher:
         """A domain started, paused, stopped...: only a stop ends its console sessions (a paused
         domain keeps its clients). Rare, so the UUID is asked each time (``ID()`` is -1 once a
         domain has stopped: the graphics callback's cache cannot tell it)."""
+        self.last_delivery = time.monotonic()
         if event != libvirt.VIR_DOMAIN_EVENT_STOPPED:
             return
         try:
@@ -208,6 +224,13 @@ class HypervisorWatcher:
                 self.buffer.append(DomainStopped(self, time.time(), name, dom.UUIDString(), detail))
         except Exception:  # never raise into libvirt
             LOGGER.exception("%s: cannot take the lifecycle event %r", self.uri, (event, detail))
+
+    def on_metadata(self, _conn: Any, _dom: Any, _mtype: int, nsuri: str | None, _opaque: Any) -> None:
+        """A domain's metadata changed: any such event shows that this connection delivers; the
+        delivery probe's own one ends its wait."""
+        self.last_delivery = time.monotonic()
+        if nsuri == PROBE_NAMESPACE:
+            self.buffer.call_on_loop(self.probe_seen.set)
 
     def on_close(self, _conn: Any, reason: int, _opaque: Any) -> None:
         why = CLOSE_REASONS[reason] if 0 <= reason < len(CLOSE_REASONS) else f"reason {reason}"
@@ -320,9 +343,11 @@ class HypervisorWatcher:
                 delay = min(delay * 2, self.config.reconnect_max_delay)
                 continue
             self.close_reason = "connection closed"
+            self.found_blind = False
             try:
                 await self.watch(loop)
-                delay = self.config.reconnect_delay
+                if not self.found_blind:
+                    delay = self.config.reconnect_delay
                 reason = self.close_reason
             except libvirt.libvirtError as exc:
                 LOGGER.warning("%s: connection lost (%s)", self.uri, exc)
@@ -332,7 +357,15 @@ class HypervisorWatcher:
                 reason = f"unexpected error: {exc!r}"
             finally:
                 await self.disconnect(loop)
-            self.enter(RECONNECTING, reason)
+            if self.found_blind:
+                # at once the first time (leaving may have cleared libvirt's stuck queue); blind
+                # again at once means another listener keeps it stuck: back off as for failures
+                again = self.health.state == RESYNCHRONISED and self.health.previous == BLIND
+                self.enter(BLIND, self.blind_reason)
+                if not again:
+                    continue
+            else:
+                self.enter(RECONNECTING, reason)
             LOGGER.info("%s: reconnecting in %.1fs", self.uri, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.config.reconnect_max_delay)
@@ -348,17 +381,93 @@ class HypervisorWatcher:
         self.hypervisor = {"uri": self.uri, "hostname": await loop.run_in_executor(self.executor, conn.getHostname)}
         LOGGER.info("%s: watching graphics events on %s", self.uri, self.hypervisor["hostname"])
         self.health.hostname = self.hypervisor["hostname"]
-        self.enter(CONNECTED, None)  # before the snapshot, whose events follow it
-        if self.config.snapshot:
-            await self.take_snapshot(loop)
+        # before the snapshot, whose events follow it
+        if self.health.state == BLIND:
+            self.enter(RESYNCHRONISED, f"connected again after a blind connection ({self.blind_reason})")
+        else:
+            self.enter(CONNECTED, None)
+        self.last_delivery = time.monotonic()
+        check = asyncio.ensure_future(self.check_delivery(loop)) if self.config.delivery_check_interval else None
+        try:
+            if self.config.snapshot:
+                await self.take_snapshot(loop)
+            while True:
+                self.wakeup.clear()
+                if self.closed.is_set():
+                    return
+                if self.overflowed:
+                    await self.resume_after_overflow(loop)
+                    continue
+                await self.wakeup.wait()
+        finally:
+            if check is not None:
+                check.cancel()
+
+    # -- the delivery check -------------------------------------------------------------------
+    async def check_delivery(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Whenever this connection has delivered no event for ``delivery_check_interval``
+        seconds, probe it; a probe whose event does not come marks the connection blind and
+        closes it (``run`` connects again at once). A connection where no probe can be made
+        (read-only, no running domain) is said so in the log, and checked again later."""
+        interval = self.config.delivery_check_interval
+        warned = False
         while True:
-            self.wakeup.clear()
-            if self.closed.is_set():
-                return
-            if self.overflowed:
-                await self.resume_after_overflow(loop)
+            quiet = time.monotonic() - self.last_delivery
+            if quiet < interval:
+                await asyncio.sleep(interval - quiet)
                 continue
-            await self.wakeup.wait()
+            outcome = await self.probe_delivery(loop)
+            if outcome is None:
+                warned = False
+                continue
+            blind, reason = outcome
+            if blind:
+                self.blind_reason, self.found_blind = reason, True
+                LOGGER.error("%s: blind: %s; connecting again", self.uri, reason)
+                self.close_reason = f"blind: {reason}"
+                self.on_closed()
+                return
+            if not warned:
+                LOGGER.warning("%s: delivery not checked: %s", self.uri, reason)
+                warned = True
+            self.last_delivery = time.monotonic()  # try again one interval later
+
+    async def probe_delivery(self, loop: asyncio.AbstractEventLoop) -> tuple[bool, str] | None:
+        """Set and remove the probe's metadata element on one running watched domain and wait
+        for libvirt's metadata event: None when it came (or any other event did), (True, why)
+        when the connection is blind, (False, why) when no probe could be made."""
+        started = time.monotonic()
+        self.probe_seen.clear()
+        timeout = self.config.delivery_check_timeout
+        try:
+            probed = await asyncio.wait_for(loop.run_in_executor(self.executor, self.set_probe, self.conn), timeout)
+        except asyncio.TimeoutError:
+            return True, f"the delivery probe's libvirt calls did not return within {timeout:g}s"
+        except libvirt.libvirtError as exc:
+            return False, f"the delivery probe cannot set a domain's metadata ({exc})"
+        if probed is None:
+            return False, "no running domain to probe"
+        try:
+            await asyncio.wait_for(self.probe_seen.wait(), max(0.0, timeout - (time.monotonic() - started)))
+        except asyncio.TimeoutError:
+            if self.last_delivery > started:
+                return None  # another event came: this connection delivers
+            return True, f"the delivery probe on domain {probed} got no event within {timeout:g}s"
+        return None
+
+    def set_probe(self, conn: Any) -> str | None:
+        """Blocking: set, then remove, the probe's metadata element in the live definition of the
+        first running watched domain; its name, or None when none runs (executor thread)."""
+        for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+            name: str = dom.name()
+            if not self.config.watches_domain(name):
+                continue
+            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, "<probe/>", PROBE_KEY, PROBE_NAMESPACE,
+                            libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, None, None, PROBE_NAMESPACE,
+                            libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            return name
+        return None
 
     def subscribe(self, conn: Any) -> int:
         """Register the graphics callback: once, then drop it and register it again; then the
@@ -379,6 +488,9 @@ class HypervisorWatcher:
         # a domain that stops raises no graphics disconnect for its clients: its lifecycle event tells
         self.lifecycle_callback_id = conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
                                                                  self.on_lifecycle, None)
+        # the delivery check's probe comes back as a metadata event
+        self.metadata_callback_id = conn.domainEventRegisterAny(
+            None, libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE, self.on_metadata, None)
         return callback_id
 
     async def resume_after_overflow(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -443,6 +555,7 @@ class HypervisorWatcher:
             return
         for undo in (lambda: conn.domainEventDeregisterAny(self.callback_id),
                      lambda: conn.domainEventDeregisterAny(self.lifecycle_callback_id),
+                     lambda: conn.domainEventDeregisterAny(self.metadata_callback_id),
                      conn.unregisterCloseCallback):
             try:
                 undo()

@@ -46,6 +46,14 @@ SOURCE_OPTIONS = (
     Option("heartbeat_interval", "float", default=10.0, minimum=0,
            description="Seconds between the periodic health events of each hypervisor (changed: false); 0 "
                        "switches them off (the events of a change of state stay)."),
+    Option("delivery_check_interval", "float", default=20.0, minimum=0,
+           description="Seconds without any event from a hypervisor after which the source checks that its "
+                       "connection still delivers events: it sets and removes a metadata element of "
+                       "its own on one running domain (live definition only) and waits for libvirt's metadata "
+                       "event. 0 switches the check off."),
+    Option("delivery_check_timeout", "float", default=10.0,
+           description="Seconds the delivery check waits for its metadata event (more than 0); without it the "
+                       "hypervisor is reported blind and connected again at once."),
 )
 
 # The shortest heartbeat interval: faster beats would only load the rule engine.
@@ -96,6 +104,10 @@ class SourceArguments:
         self.snapshot: bool = checked["snapshot"]
         self.max_buffered_events: int = checked["max_buffered_events"]
         self.heartbeat_interval: float = checked["heartbeat_interval"]
+        self.delivery_check_interval: float = checked["delivery_check_interval"]
+        self.delivery_check_timeout: float = checked["delivery_check_timeout"]
+        if checked["delivery_check_timeout"] <= 0:
+            raise fail("delivery_check_timeout", f"must be greater than 0, got {given_value('delivery_check_timeout')}")
         if 0 < self.heartbeat_interval < MIN_HEARTBEAT_INTERVAL:
             raise fail("heartbeat_interval", f"must be 0 (off) or at least {MIN_HEARTBEAT_INTERVAL:g}, "
                                              f"got {given_value('heartbeat_interval')}")

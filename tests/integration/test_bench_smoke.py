@@ -1,7 +1,8 @@
 """A short run of ``make bench`` (bench/): real sessions seen by the source and a bare listener
 side by side, the soak through the source's callback, the audit writer and reconnections to a
-restarted daemon, with no event lost; and the resilience measurement (issue 17) with what it
-judges on the hypervisor holding. The full benchmark is not part of the tests; this only keeps it working."""
+restarted daemon, with no event lost; the resilience measurement (issue 17) with what it judges
+on the hypervisor holding; and sources started during a storm, never blind for good. The full
+benchmark is not part of the tests; this only keeps it working."""
 
 from __future__ import annotations
 
@@ -86,3 +87,19 @@ def test_bench_smoke_resilience_cuts_every_offender_and_protects_every_trusted_a
     assert lock["lock_held_before"] and lock["lock_held_after"] and lock["end_marked"]
     assert lock["counts"]["stated_lost_events"] > 0 and lock["exact"]
     assert "(goal: stated = missing, > 0)" in proc.stdout and "(goal: < 5 %)" in proc.stdout
+
+
+def test_bench_smoke_blind_starts_never_blind_for_good(tmp_path):
+    """The blind-starts measurement (bench/blind_starts.py) at a tiny size: every start sees
+    the session after the storm, and the storm really ran."""
+    results = tmp_path / "results.json"
+    env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(ROOT / "build" / "collections"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--only", "blind_starts", "--blind-starts", "3", "--blind-storms", "2",
+         "--json", str(results)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    [storm] = json.loads(results.read_text())["blind_starts"]["storms"]
+    assert storm["starts"] == 3 and storm["blind_for_good"] == 0
+    assert storm["seen_live"] + storm["healed"] == 3 and storm["sessions_per_s"] > 0
+    assert "(goal: 0)" in proc.stdout

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import gc
 import json
@@ -20,6 +19,7 @@ import pytest
 from ansible_collections.virtguard.console.plugins.plugin_utils.libvirt_event_loop import EVENT_THREAD_NAME
 from lab import rfb
 from lab.hypervisor import console_holds, relays_events, wait_for
+from lab.session_storm import SessionStorm
 from lab.source_log import SourceLog
 from lab.source_runner import SourceRun
 
@@ -329,33 +329,6 @@ async def test_buffer_overflow_is_resynchronised_so_no_session_is_hidden(hypervi
             sock.close()
     assert set(open_now.values()) == held_ports
     assert any(e["phase"] == "disconnect" and e["snapshot"] for e in run.events)
-
-
-class SessionStorm:
-    """Whole sessions, back to back, from ``clients_per_port`` clients on each console, from
-    ``start()`` to ``stop()`` (QEMU then raises hundreds of graphics events a second)."""
-
-    def __init__(self, ports: list[int], clients_per_port: int = 8) -> None:
-        self.stopping = threading.Event()
-        self.threads = [threading.Thread(target=self._client, args=(port,), daemon=True)
-                        for port in ports for _client in range(clients_per_port)]
-
-    def _client(self, port: int) -> None:
-        while not self.stopping.is_set():
-            # QEMU may drop a client under load, or never accept it (its VNC backlog is 1): a
-            # short timeout keeps stop() short
-            with contextlib.suppress(OSError):
-                rfb.run_session("127.0.0.1", port, timeout=0.5)
-
-    def start(self) -> None:
-        for thread in self.threads:
-            thread.start()
-
-    def stop(self) -> None:
-        self.stopping.set()
-        for thread in self.threads:
-            if thread.is_alive():
-                thread.join(30)
 
 
 async def leave_in_a_storm(hypervisor, source_log: SourceLog) -> None:

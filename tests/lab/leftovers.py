@@ -22,7 +22,7 @@ from pathlib import Path
 
 # A lab name, and the process id in it (names cut at 15 characters keep at least 5 digits).
 LAB_NAME = re.compile(r"^(?:vg|virtguard_)[a-z_]*?(\d{2,7})(?:\D|$)")
-Log = Callable[[str], None]
+Log = Callable[[str], object]
 
 
 def live_owner_ids() -> set[int]:

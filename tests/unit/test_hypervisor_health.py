@@ -62,14 +62,14 @@ def test_a_heartbeat_reports_the_current_state_unchanged():
     assert datetime.datetime.fromisoformat(beat["timestamp"]).utcoffset() == datetime.timedelta(0)
 
 
-@pytest.mark.parametrize("state", [CONNECTING, "blind", ""])
+@pytest.mark.parametrize("state", [CONNECTING, "deaf", ""])
 def test_a_state_that_is_not_one_to_enter_is_a_programming_error(state):
     with pytest.raises(ValueError, match="not a state"):
         HypervisorHealth(URI).change(state, None, WALL)
 
 
 def test_every_state_is_documented():
-    assert set(STATES) == {"connecting", "connected", "reconnecting", "unreachable"}
+    assert set(STATES) == {"connecting", "connected", "reconnecting", "unreachable", "blind", "resynchronised"}
     assert all(STATES.values())
 
 
@@ -130,3 +130,14 @@ async def test_a_heartbeat_waits_in_the_buffer_at_most_once_per_hypervisor():
     assert (change["hypervisor"]["changed"], beat["hypervisor"]["changed"]) == (True, False)
     assert beat["hypervisor"]["state"] == "reconnecting"
     assert watcher.buffer.take() is None
+
+
+def test_a_blind_connection_then_its_resynchronised_successor_are_changes_and_connections():
+    health = HypervisorHealth(URI)
+    health.change("connected", None, WALL)
+    blind = health.change("blind", "no probe event", WALL)
+    healed = health.change("resynchronised", "connected again", WALL)
+    assert blind is not None and healed is not None
+    assert (blind["hypervisor"]["previous"], blind["hypervisor"]["reason"]) == ("connected", "no probe event")
+    assert healed["hypervisor"]["previous"] == "blind"
+    assert health.connections == 2 and not health.first_connection

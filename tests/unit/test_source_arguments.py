@@ -27,6 +27,7 @@ def test_defaults():
     assert config.snapshot is True
     assert config.max_buffered_events == 100000
     assert config.heartbeat_interval == 10.0
+    assert (config.delivery_check_interval, config.delivery_check_timeout) == (20.0, 10.0)
 
 
 def test_defaults_are_not_shared_between_runs():
@@ -74,6 +75,10 @@ def test_null_arguments_take_their_defaults():
     ({"heartbeat_interval": 0.05}, "heartbeat_interval"),
     ({"heartbeat_interval": "often"}, "heartbeat_interval"),
     ({"heartbeat_interval": False}, "heartbeat_interval"),
+    ({"delivery_check_interval": -1}, "delivery_check_interval"),
+    ({"delivery_check_interval": "often"}, "delivery_check_interval"),
+    ({"delivery_check_timeout": 0}, "delivery_check_timeout"),
+    ({"delivery_check_timeout": -2}, "delivery_check_timeout"),
     ({"uris": "qemu:///system"}, "uris"),
 ])
 def test_bad_arguments_name_what_is_wrong(args, names):
@@ -85,6 +90,10 @@ def test_heartbeats_can_be_switched_off_or_come_as_often_as_asked():
     assert SourceArguments({"heartbeat_interval": 0}).heartbeat_interval == 0
     assert SourceArguments({"heartbeat_interval": "0.5"}).heartbeat_interval == 0.5
     assert SourceArguments({"heartbeat_interval": 60}).heartbeat_interval == 60
+
+
+def test_the_delivery_check_can_be_switched_off():
+    assert SourceArguments({"delivery_check_interval": 0}).delivery_check_interval == 0
 
 
 def test_the_argument_error_is_the_one_every_plugin_raises():

@@ -105,6 +105,22 @@ options:
         C(0) switches them off; the events of a change of state stay. Otherwise at least C(0.1).
     type: float
     default: 10
+  delivery_check_interval:
+    description:
+      - Seconds without any event from a hypervisor after which the source checks that its
+        connection still delivers events. It sets and then removes a metadata element of its
+        own (namespace C(urn:x-virtguard-console:delivery-probe)) in the live definition of one
+        running domain, and waits for libvirt's metadata event. A connection whose probe event
+        does not come is reported C(blind), dropped and opened again at once; the snapshot of
+        the new connection (state C(resynchronised)) reports what was missed.
+      - C(0) switches the check off. The check needs a read-write connection, as the snapshot does.
+    type: float
+    default: 20
+  delivery_check_timeout:
+    description:
+      - Seconds the delivery check waits for its metadata event (more than 0).
+    type: float
+    default: 10
 """
 
 EXAMPLES = r"""
