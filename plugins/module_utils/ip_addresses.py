@@ -154,28 +154,6 @@ def per_address_only(network: IPNetwork) -> bool:
         network.overlaps(special) for special in _IPV6_NO_PREFIX_BLOCK)
 
 
-def covering_network(address: str | IPAddress, networks: Iterable[IPNetwork]) -> IPNetwork | None:
-    """The first of ``networks`` that holds ``address`` (normalised), or None."""
-    value = normalize_address(address)
-    if value is None:
-        return None
-    for network in networks:
-        if network.version == value.version and value in network:
-            return network
-    return None
-
-
-def drop_covered(networks: Iterable[IPNetwork]) -> list[IPNetwork]:
-    """``networks`` in their order without duplicates and without those inside another one of
-    them (a /128 inside a /64 of the same list goes: blocking the /64 blocks it)."""
-    unique: list[IPNetwork] = []
-    for network in networks:
-        if network not in unique:
-            unique.append(network)
-    return [network for network in unique
-            if not any(other != network and network_within(network, other) for other in unique)]
-
-
 def network_within(inner: IPNetwork, outer: IPNetwork) -> bool:
     """Whether ``inner`` lies in ``outer`` (never across IP versions, where ``subnet_of`` raises)."""
     if isinstance(inner, ipaddress.IPv4Network) and isinstance(outer, ipaddress.IPv4Network):

@@ -40,7 +40,6 @@ class Option:
     minimum: float | None = None
     maximum: float | None = None
     required: bool = False
-    description: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS or (self.elements is not None and self.elements not in KINDS):

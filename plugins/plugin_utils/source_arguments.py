@@ -1,8 +1,9 @@
 # Copyright: virtguard.console contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""The event source's arguments: declared once (``SOURCE_OPTIONS``, which the source's
-DOCUMENTATION follows), checked once at start with the rules every plugin of the collection
-shares (``plugin_arguments.check_arguments``), plus what only a libvirt URI list needs."""
+"""The event source's arguments: declared once (``SOURCE_OPTIONS``; the source's DOCUMENTATION
+describes each, and a unit test holds the two together), checked once at start with the rules
+every plugin of the collection shares (``plugin_arguments.check_arguments``), plus what only a
+libvirt URI list needs."""
 
 from __future__ import annotations
 
@@ -23,37 +24,18 @@ __all__ = ["PLUGIN", "SOURCE_OPTIONS", "ArgumentError", "SourceArguments"]
 PLUGIN = "virtguard.console.libvirt_graphics"
 
 SOURCE_OPTIONS = (
-    Option("uri", "list", default=["qemu:///system"], elements="str",
-           description="One libvirt URI or a list of them; one connection per URI."),
-    Option("domains", "list", elements="str",
-           description="Only domains whose name matches one of these shell-style patterns (fnmatch)."),
-    Option("keepalive_interval", "int", default=5, minimum=0,
-           description="Seconds between libvirt keepalive messages; 0 disables keepalive."),
-    Option("keepalive_count", "int", default=3, minimum=0,
-           description="Keepalive messages without an answer after which the connection is closed."),
-    Option("reconnect_delay", "float", default=1.0,
-           description="Seconds before the first reconnection attempt (more than 0); doubled after each failure."),
-    Option("reconnect_max_delay", "float", default=60.0,
-           description="Upper bound of the reconnection delay in seconds (at least reconnect_delay)."),
-    Option("connect_timeout", "float", default=5.0,
-           description="Seconds a reconnection to a qemu+tls, qemu+tcp or remote qemu:// URI waits for the host "
-                       "to answer on libvirt's port before it counts as failed (libvirt's own connect has no "
-                       "timeout)."),
-    Option("snapshot", "bool", default=True,
-           description="Report the clients already connected at every (re)connection."),
-    Option("max_buffered_events", "int", default=100000, minimum=1,
-           description="Events held between libvirt and the queue before a hypervisor is paused."),
-    Option("heartbeat_interval", "float", default=10.0, minimum=0,
-           description="Seconds between the periodic health events of each hypervisor (changed: false); 0 "
-                       "switches them off (the events of a change of state stay)."),
-    Option("delivery_check_interval", "float", default=20.0, minimum=0,
-           description="Seconds without any event from a hypervisor after which the source checks that its "
-                       "connection still delivers events: it sets and removes a metadata element of "
-                       "its own on one running domain (live definition only) and waits for libvirt's metadata "
-                       "event. 0 switches the check off."),
-    Option("delivery_check_timeout", "float", default=10.0,
-           description="Seconds the delivery check waits for its metadata event (more than 0); without it the "
-                       "hypervisor is reported blind and connected again at once."),
+    Option("uri", "list", default=["qemu:///system"], elements="str"),
+    Option("domains", "list", elements="str"),
+    Option("keepalive_interval", "int", default=5, minimum=0),
+    Option("keepalive_count", "int", default=3, minimum=0),
+    Option("reconnect_delay", "float", default=1.0),
+    Option("reconnect_max_delay", "float", default=60.0),
+    Option("connect_timeout", "float", default=5.0),
+    Option("snapshot", "bool", default=True),
+    Option("max_buffered_events", "int", default=100000, minimum=1),
+    Option("heartbeat_interval", "float", default=10.0, minimum=0),
+    Option("delivery_check_interval", "float", default=20.0, minimum=0),
+    Option("delivery_check_timeout", "float", default=10.0),
 )
 
 # The shortest heartbeat interval: faster beats would only load the rule engine.

@@ -7,7 +7,7 @@ A ``FleetHost`` is
   ``address``, the machine's end ``gateway``), inside a /20 of 10.200.0.0/13 that depends on
   the process id (lab.netns's clients use 100.64.0.0/10);
 - a private mount and UTS namespace with its own hostname, its own /etc (a copy of the
-  machine's, with empty /etc/libvirt and /etc/pki, its own /etc/hosts) and empty directories of
+  machine's, with empty /etc/libvirt, /etc/pki and /etc/sasl2, its own /etc/hosts) and empty directories of
   its own over /run, /var/lib/libvirt, /var/log/libvirt and /var/cache/libvirt (the rest of the
   machine's file system, /usr/bin/python3 included, is seen as it is). One process holds the
   namespaces (``sleep infinity``); ``run()`` runs a command inside with nsenter;
@@ -62,10 +62,12 @@ QEMU_ACCOUNT = "libvirt-qemu"
 QEMU_ACCOUNT_ID = 64055
 
 # Private directories of a host: the path inside the host -> its directory under the host's root.
-# /etc is a copy of the machine's whose /etc/libvirt and /etc/pki start empty: the host needs its
+# /etc is a copy of the machine's whose /etc/libvirt, /etc/pki and /etc/sasl2 (what the roles own)
+# start empty, whatever the machine holds there (a SASL user of its own): the host needs its
 # own /etc/hosts and maybe the QEMU account too, and single files bind-mounted over the machine's
 # would not do: useradd and userdel (other suites make users all the time) replace /etc/passwd by
 # a rename, after which the path leads to the machine's new file, not to the mount.
+ROLE_OWNED_ETC = ("libvirt", "pki", "sasl2")
 PRIVATE_DIRS = {
     "/etc": "etc",
     "/run": "run",
@@ -297,12 +299,13 @@ class FleetHost:
             time.sleep(0.2)
 
     def _make_etc_files(self) -> None:
-        """The host's own /etc (a copy of the machine's): empty /etc/libvirt and /etc/pki, an
+        """The host's own /etc (a copy of the machine's): empty /etc/libvirt, /etc/pki and /etc/sasl2
+        (the roles' directories: a fresh host has nothing of them, whatever this machine has), an
         /etc/hosts that names the host (libvirt resolves its own hostname at every domain start
         and for getHostname; unresolved, each lookup waits 10 s for a DNS server the host cannot
         reach), and the QEMU account if the machine has none (see QEMU_ACCOUNT)."""
         etc = self.root / "etc"
-        for empty in ("libvirt", "pki"):
+        for empty in ROLE_OWNED_ETC:
             shutil.rmtree(etc / empty, ignore_errors=True)
             (etc / empty).mkdir(mode=0o755)
         _write(etc / "hosts", f"127.0.0.1 localhost\n::1 localhost\n{self.address} {self.hostname}\n")

@@ -12,8 +12,6 @@ from ansible_collections.virtguard.console.plugins.module_utils.ip_addresses imp
     MAX_SET_SIZE,
     AddressError,
     block_network,
-    covering_network,
-    drop_covered,
     format_port_ranges,
     normalize_address,
     parse_network,
@@ -102,16 +100,6 @@ def test_block_network(address, prefix, trusted, expected):
 def test_block_network_refuses(address, prefix):
     with pytest.raises(AddressError):
         block_network(address, prefix)
-
-
-def test_covering_network_and_drop_covered():
-    networks = [N("2001:db8:1:2::/64"), N("192.0.2.0/24")]
-    assert covering_network("2001:db8:1:2::9", networks) == networks[0]
-    assert covering_network("::ffff:192.0.2.9", networks) == networks[1]
-    assert covering_network("2001:db8:1:3::9", networks) is None
-    assert covering_network("nonsense", networks) is None
-    assert drop_covered([N("2001:db8:1:2::9/128"), N("2001:db8:1:2::/64"), N("10.0.0.1/32"),
-                         N("2001:db8:1:2::/64")]) == [N("2001:db8:1:2::/64"), N("10.0.0.1/32")]
 
 
 def test_port_ranges_are_sorted_merged_and_formatted():
