@@ -274,10 +274,13 @@ def measure(lab: Any, log: Callable[[str], None], addresses: int = 200, consoles
                                                      table, log)
         subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True, check=False)
         if ipv6_failures:
+            # a console that asks for a password: a client that leaves before the login ends is a
+            # failed login there (on a console without authentication it is none)
+            locked = hv.create_domain(f"{hv.user}-pw", listen="::", password="unknown")
             variables = {"virtguard_uri": hv.uri, "virtguard_nft_table": table, "virtguard_bruteforce_threshold": 5,
                          "virtguard_bruteforce_window": 60, "virtguard_block_seconds": 600}
             with Activation("bruteforce", variables, workdir / "bruteforce") as activation:
-                result["ipv6"] = ipv6_bruteforce(activation, attacker, ports, ipv6_failures, table, log)
+                result["ipv6"] = ipv6_bruteforce(activation, attacker, [locked.vnc_port], ipv6_failures, table, log)
     finally:
         attacker.delete()
         subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True, check=False)

@@ -11,8 +11,12 @@ its own TCP connection with its own graphics events; libvirt's live events do no
 client a channel belongs to. Live SPICE channels are grouped by domain and client address: the
 first channel of an address with no open session on that domain opens one (it is the main
 channel: a SPICE client always links it first) and is its primary; the address's later channels
-join it while it has a channel open. A snapshot (QEMU's ``query-spice``: ``connection-id`` and
-``channel-type``) regroups them exactly.
+join it while it has a channel open. When the address already has an open session, the channel
+may be another client's (one that replaces the first, or a second client behind the same NAT):
+the source then asks QEMU (``query-spice``) and passes what it says (``SpiceChannel``): a main
+channel always opens a session of its own, which the address's later channels join, and a
+channel whose ``connection-id`` is known joins that client's session. A snapshot regroups every
+channel exactly.
 
 Every disconnect says what ended it (``ended_by``): ``client`` for a disconnect libvirt reported,
 or a session a snapshot found gone from a domain that still runs; ``domain`` for the sessions of
@@ -32,6 +36,17 @@ ChannelAddresses = Tuple[Dict[str, Any], Dict[str, Any]]
 SnapshotEntry = Tuple[str, Dict[str, Any], Details, str]
 
 
+class SpiceChannel(NamedTuple):
+    """What QEMU's ``query-spice`` says of one live channel: its ``channel-type`` (1 is the
+    main channel, one per client) and its client's ``connection-id``."""
+
+    channel_type: int
+    connection_id: int
+
+
+SPICE_MAIN = 1  # channel-type of a SPICE client's main channel
+
+
 class PresentClient(NamedTuple):
     """One client a snapshot found: its primary channel's details, its protocol, the ids of all
     its channels (the primary's id, which is the session id, first) and, in the same order, each
@@ -48,7 +63,7 @@ class OpenSession:
     ``start_seen``: the source saw its ``connect`` live, so ``started`` is when it began."""
 
     __slots__ = ("started", "authenticated", "details", "start_seen", "protocol", "primary", "channels", "group",
-                 "addresses")
+                 "addresses", "connection_id")
 
     def __init__(self, started: float, authenticated: bool, details: Details, start_seen: bool, protocol: str,
                  primary: str, group: tuple[str, str] | None) -> None:
@@ -63,6 +78,7 @@ class OpenSession:
         # the (local, remote) of each open channel but the primary (whose are in details): what
         # the disconnects a domain's end stands for report. Empty for VNC, so its events pay nothing.
         self.addresses: dict[str, ChannelAddresses] = {}
+        self.connection_id: int | None = None  # SPICE: QEMU's connection-id of the client, once asked
 
 
 def _group_of(protocol: str, details: Details) -> tuple[str, str] | None:
@@ -86,6 +102,10 @@ class SessionTracker:
         self.sessions: dict[str, OpenSession] = {}
         self.channel_sessions: dict[str, str] = {}  # open channel id -> its session's id
         self.spice_groups: dict[tuple[str, str], str] = {}  # (domain uuid, client address) -> session id
+        # (domain uuid, client address, connection-id) -> session id, of the clients QEMU was asked about
+        self.spice_connections: dict[tuple[str, str, int], str] = {}
+        # (domain uuid, client address) -> every open session of it, oldest first (usually one)
+        self.group_members: dict[tuple[str, str], list[str]] = {}
 
     def __len__(self) -> int:
         return len(self.sessions)
@@ -95,38 +115,74 @@ class SessionTracker:
         session_id = self.channel_sessions.get(channel_id)
         return None if session_id is None else self.sessions[session_id].protocol
 
+    def spice_group_open(self, domain_uuid: str, node: str) -> bool:
+        """Whether a SPICE channel from ``node`` on the domain would join an open session: the
+        case where QEMU is worth asking which client the channel is (``SpiceChannel``)."""
+        return (domain_uuid, node) in self.spice_groups
+
+    def channel_open(self, channel_id: str) -> bool:
+        return channel_id in self.channel_sessions
+
     def _open(self, channel_id: str, now: float, details: Details, protocol: str, start_seen: bool,
-              authenticated: bool) -> tuple[OpenSession, str]:
+              authenticated: bool, spice: SpiceChannel | None = None) -> tuple[OpenSession, str]:
         """The session a channel that was not open belongs to: the open SPICE session of its
-        group, or a new one it is the primary of."""
+        client (``spice``, what QEMU said of it) or of its group, or a new one it is the primary
+        of (a main channel always is)."""
         group = _group_of(protocol, details)
-        if group is not None:
-            session_id = self.spice_groups.get(group)
+        if group is not None and not (spice is not None and spice.channel_type == SPICE_MAIN):
+            session_id = None
+            if spice is not None:
+                session_id = self.spice_connections.get((*group, spice.connection_id))
+            if session_id is None:
+                session_id = self.spice_groups.get(group)
             if session_id is not None:
                 session = self.sessions[session_id]
                 session.channels.add(channel_id)
                 session.addresses[channel_id] = (details[1], details[2])
                 self.channel_sessions[channel_id] = session_id
+                if spice is not None and session.connection_id is None:
+                    self._know_connection(session_id, session, spice.connection_id)
                 return session, session_id
         session = OpenSession(now, authenticated, details, start_seen, protocol, channel_id, group)
         self.sessions[channel_id] = session
         self.channel_sessions[channel_id] = channel_id
         if group is not None:
             self.spice_groups[group] = channel_id
+            self.group_members.setdefault(group, []).append(channel_id)
+            if spice is not None:
+                self._know_connection(channel_id, session, spice.connection_id)
         return session, channel_id
+
+    def _know_connection(self, session_id: str, session: OpenSession, connection_id: int) -> None:
+        assert session.group is not None
+        session.connection_id = connection_id
+        self.spice_connections[(*session.group, connection_id)] = session_id
 
     def _close(self, session_id: str) -> OpenSession:
         session = self.sessions.pop(session_id)
         for channel_id in session.channels:
             self.channel_sessions.pop(channel_id, None)
-        if session.group is not None and self.spice_groups.get(session.group) == session_id:
-            del self.spice_groups[session.group]
+        if session.group is not None:
+            members = self.group_members.get(session.group, [])
+            if session_id in members:
+                members.remove(session_id)
+            if self.spice_groups.get(session.group) == session_id:
+                # another open session of the address (a client the closed one replaced) takes it back
+                if members:
+                    self.spice_groups[session.group] = members[-1]
+                else:
+                    del self.spice_groups[session.group]
+            if not members:
+                self.group_members.pop(session.group, None)
+            if session.connection_id is not None:
+                self.spice_connections.pop((*session.group, session.connection_id), None)
         return session
 
     def observe(self, channel_id: str, phase: str, now: float, details: Details,
-                protocol: str = "vnc") -> tuple[str, dict[str, Any]]:
+                protocol: str = "vnc", spice: SpiceChannel | None = None) -> tuple[str, dict[str, Any]]:
         """Record a live event of the channel ``channel_id`` (a hash of where the connection is);
-        return the session's id and the payload's ``session`` mapping for it."""
+        return the session's id and the payload's ``session`` mapping for it. ``spice``: what
+        QEMU said of a SPICE channel that is not open yet (its type and client)."""
         subject = details[4]
         session_id = self.channel_sessions.get(channel_id)
         if phase in ("connect", "initialize"):
@@ -136,7 +192,7 @@ class SessionTracker:
                 session_id = None
             if session_id is None:
                 session, session_id = self._open(channel_id, now, details, protocol,
-                                                 start_seen=phase == "connect", authenticated=False)
+                                                 start_seen=phase == "connect", authenticated=False, spice=spice)
             else:
                 session = self.sessions[session_id]
             primary = channel_id == session.primary
@@ -264,3 +320,6 @@ class SessionTracker:
             self.channel_sessions[channel_id] = session_id
         if session.group is not None:
             self.spice_groups[session.group] = session_id
+            members = self.group_members.setdefault(session.group, [])
+            if session_id not in members:
+                members.append(session_id)

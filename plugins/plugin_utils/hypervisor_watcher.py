@@ -43,6 +43,7 @@ from ansible_collections.virtguard.console.plugins.module_utils.session_tracking
     ChannelAddresses,
     PresentClient,
     SessionTracker,
+    SpiceChannel,
 )
 from ansible_collections.virtguard.console.plugins.plugin_utils.event_buffer import EventBuffer
 from ansible_collections.virtguard.console.plugins.plugin_utils.libvirt_binding import (
@@ -70,6 +71,33 @@ Payload = Dict[str, Dict[str, Any]]
 # metadata is touched), set and removed in a running domain's live definition.
 PROBE_NAMESPACE = "urn:x-virtguard-console:delivery-probe"
 PROBE_KEY = "virtguard-probe"
+
+# Asking QEMU which client a live SPICE channel belongs to (only when its address already has an
+# open session on the domain): at most this many questions a second per hypervisor, each given
+# this long; beyond, the channel joins its address's session as without an answer.
+SPICE_QUESTIONS_PER_SECOND = 20
+SPICE_QUESTION_TIMEOUT = 2.0
+GRAPHICS_CONNECT = 0  # VIR_DOMAIN_EVENT_GRAPHICS_CONNECT
+GRAPHICS_INITIALIZE = 1  # VIR_DOMAIN_EVENT_GRAPHICS_INITIALIZE
+MAX_HELD_CONNECTS = 1000  # SPICE connects held until their channel's next event (per hypervisor)
+
+
+class Budget:
+    """At most ``per_second`` uses in each second (fixed one-second windows, monotonic time)."""
+
+    def __init__(self, per_second: int) -> None:
+        self.per_second = per_second
+        self.window = -1
+        self.used = 0
+
+    def take(self, now: float) -> bool:
+        window = int(now)
+        if window != self.window:
+            self.window, self.used = window, 0
+        if self.used >= self.per_second:
+            return False
+        self.used += 1
+        return True
 
 
 def now_iso() -> str:
@@ -169,6 +197,9 @@ class HypervisorWatcher:
         self.probe_seen = asyncio.Event()
         self.blind_reason: str | None = None  # why the last connection was found blind
         self.found_blind = False  # the delivery check closed the current connection
+        self.spice_questions = Budget(SPICE_QUESTIONS_PER_SECOND)
+        # channel id -> the buffered connect of a SPICE channel held until its next event
+        self.held_connects: dict[str, tuple[Any, ...]] = {}
 
     # -- libvirt callbacks (libvirt's event thread: never block, never raise, and reach the
     #    loop's objects through call_soon_threadsafe only). libvirt-python calls
@@ -244,7 +275,8 @@ class HypervisorWatcher:
 
     # -- payloads (called by the feeder, in arrival order) --------------------------------
     def live_payload(self, wall: float, name: str, uuid: str, dom_id: int, phase: int, local: GraphicsAddress,
-                     remote: GraphicsAddress, auth_scheme: str, subject: GraphicsSubject) -> Payload:
+                     remote: GraphicsAddress, auth_scheme: str, subject: GraphicsSubject,
+                     spice: SpiceChannel | None = None) -> Payload:
         domain = {"name": name, "uuid": uuid, "id": dom_id}
         remote_address = address(remote)
         local_address = address(local)
@@ -254,7 +286,7 @@ class HypervisorWatcher:
         phase_text = phase_name(phase)
         session_id, session = self.sessions.observe(channel_id, phase_text, time.monotonic(),
                                                     (domain, local_address, remote_address, auth_scheme, subject),
-                                                    protocol)
+                                                    protocol, spice)
         if self.touched_since_snapshot is not None:
             self.touched_since_snapshot.add(session_id)
         timestamp = iso_timestamp_utc(wall)
@@ -295,6 +327,84 @@ class HypervisorWatcher:
                 payloads.append(graphics_payload(phase, timestamp, self.hypervisor, domain, local, remote,
                                                  auth_scheme, subject, session, snapshot=True, protocol=protocol))
         return payloads
+
+    # -- which client a SPICE channel is (on the loop, then the executor) ------------------------
+    def live_payloads_now(self, item: tuple[Any, ...]) -> tuple[list[Payload], tuple[Any, ...] | None]:
+        """The payloads of the live event ``item`` (as buffered) that can be built now, and the
+        held connect to ask QEMU about first, if any.
+
+        The connect of a SPICE channel from an address that already has an open session on its
+        domain is held until the channel's next event: it may be another client's main channel
+        (one that replaces the first client, or a second client behind the same address), which
+        QEMU only lists once the channel is initialized. By then the first client may have
+        gone (the new one opens a session of its own anyway); if not, QEMU is asked
+        (``ask_spice``). VNC events and every other SPICE event pass at once."""
+        _index, _wall, _name, uuid, _dom_id, phase, local, remote, auth_scheme, _subject = item
+        if not self.sessions.spice_groups and not self.held_connects:
+            return [self.payload_of(item)], None
+        remote_address = address(remote)
+        channel_id = session_id_for(self.uri, uuid, remote_address)
+        held = self.held_connects.pop(channel_id, None)
+        if held is not None:
+            if phase == GRAPHICS_INITIALIZE and self.sessions.spice_group_open(uuid, remote_address["node"]):
+                return [], held
+            return [self.payload_of(held), self.payload_of(item)], None
+        if (phase == GRAPHICS_CONNECT and self.sessions.spice_group_open(uuid, remote_address["node"])
+                and not self.sessions.channel_open(channel_id)
+                and live_protocol(auth_scheme, address(local), self.spice_ports.get(uuid, frozenset())) == "spice"):
+            if len(self.held_connects) >= MAX_HELD_CONNECTS:  # never more than that: the oldest goes as it is
+                oldest = next(iter(self.held_connects))
+                payloads = [self.payload_of(self.held_connects.pop(oldest))]
+            else:
+                payloads = []
+            self.held_connects[channel_id] = item
+            return payloads, None
+        return [self.payload_of(item)], None
+
+    def payload_of(self, item: tuple[Any, ...], spice: SpiceChannel | None = None) -> Payload:
+        """``live_payload`` of a buffered live event."""
+        _index, wall, name, uuid, dom_id, phase, local, remote, auth_scheme, subject = item
+        return self.live_payload(wall, name, uuid, dom_id, phase, local, remote, auth_scheme, subject, spice)
+
+    async def live_payloads(self, item: tuple[Any, ...]) -> list[Payload]:
+        """The payloads of the live event ``item``, in order (see ``live_payloads_now``)."""
+        payloads, held = self.live_payloads_now(item)
+        if held is None:
+            return payloads
+        spice = None
+        if self.config.snapshot and self.conn is not None and self.spice_questions.take(time.monotonic()):
+            node, service = address(held[7])["node"], address(held[7])["service"]
+            spice = await self.ask_spice(held[3], node, service)
+        return [self.payload_of(held, spice), self.payload_of(item)]
+
+    def flush_held(self) -> list[Payload]:
+        """The held connects, as the address's session's channels (before a domain's stop, a
+        snapshot or a health event of this hypervisor is reported)."""
+        held, self.held_connects = self.held_connects, {}
+        return [self.payload_of(item) for item in held.values()]
+
+    async def ask_spice(self, uuid: str, host: str, port: str) -> SpiceChannel | None:
+        """What QEMU says of the SPICE channel of ``host``:``port`` (its type and client), or None
+        (gone already, no answer in time, an error: the caller groups it by address)."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.wait_for(
+                loop.run_in_executor(self.executor, self.query_spice_channel, self.conn, uuid, host, port),
+                SPICE_QUESTION_TIMEOUT)
+        except (asyncio.TimeoutError, libvirt.libvirtError, ValueError, TypeError) as exc:
+            LOGGER.debug("%s: no answer from QEMU about the SPICE channel %s:%s: %r", self.uri, host, port, exc)
+            return None
+
+    @staticmethod
+    def query_spice_channel(conn: Any, uuid: str, host: str, port: str) -> SpiceChannel | None:
+        """Blocking: the channel of ``host``:``port`` in QEMU's ``query-spice`` of the domain
+        ``uuid`` (executor thread)."""
+        dom = conn.lookupByUUIDString(uuid)
+        answer = json.loads(libvirt_qemu.qemuMonitorCommand(dom, json.dumps({"execute": "query-spice"}), 0))
+        for channel in (answer.get("return") or {}).get("channels", []):
+            if str(channel.get("host")) == host and str(channel.get("port")) == port:
+                return SpiceChannel(int(channel["channel-type"]), int(channel["connection-id"]))
+        return None
 
     # -- health (on the loop) ---------------------------------------------------------------
     def enter(self, state: str, reason: str | None) -> None:
@@ -591,7 +701,7 @@ async def feed(queue: asyncio.Queue[dict[str, Any]], buffer: EventBuffer) -> Non
         item = await buffer.get()
         if not isinstance(item, tuple):  # a Snapshot, DomainStopped or HealthEvent
             try:
-                payloads = item.payloads()
+                payloads = item.watcher.flush_held() + item.payloads()
             except Exception:  # one failure must not stop the others
                 LOGGER.exception("%s: cannot build the events of %s", item.watcher.uri, type(item).__name__)
                 continue
@@ -600,11 +710,12 @@ async def feed(queue: asyncio.Queue[dict[str, Any]], buffer: EventBuffer) -> Non
             continue
         watcher = buffer.watchers[item[0]]
         try:
-            payload = watcher.live_payload(*item[1:])
+            payloads = await watcher.live_payloads(item)
         except Exception:  # one malformed event must not stop the others
             LOGGER.exception("%s: cannot build the event for %r", watcher.uri, item[5:])
             continue
-        await queue.put(payload)
+        for payload in payloads:
+            await queue.put(payload)
 
 
 async def send_heartbeats(watchers: list[HypervisorWatcher], interval: float) -> None:

@@ -1,6 +1,7 @@
 """The event source against real SPICE consoles and real SPICE clients (spicy-screenshot, a held
-spicy): one client is one session, whatever its channels; QEMU's own view (query-spice) is the
-reference for which channel is the client's main one."""
+spicy): one client is one session, whatever its channels, also when another client from the
+same address replaces it (QEMU serves one SPICE client per console); QEMU's own view
+(query-spice) is the reference for which channel is the client's main one."""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def spice() -> Iterator[SpiceLab]:
     hv.qemu_conf = (f'spice_listen = "127.0.0.1"\nspice_tls = 1\nspice_tls_x509_cert_dir = "{tls.pki}"\n')
     try:
         hv.start()
-        names = ["plain", "tls", "held", "snapshot", "password"] + [f"burst{n}" for n in range(BURST_DOMAINS)]
+        names = ["plain", "tls", "held", "snapshot", "password", "replaced", "shared"] + [
+            f"burst{n}" for n in range(BURST_DOMAINS)]
         domains = {name: hv.create_domain(f"{hv.user}-{name}", graphics="spice",
                                           password=PASSWORD if name == "password" else None)
                    for name in names}
@@ -233,3 +235,57 @@ async def test_a_sasl_login_is_one_session_and_a_failed_one_a_main_channel_that_
     assert {e["local"]["service"] for e in good} == {str(domain.tls_port)}
     assert {e["auth_scheme"] for e in good if e["phase"] == "initialize"} == {"none"}
     assert all(e["subject"] == [] and e["identity"] == {} for e in events)
+
+
+async def test_a_client_that_replaces_another_from_the_same_address_is_a_session_of_its_own(
+        spice, source_log: SourceLog):
+    """A held spicy (4 channels), then a spicy-screenshot from the same address: QEMU drops the
+    first client for the second. Two sessions, each with its own primary connect, initialize
+    and disconnect: the second gets a verdict and an audit line of its own."""
+    domain = spice.domains["replaced"]
+    async with SourceRun({"uri": spice.hv.uri}) as run:
+        await source_log.subscribed(spice.hv.uri, run)
+        with HeldSpicy("127.0.0.1", port=domain.vnc_port):
+            held = await asyncio.to_thread(wait_for_channels, spice.hv.virsh, domain.name, 4)
+            await run.wait_for(8, domain__name=domain.name)
+            status, output = await screenshot(domain, port=domain.vnc_port)
+            assert status == 0, output
+            # both clients gone: 4 + 2 channels, each connected, initialized and disconnected
+            await run.wait_for(2, domain__name=domain.name, phase="disconnect", session__channels=0, timeout=60)
+            await asyncio.to_thread(wait_for_channels, spice.hv.virsh, domain.name, 0)
+        events = run.matching(domain__name=domain.name, snapshot=False)
+    sessions = by_session(events)
+    assert len(sessions) == 2, {sid: [(e["phase"], e["remote"]["service"]) for e in ev] for sid, ev in sessions.items()}
+    first, second = sorted(sessions.values(), key=lambda ev: ev[0]["timestamp"])
+    assert {e["remote"]["service"] for e in first} == {c["port"] for c in held}
+    check_one_client(first, channels=4)
+    check_one_client(second, channels=2)
+
+
+async def test_two_held_clients_behind_one_address_are_two_sessions(spice, source_log: SourceLog):
+    """Two spicy clients from one address (as behind a NAT), the second replacing the first:
+    each is one whole session of its four channels."""
+    domain = spice.domains["shared"]
+    async with SourceRun({"uri": spice.hv.uri}) as run:
+        await source_log.subscribed(spice.hv.uri, run)
+        with HeldSpicy("127.0.0.1", port=domain.vnc_port):
+            first = await asyncio.to_thread(wait_for_channels, spice.hv.virsh, domain.name, 4)
+            await run.wait_for(8, domain__name=domain.name)
+            with HeldSpicy("127.0.0.1", port=domain.vnc_port):
+                await run.wait_for(1, domain__name=domain.name, phase="disconnect", session__channels=0, timeout=60)
+
+                def second_client() -> list[dict[str, Any]]:
+                    channels = wait_for_channels(spice.hv.virsh, domain.name, 4)
+                    assert not {c["port"] for c in channels} & {c["port"] for c in first}
+                    return channels
+                second = await asyncio.to_thread(second_client)
+                await run.wait_for(8 + 4 + 8, domain__name=domain.name)
+            await run.wait_for(2, domain__name=domain.name, phase="disconnect", session__channels=0, timeout=60)
+        events = run.matching(domain__name=domain.name, snapshot=False)
+    sessions = by_session(events)
+    assert len(sessions) == 2, {sid: [(e["phase"], e["remote"]["service"]) for e in ev] for sid, ev in sessions.items()}
+    one, two = sorted(sessions.values(), key=lambda ev: ev[0]["timestamp"])
+    assert {e["remote"]["service"] for e in one} == {c["port"] for c in first}
+    assert {e["remote"]["service"] for e in two} == {c["port"] for c in second}
+    check_one_client(one, channels=4)
+    check_one_client(two, channels=4)
