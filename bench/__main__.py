@@ -21,7 +21,7 @@ from bench.lab import Lab
 from bench.stats import load_average, median, mem_available_mib
 
 MEASUREMENTS = ("burst", "endtoend", "scale", "soak", "audit", "storm", "fleet", "reconnect", "resilience",
-                "blind_starts")
+                "blind_starts", "libvirtd_memory")
 # Real resident memory of one tiny paused TCG domain here (MemAvailable drop per domain),
 # plus the daemons' share: the scale test is sized down when the machine has less to spare.
 MIB_PER_DOMAIN = 18
@@ -94,6 +94,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="source starts during each storm of the blind-starts measurement (default 100)")
     parser.add_argument("--blind-storms", type=int, nargs="+", default=[2, 8],
                         help="clients per console of each storm of the blind-starts measurement (default 2 8)")
+    parser.add_argument("--memory-seconds", type=float, default=300,
+                        help="seconds of storm per listener in the libvirtd-memory measurement (default 300)")
+    parser.add_argument("--memory-clients", type=int, default=16,
+                        help="storm clients per console in the libvirtd-memory measurement (default 16)")
     parser.add_argument("--resilience-lone", type=int, default=5,
                         help="lone untrusted sessions, the reference of the resilience measurement (default 5)")
     parser.add_argument("--resilience-followers", type=int, default=5,
@@ -377,6 +381,28 @@ def report_reconnect(report: Report, r: dict[str, Any]) -> None:
                   "after the last)")
     report.figure("events lost across the reconnections", str(r["lost"]), "0", r["lost"] == 0)
     report.lost += r["lost"]
+
+
+def report_libvirtd_memory(report: Report, r: dict[str, Any]) -> None:
+    report.line(f"  a fresh session daemon per listener, {r['consoles']} consoles, {r['clients_per_console']} clients "
+                f"per console running whole VNC sessions back to back for {r['seconds']:g} s; libvirtd's RSS read "
+                "from its /proc every second; the load average (1 min) is given with each figure")
+
+    def growth(row: dict[str, Any]) -> float:
+        return float(row["rss_max_kib"] - row["rss_before_kib"]) / 1024
+
+    for mode in ("none", "virsh", "source"):
+        row = r[mode]
+        extra = (f"; shed {row['shed']} times, resynchronised {row['resynchronised']}, {row['events']} events "
+                 "taken" if mode == "source" else "")
+        report.figure(f"libvirtd growth under the storm, {mode}",
+                      f"+{growth(row):.0f} MiB ({row['rss_before_kib'] / 1024:.0f} to at most "
+                      f"{row['rss_max_kib'] / 1024:.0f} MiB, {row['rss_after_kib'] / 1024:.0f} MiB 5 s after; "
+                      f"{row['sessions_per_s']:.0f} sessions/s; listener alive {row['listener_alive']}{extra}); "
+                      f"load {row['load']}")
+    source, virsh = growth(r["source"]), growth(r["virsh"])
+    report.figure("libvirtd growth with the source against with virsh event", f"+{source:.0f} MiB / +{virsh:.0f} MiB",
+                  "no worse than virsh", source <= max(virsh, 0) + 16)
 
 
 def report_blind_starts(report: Report, r: dict[str, Any]) -> None:
@@ -705,6 +731,13 @@ def main(argv: list[str] | None = None) -> int:
                 results["blind_starts"] = blind_starts(lab, report.line, starts=options.blind_starts,
                                                        storms=tuple(options.blind_storms))
                 report_blind_starts(report, results["blind_starts"])
+            if "libvirtd_memory" in chosen:
+                from bench.libvirtd_memory import measure as libvirtd_memory
+
+                report.section("15. libvirtd's memory under a storm: no listener, virsh event, the source")
+                results["libvirtd_memory"] = libvirtd_memory(lab, report.line, seconds=options.memory_seconds,
+                                                             clients=options.memory_clients)
+                report_libvirtd_memory(report, results["libvirtd_memory"])
         except KeyboardInterrupt:
             report.line("# interrupted: cleaning up")
             status = 130

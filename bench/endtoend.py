@@ -107,7 +107,9 @@ def end_to_end(lab: Lab, hypervisors: list[BenchHypervisor], rounds: int, sessio
     expected = 3 * sessions
     ceiling = Activation(lab, "ceiling", str(ceiling_rulebook(workdir, expected, triggers)), {"virtguard_uri": uris},
                          workdir, ("-S", str(ROOT / "bench" / "eda_sources")))
-    real = Activation(lab, "real", "virtguard.console.console_audit", {"virtguard_uri": uris}, workdir,
+    # the source's capacity is measured: it must not shed a burst it keeps up with
+    real = Activation(lab, "real", "virtguard.console.console_audit",
+                      {"virtguard_uri": uris, "virtguard_max_event_rate": 0}, workdir,
                       profile=profile and str(Path(profile) / "activation_real.prof"))
     rows = []
     try:

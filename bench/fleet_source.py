@@ -8,6 +8,7 @@ is the machine's, so the bench compares it with its own):
   source's hypervisors add is measured from here), then ``{"started": true}``;
 - one line per event taken off the queue: ``uri``, ``phase``, ``snapshot``, ``node``, ``service``,
   ``session``;
+- one line per change of a hypervisor's health (``health``: the new state, ``uri``, ``reason``);
 - one line per connection log of the source (``log``: ``watching``, ``closed``, ``lost``,
   ``cannot_connect``, ``reconnecting``), with ``uri`` and the message.
 It runs until SIGTERM or SIGINT.
@@ -68,7 +69,10 @@ async def run(args: dict[str, Any]) -> None:
     async def consume() -> None:
         while True:
             event = await queue.get()
-            if "graphics" not in event:  # a health event ({"hypervisor": ...})
+            if "graphics" not in event:  # a health event ({"hypervisor": ...}): its changes only
+                health = event.get("hypervisor", {})
+                if health.get("changed"):
+                    emit({"health": health["state"], "uri": health["uri"], "reason": health["reason"]})
                 continue
             graphics = event["graphics"]
             emit({"uri": graphics["hypervisor"]["uri"], "phase": graphics["phase"],

@@ -145,7 +145,8 @@ class SourceListener(Listener):
 
     def __init__(self, uris: list[str], args: dict[str, Any] | None = None, profile: str | None = None):
         super().__init__(uris)
-        self.args = {"uri": uris, **(args or {})}
+        # the source's capacity is measured: it must not shed (max_event_rate) a burst it keeps up with
+        self.args = {"uri": uris, "max_event_rate": 0, **(args or {})}
         self.records: list[tuple[float, str, str, str]] = []
         self.profile_path = profile
         self.profile: cProfile.Profile | None = None

@@ -54,7 +54,7 @@ PROTECTED_ADDRESS = "protected_address"
 
 PHASES = ("connect", "initialize", "disconnect")
 # The states of a hypervisor's watch in the source's health events (docs/payload.md).
-HEALTH_STATES = ("connecting", "connected", "reconnecting", "unreachable", "blind", "resynchronised")
+HEALTH_STATES = ("connecting", "connected", "reconnecting", "unreachable", "blind", "shedding", "resynchronised")
 PROTOCOLS = ("vnc", "spice")
 # The verdict of the events of a SPICE client's other channels: the client is judged once, on
 # its primary (main) channel's events.

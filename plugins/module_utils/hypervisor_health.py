@@ -15,7 +15,9 @@ as a clock). Pure logic with the time passed in, so tests need no clock and no d
 A state is a name in ``STATES``; every change goes through ``HypervisorHealth.change``, which
 accepts any move between two known states other than back to ``connecting``: ``blind`` (a
 connection that is up but delivers no event, found by the source's delivery probe) and
-``resynchronised`` (the new connection after a blind one, with its snapshot) included.
+``shedding`` (a storm above ``max_event_rate``: the connection closed for a while) and
+``resynchronised`` (the new connection after a blind one or after shedding, with its snapshot)
+included.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ CONNECTED = "connected"
 RECONNECTING = "reconnecting"
 UNREACHABLE = "unreachable"
 BLIND = "blind"
+SHEDDING = "shedding"
 RESYNCHRONISED = "resynchronised"
 
 # Every state and what it means (docs/payload.md says the same).
@@ -39,8 +42,10 @@ STATES = {
     UNREACHABLE: "the host did not answer on libvirt's port within connect_timeout; the source retries",
     BLIND: "connected, but a delivery probe's event did not come back: the source drops the connection and "
            "connects again at once",
-    RESYNCHRONISED: "connected again after a blind connection: the snapshot that follows reports the sessions "
-                    "that opened or ended while the source was blind",
+    SHEDDING: "more graphics events a second than max_event_rate: the source has closed the connection "
+              "for shed_seconds, so that the daemon queues nothing for it, then connects again",
+    RESYNCHRONISED: "connected again after a blind connection or after shedding: the snapshot that follows "
+                    "reports the sessions that opened or ended while the source did not listen",
 }
 
 HealthPayload = Dict[str, Dict[str, Any]]

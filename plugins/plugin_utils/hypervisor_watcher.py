@@ -34,6 +34,7 @@ from ansible_collections.virtguard.console.plugins.module_utils.hypervisor_healt
     CONNECTED,
     RECONNECTING,
     RESYNCHRONISED,
+    SHEDDING,
     UNREACHABLE,
     HealthPayload,
     HeartbeatClock,
@@ -80,6 +81,8 @@ SPICE_QUESTION_TIMEOUT = 2.0
 GRAPHICS_CONNECT = 0  # VIR_DOMAIN_EVENT_GRAPHICS_CONNECT
 GRAPHICS_INITIALIZE = 1  # VIR_DOMAIN_EVENT_GRAPHICS_INITIALIZE
 MAX_HELD_CONNECTS = 1000  # SPICE connects held until their channel's next event (per hypervisor)
+LAG_CHECK_INTERVAL = 1.0  # seconds between two calls that time libvirtd's replies
+SHED_CALL_TIMEOUT = 60.0  # the replies to shedding's calls wait behind what libvirtd had queued
 
 
 class Budget:
@@ -197,6 +200,13 @@ class HypervisorWatcher:
         self.probe_seen = asyncio.Event()
         self.blind_reason: str | None = None  # why the last connection was found blind
         self.found_blind = False  # the delivery check closed the current connection
+        # shedding: graphics events counted in the current second (libvirt's thread), and the
+        # storm that made the source close the connection
+        self.rate_window = -1
+        self.rate_count = 0
+        self.shedding = False
+        self.shed_reason: str | None = None
+        self.skipped = 0  # graphics events not taken while shedding (until the connection closed)
         self.spice_questions = Budget(SPICE_QUESTIONS_PER_SECOND)
         # channel id -> the buffered connect of a SPICE channel held until its next event
         self.held_connects: dict[str, tuple[Any, ...]] = {}
@@ -208,6 +218,19 @@ class HypervisorWatcher:
                     auth_scheme: str, subject: GraphicsSubject, _opaque: Any) -> None:
         wall = time.time()
         self.last_delivery = time.monotonic()
+        if self.shedding:
+            self.skipped += 1
+            return
+        if self.config.max_event_rate:
+            window = int(wall)
+            if window != self.rate_window:
+                self.rate_window, self.rate_count = window, 0
+            self.rate_count += 1
+            if self.rate_count > self.config.max_event_rate:
+                self.shedding = True
+                self.skipped += 1
+                self.buffer.call_on_loop(self.on_shed)
+                return
         if self.overflowed:
             self.dropped += 1
             return
@@ -268,6 +291,16 @@ class HypervisorWatcher:
         self.close_reason = f"connection closed: {why}"
         LOGGER.warning("%s: %s", self.uri, self.close_reason)
         self.buffer.call_on_loop(self.on_closed)
+
+    def on_shed(self) -> None:
+        """More graphics events in one second than ``max_event_rate``: ``watch`` stops listening
+        to this hypervisor's graphics events for ``shed_seconds`` (``shed``)."""
+        if self.shed_reason is not None:
+            return  # shedding already
+        self.shed_reason = (f"more than {self.config.max_event_rate} graphics events in one second: "
+                            f"not listening for {self.config.shed_seconds:g}s")
+        LOGGER.warning("%s: shedding: %s", self.uri, self.shed_reason)
+        self.wakeup.set()
 
     def on_closed(self) -> None:
         self.closed.set()
@@ -467,6 +500,9 @@ class HypervisorWatcher:
                 reason = f"unexpected error: {exc!r}"
             finally:
                 await self.disconnect(loop)
+            if self.health.state == SHEDDING:  # closed while shedding: connect again once it is over
+                await asyncio.sleep(self.config.shed_seconds)
+                continue
             if self.found_blind:
                 # at once the first time (leaving may have cleared libvirt's stuck queue); blind
                 # again at once means another listener keeps it stuck: back off as for failures
@@ -487,6 +523,8 @@ class HypervisorWatcher:
         if self.config.keepalive_interval:
             conn.setKeepAlive(self.config.keepalive_interval, self.config.keepalive_count)
         conn.registerCloseCallback(self.on_close, None)
+        skipped = self.skipped
+        self.shedding, self.shed_reason, self.skipped = False, None, 0
         self.callback_id = self.subscribe(conn)
         self.hypervisor = {"uri": self.uri, "hostname": await loop.run_in_executor(self.executor, conn.getHostname)}
         LOGGER.info("%s: watching graphics events on %s", self.uri, self.hypervisor["hostname"])
@@ -494,38 +532,77 @@ class HypervisorWatcher:
         # before the snapshot, whose events follow it
         if self.health.state == BLIND:
             self.enter(RESYNCHRONISED, f"connected again after a blind connection ({self.blind_reason})")
+        elif self.health.state == SHEDDING:
+            self.enter(RESYNCHRONISED, f"connected again after shedding {skipped} events")
         else:
             self.enter(CONNECTED, None)
         self.last_delivery = time.monotonic()
-        check = asyncio.ensure_future(self.check_delivery(loop)) if self.config.delivery_check_interval else None
+        check: asyncio.Future[None] | None = None
+        lag = asyncio.ensure_future(self.check_lag(loop)) if self.config.max_reply_lag else None
         try:
             if self.config.snapshot:
                 await self.take_snapshot(loop)
+            if self.config.delivery_check_interval:  # after the snapshot, whose calls it would wait behind
+                check = asyncio.ensure_future(self.check_delivery(loop))
             while True:
                 self.wakeup.clear()
                 if self.closed.is_set():
                     return
+                if self.shed_due():
+                    if not await self.shed(loop):
+                        return
+                    continue
                 if self.overflowed:
                     await self.resume_after_overflow(loop)
                     continue
                 await self.wakeup.wait()
         finally:
-            if check is not None:
-                check.cancel()
+            for task in (check, lag):
+                if task is not None:
+                    task.cancel()
+
+    # -- libvirtd's lag -------------------------------------------------------------------------
+    async def check_lag(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Every second, a cheap call (``getLibVersion``) whose reply libvirtd queues behind the
+        events it has queued for this connection: no reply within ``max_reply_lag`` seconds
+        means that queue grows (libvirtd dispatches a storm's events slower than they come, and
+        holds them all). Then the hypervisor is shed, as for ``max_event_rate``."""
+        limit = self.config.max_reply_lag
+        while True:
+            await asyncio.sleep(LAG_CHECK_INTERVAL)
+            if self.shed_due() or self.shedding or self.conn is None:
+                continue
+            call = loop.run_in_executor(None, self.conn.getLibVersion)
+            try:
+                await asyncio.wait_for(asyncio.shield(call), limit)
+            except asyncio.TimeoutError:
+                self.shed_reason = (f"libvirtd answered no call within {limit:g}s (its queue of events for this "
+                                    f"source grows): not listening for {self.config.shed_seconds:g}s")
+                LOGGER.warning("%s: shedding: %s", self.uri, self.shed_reason)
+                self.wakeup.set()
+                await asyncio.gather(call, return_exceptions=True)  # the reply, however late, before the next
+            except libvirt.libvirtError:
+                return  # the connection's end is the close callback's to report
 
     # -- the delivery check -------------------------------------------------------------------
     async def check_delivery(self, loop: asyncio.AbstractEventLoop) -> None:
         """Whenever this connection has delivered no event for ``delivery_check_interval``
         seconds, probe it; a probe whose event does not come marks the connection blind and
         closes it (``run`` connects again at once). A connection where no probe can be made
-        (read-only, no running domain) is said so in the log, and checked again later."""
+        (read-only, no running domain) is said so in the log, and checked again later.
+
+        A new connection is probed at once, unless an event came already: subscribing during
+        a storm can meet libvirt's race itself, and a daemon may keep an earlier listener's
+        stuck queue, so a blind start is found within ``delivery_check_timeout``."""
         interval = self.config.delivery_check_interval
+        connected = self.last_delivery
         warned = False
         while True:
             quiet = time.monotonic() - self.last_delivery
-            if quiet < interval:
+            if quiet < interval and self.last_delivery != connected:
                 await asyncio.sleep(interval - quiet)
                 continue
+            connected = -1.0  # the first probe is made
             outcome = await self.probe_delivery(loop)
             if outcome is None:
                 warned = False
@@ -602,6 +679,47 @@ class HypervisorWatcher:
         self.metadata_callback_id = conn.domainEventRegisterAny(
             None, libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE, self.on_metadata, None)
         return callback_id
+
+    def shed_due(self) -> bool:
+        """Whether a storm above ``max_event_rate`` waits to be shed (``on_shed`` said so)."""
+        return self.shed_reason is not None
+
+    async def shed(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Stop listening to graphics events for ``shed_seconds``, so that libvirtd queues none
+        for this connection, then listen again and take a snapshot. The lifecycle and metadata
+        callbacks stay: the daemon never sees this connection leave (which could leave its event
+        queue stuck, see ``subscribe``), and a domain's stop still ends its sessions. False when
+        the connection did not answer (the caller closes it; ``run`` waits, then connects again)."""
+        conn = self.conn
+        self.shedding = True
+        self.enter(SHEDDING, self.shed_reason)
+        # libvirtd stops queueing graphics events for this connection as soon as it reads the
+        # call; its reply waits behind the events it had queued already, however many
+        try:
+            await asyncio.wait_for(loop.run_in_executor(None, conn.domainEventDeregisterAny, self.callback_id),
+                                   SHED_CALL_TIMEOUT)
+        except (asyncio.TimeoutError, libvirt.libvirtError) as exc:
+            self.close_reason = f"shedding: the daemon did not take the unsubscription ({exc!r})"
+            return False
+        self.callback_id = -1
+        try:
+            await asyncio.wait_for(self.closed.wait(), self.config.shed_seconds)
+            return False  # the connection closed meanwhile
+        except asyncio.TimeoutError:
+            pass
+        try:
+            self.callback_id = await asyncio.wait_for(loop.run_in_executor(
+                None, conn.domainEventRegisterAny, None, libvirt.VIR_DOMAIN_EVENT_ID_GRAPHICS,
+                self.on_libvirt_graphics, None), SHED_CALL_TIMEOUT)
+        except (asyncio.TimeoutError, libvirt.libvirtError) as exc:
+            self.close_reason = f"shedding: the daemon did not take the subscription again ({exc!r})"
+            return False
+        skipped, self.skipped = self.skipped, 0
+        self.shedding, self.shed_reason = False, None
+        self.enter(RESYNCHRONISED, f"listening again after shedding {skipped} events")
+        if self.config.snapshot:
+            await self.take_snapshot(loop)
+        return True
 
     async def resume_after_overflow(self, loop: asyncio.AbstractEventLoop) -> None:
         """Wait until the queue has drained the buffer to half, then listen again and let a

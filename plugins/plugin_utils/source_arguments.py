@@ -36,6 +36,9 @@ SOURCE_OPTIONS = (
     Option("heartbeat_interval", "float", default=10.0, minimum=0),
     Option("delivery_check_interval", "float", default=20.0, minimum=0),
     Option("delivery_check_timeout", "float", default=10.0),
+    Option("max_event_rate", "int", default=4000, minimum=0),
+    Option("shed_seconds", "float", default=10.0),
+    Option("max_reply_lag", "float", default=2.0, minimum=0),
 )
 
 # The shortest heartbeat interval: faster beats would only load the rule engine.
@@ -90,6 +93,11 @@ class SourceArguments:
         self.delivery_check_timeout: float = checked["delivery_check_timeout"]
         if checked["delivery_check_timeout"] <= 0:
             raise fail("delivery_check_timeout", f"must be greater than 0, got {given_value('delivery_check_timeout')}")
+        self.max_event_rate: int = checked["max_event_rate"]
+        self.shed_seconds: float = checked["shed_seconds"]
+        self.max_reply_lag: float = checked["max_reply_lag"]
+        if checked["shed_seconds"] <= 0:
+            raise fail("shed_seconds", f"must be greater than 0, got {given_value('shed_seconds')}")
         if 0 < self.heartbeat_interval < MIN_HEARTBEAT_INTERVAL:
             raise fail("heartbeat_interval", f"must be 0 (off) or at least {MIN_HEARTBEAT_INTERVAL:g}, "
                                              f"got {given_value('heartbeat_interval')}")

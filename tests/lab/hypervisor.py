@@ -8,6 +8,7 @@ not collide, and ``stop()`` removes all of it (daemon, QEMU processes, directori
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import re
@@ -270,13 +271,23 @@ class SessionHypervisor:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             return
-        wait_for(lambda: not Path(f"/proc/{pid}").exists(), 30, "libvirtd to exit")
+        try:
+            wait_for(lambda: not Path(f"/proc/{pid}").exists(), 30, "libvirtd to exit")
+        except TimeoutError:
+            # a daemon still busy with a storm's backlog (libvirt queues events for a slow
+            # listener without bound) may not get to its SIGTERM for minutes
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: not Path(f"/proc/{pid}").exists(), 10, "libvirtd to die")
 
     def stop(self) -> None:
         try:
             if self.daemon_pid() is not None:
-                for name in self.virsh("list", "--name", check=False).stdout.split():
-                    self.virsh("destroy", name, check=False)
+                try:
+                    for name in self.virsh("list", "--name", check=False, timeout=20).stdout.split():
+                        self.virsh("destroy", name, check=False, timeout=20)
+                except subprocess.TimeoutExpired:
+                    pass  # a daemon that does not answer: its QEMUs go with the user's processes below
             self.stop_daemon()
         finally:
             run(["pkill", "-KILL", "-u", self.user], check=False)
@@ -285,8 +296,8 @@ class SessionHypervisor:
             shutil.rmtree(self.base, ignore_errors=True)
 
     # -- domains --------------------------------------------------------------------------
-    def virsh(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return run(["virsh", "-q", "-c", self.uri, *args], check=check)
+    def virsh(self, *args: str, check: bool = True, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+        return run(["virsh", "-q", "-c", self.uri, *args], check=check, timeout=timeout)
 
     def create_domain(self, name: str, listen: str = "127.0.0.1", port: int | None = None,
                       graphics: str = "vnc", password: str | None = None,

@@ -69,7 +69,8 @@ def test_a_state_that_is_not_one_to_enter_is_a_programming_error(state):
 
 
 def test_every_state_is_documented():
-    assert set(STATES) == {"connecting", "connected", "reconnecting", "unreachable", "blind", "resynchronised"}
+    assert set(STATES) == {"connecting", "connected", "reconnecting", "unreachable", "blind", "shedding",
+                           "resynchronised"}
     assert all(STATES.values())
 
 

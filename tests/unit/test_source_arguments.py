@@ -28,6 +28,7 @@ def test_defaults():
     assert config.max_buffered_events == 100000
     assert config.heartbeat_interval == 10.0
     assert (config.delivery_check_interval, config.delivery_check_timeout) == (20.0, 10.0)
+    assert (config.max_event_rate, config.shed_seconds) == (4000, 10.0)
 
 
 def test_defaults_are_not_shared_between_runs():
@@ -79,6 +80,9 @@ def test_null_arguments_take_their_defaults():
     ({"delivery_check_interval": "often"}, "delivery_check_interval"),
     ({"delivery_check_timeout": 0}, "delivery_check_timeout"),
     ({"delivery_check_timeout": -2}, "delivery_check_timeout"),
+    ({"max_event_rate": -1}, "max_event_rate"),
+    ({"max_event_rate": 2.5}, "max_event_rate"),
+    ({"shed_seconds": 0}, "shed_seconds"),
     ({"uris": "qemu:///system"}, "uris"),
 ])
 def test_bad_arguments_name_what_is_wrong(args, names):

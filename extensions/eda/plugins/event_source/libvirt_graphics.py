@@ -121,6 +121,31 @@ options:
       - Seconds the delivery check waits for its metadata event (more than 0).
     type: float
     default: 10
+  max_event_rate:
+    description:
+      - Graphics events a second from one hypervisor above which the source sheds it. libvirt
+        queues events for a listener that reads slower than they come without bound, so a storm
+        of console connections would grow libvirtd's memory; instead the source stops listening
+        to that hypervisor's graphics events (reported C(shedding)), so the daemon queues none
+        for it, listens again after C(shed_seconds) and reports by snapshot the sessions still
+        open (C(resynchronised)). The sessions that began and ended meanwhile are not reported
+        one by one. Domain stops are still listened to.
+      - C(0) never sheds.
+    type: int
+    default: 4000
+  shed_seconds:
+    description:
+      - Seconds a shed hypervisor's graphics events are not listened to (more than 0).
+    type: float
+    default: 10
+  max_reply_lag:
+    description:
+      - Seconds libvirtd may take to answer a cheap call (asked every second) before the source
+        sheds the hypervisor. libvirtd queues a call's reply behind the events it holds for the
+        connection, so a late reply means that queue grows (libvirtd itself dispatches a storm's
+        events slower than they come). C(0) does not check.
+    type: float
+    default: 2
 """
 
 EXAMPLES = r"""

@@ -1,0 +1,113 @@
+"""Measurement 15: libvirtd's memory under a storm of console sessions, side by side in one run
+with no listener, with ``virsh event --all --loop`` and with the event source (as shipped: it
+sheds a hypervisor whose graphics events come faster than ``max_event_rate``). libvirt queues
+events for a listener that reads slower than they come without bound; what that costs is read
+on the hypervisor, from libvirtd's own /proc, every second. Each listener gets a fresh session
+daemon (its memory starts from the same place), the same consoles and the same storm
+(lab.session_storm, in this process); the source runs in a process of its own
+(bench.fleet_source), its queue drained as an activation's would be.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench import ROOT
+from bench.stats import load_average, rss_kib
+from lab.session_storm import SessionStorm
+
+Log = Callable[[str], None]
+MODES = ("none", "virsh", "source")
+
+
+def measure(lab: Any, log: Log, seconds: float = 300.0, clients: int = 16, consoles: int = 4) -> dict[str, Any]:
+    result: dict[str, Any] = {"seconds": seconds, "clients_per_console": clients, "consoles": consoles}
+    for mode in MODES:
+        [hv] = lab.hypervisors_with_domains(f"lm{mode[0]}", 1, consoles)
+        try:
+            result[mode] = one_listener(lab, hv, mode, seconds, clients, log)
+        finally:
+            lab.release([hv])
+    return result
+
+
+class SourceProcess:
+    """bench.fleet_source on one URI: counts its graphics events and its health changes."""
+
+    def __init__(self, lab: Any, uri: str, workdir: Path) -> None:
+        args = workdir / "source_args.json"
+        args.write_text(json.dumps({"uri": uri}))
+        self.proc = lab.spawn([sys.executable, "-m", "bench.fleet_source", str(args)], stdout=subprocess.PIPE,
+                              text=True)
+        self.events = 0
+        self.health: list[str] = []
+        self.watching = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            record = json.loads(line)
+            if "phase" in record:
+                self.events += 1
+            elif "health" in record:
+                self.health.append(record["health"])
+            elif record.get("log") == "watching":
+                self.watching.set()
+
+
+def one_listener(lab: Any, hv: Any, mode: str, seconds: float, clients: int, log: Log) -> dict[str, Any]:
+    pid = hv.daemon_pid()
+    assert pid is not None, "the session daemon runs"
+    source: SourceProcess | None = None
+    proc: subprocess.Popen[Any] | None = None
+    with tempfile.TemporaryDirectory(prefix="vgt-bench-libvirtd-memory-", dir=ROOT / "build") as tmp:
+        if mode == "virsh":
+            proc = lab.spawn(["virsh", "-c", hv.uri, "event", "--all", "--loop"], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+            time.sleep(3)  # registered (virsh does not say when)
+        elif mode == "source":
+            source = SourceProcess(lab, hv.uri, Path(tmp))
+            proc = source.proc
+            if not source.watching.wait(60):
+                raise RuntimeError("the source did not start watching")
+            time.sleep(2)  # its snapshot
+        load = load_average()
+        before = rss_kib(pid)
+        storm = SessionStorm([d.vnc_port for d in hv.domains], clients_per_port=clients)
+        samples: list[int] = []
+        started = time.monotonic()
+        storm.start()
+        try:
+            while time.monotonic() - started < seconds:
+                samples.append(rss_kib(pid))
+                time.sleep(1.0)
+                if proc is not None and proc.poll() is not None:
+                    break
+        finally:
+            storm.stop()
+        stormed = time.monotonic() - started
+        time.sleep(5)
+        after = rss_kib(pid)
+        alive = proc is None or proc.poll() is None
+        if proc is not None:
+            lab.stop_process(proc)
+    row = {"rss_before_kib": before, "rss_max_kib": max(samples or [before]), "rss_after_kib": after,
+           "sessions": storm.sessions, "sessions_per_s": storm.sessions / stormed if stormed else 0.0,
+           "storm_seconds": stormed, "listener_alive": alive, "load": load, "load_after": load_average()}
+    if source is not None:
+        row.update(events=source.events, shed=source.health.count("shedding"),
+                   resynchronised=source.health.count("resynchronised"), health=source.health)
+    peak = max(samples or [before])
+    log(f"#   {mode}: libvirtd {before / 1024:.0f} MiB before, at most {peak / 1024:.0f} MiB in "
+        f"{stormed:.0f} s of {row['sessions_per_s']:.0f} sessions/s, {after / 1024:.0f} MiB 5 s after"
+        + (f"; the source shed {row['shed']} times, {row['events']} events" if source is not None else ""))
+    return row

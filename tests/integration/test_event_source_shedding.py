@@ -1,0 +1,94 @@
+"""A storm of console sessions above the source's ``max_event_rate``: the source sheds the
+hypervisor (stops listening to its graphics events, health ``shedding``), so libvirtd queues
+nothing for it, then listens again (``resynchronised``) and its snapshot reports the session
+that stayed open through the storm. libvirtd's memory is read on the hypervisor (its own /proc) all along. A
+dedicated session daemon: the storm must not weigh on other tests' daemons."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lab import rfb
+from lab.hypervisor import SessionHypervisor
+from lab.session_storm import SessionStorm
+from lab.source_log import SourceLog
+from lab.source_runner import SourceRun
+
+pytestmark = pytest.mark.slow
+
+HELD_ADDRESS = "127.0.0.4"  # the session that lives through the storm (the storm's are 127.0.0.1)
+LIMIT = 200  # events a second: far below the storm's
+STORM_SECONDS = 10.0
+BOUND_KIB = 64 * 1024  # libvirtd may grow by this much at most while the source sheds
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+@pytest.fixture
+def stormy() -> Iterator[SessionHypervisor]:
+    hv = SessionHypervisor("sh").start()
+    try:
+        hv.domains = [hv.create_domain(f"{hv.user}-d{n}") for n in range(2)]
+        yield hv
+    finally:
+        hv.stop()
+
+
+async def test_a_storm_above_the_rate_limit_is_shed_then_resynchronised(stormy: SessionHypervisor,
+                                                                          source_log: SourceLog):
+    hv = stormy
+    pid = hv.daemon_pid()
+    assert pid is not None
+    held: socket.socket | None = await asyncio.to_thread(rfb.open_session, "127.0.0.1", hv.domains[0].vnc_port,
+                                                         10.0, (HELD_ADDRESS, 0))
+    assert held is not None
+    port = str(held.getsockname()[1])
+    storm = SessionStorm([d.vnc_port for d in hv.domains])
+    samples: list[int] = []
+    try:
+        args = {"uri": hv.uri, "max_event_rate": LIMIT, "shed_seconds": 2, "heartbeat_interval": 0}
+        async with SourceRun(args) as run:
+            await run.wait_for(1, remote__node=HELD_ADDRESS, remote__service=port, snapshot=True, timeout=60)
+            before = rss_kib(pid)
+            started = time.monotonic()
+            storm.start()
+            [shed] = await run.wait_for_health(1, state="shedding", changed=True, timeout=30)
+            while time.monotonic() - started < STORM_SECONDS:
+                samples.append(rss_kib(pid))
+                await asyncio.sleep(0.25)
+            await asyncio.to_thread(storm.stop)
+            rate = storm.sessions / (time.monotonic() - started)
+            # the storm may have been shed more than once: the last word is a resynchronisation
+            deadline = time.monotonic() + 60
+            while (resync := [e for e in run.health if e["changed"]][-1])["state"] != "resynchronised":
+                assert time.monotonic() < deadline, f"no resynchronisation after the storm: {run.health[-3:]}"
+                await asyncio.sleep(0.2)
+            seen = await run.wait_for(2, remote__node=HELD_ADDRESS, remote__service=port, snapshot=True, timeout=60)
+            held.close()
+            held = None
+            [end] = await run.wait_for(1, remote__node=HELD_ADDRESS, remote__service=port, phase="disconnect",
+                                       timeout=60)
+    finally:
+        if held is not None:
+            held.close()
+        await asyncio.to_thread(storm.stop)
+    assert rate * 3 > LIMIT, f"the storm ({rate:.0f} sessions/s) stayed below the limit"
+    assert shed["previous"] in ("connected", "resynchronised")
+    assert shed["reason"] == f"more than {LIMIT} graphics events in one second: not listening for 2s"
+    assert resync["state"] == "resynchronised" and resync["previous"] == "shedding"
+    assert resync["reason"].startswith("listening again after shedding ")
+    assert all(e["phase"] == "initialize" for e in seen)
+    assert end["session"]["id"] == seen[0]["session"]["id"]
+    assert max(samples) - before < BOUND_KIB, (before, max(samples))
+    assert source_log.messages(hv.uri, "shedding: more than 200 graphics events in one second")
