@@ -28,12 +28,14 @@ Log = Callable[[str], None]
 MODES = ("none", "virsh", "source")
 
 
-def measure(lab: Any, log: Log, seconds: float = 300.0, clients: int = 16, consoles: int = 4) -> dict[str, Any]:
-    result: dict[str, Any] = {"seconds": seconds, "clients_per_console": clients, "consoles": consoles}
-    for mode in MODES:
+def measure(lab: Any, log: Log, seconds: float = 300.0, clients: int = 16, consoles: int = 4,
+            modes: tuple[str, ...] = MODES, source_args: dict[str, Any] | None = None) -> dict[str, Any]:
+    result: dict[str, Any] = {"seconds": seconds, "clients_per_console": clients, "consoles": consoles,
+                              "source_args": source_args or {}}
+    for mode in modes:
         [hv] = lab.hypervisors_with_domains(f"lm{mode[0]}", 1, consoles)
         try:
-            result[mode] = one_listener(lab, hv, mode, seconds, clients, log)
+            result[mode] = one_listener(lab, hv, mode, seconds, clients, log, source_args or {})
         finally:
             lab.release([hv])
     return result
@@ -42,9 +44,9 @@ def measure(lab: Any, log: Log, seconds: float = 300.0, clients: int = 16, conso
 class SourceProcess:
     """bench.fleet_source on one URI: counts its graphics events and its health changes."""
 
-    def __init__(self, lab: Any, uri: str, workdir: Path) -> None:
+    def __init__(self, lab: Any, uri: str, workdir: Path, source_args: dict[str, Any]) -> None:
         args = workdir / "source_args.json"
-        args.write_text(json.dumps({"uri": uri}))
+        args.write_text(json.dumps({"uri": uri, **source_args}))
         self.proc = lab.spawn([sys.executable, "-m", "bench.fleet_source", str(args)], stdout=subprocess.PIPE,
                               text=True)
         self.events = 0
@@ -64,7 +66,8 @@ class SourceProcess:
                 self.watching.set()
 
 
-def one_listener(lab: Any, hv: Any, mode: str, seconds: float, clients: int, log: Log) -> dict[str, Any]:
+def one_listener(lab: Any, hv: Any, mode: str, seconds: float, clients: int, log: Log,
+                 source_args: dict[str, Any]) -> dict[str, Any]:
     pid = hv.daemon_pid()
     assert pid is not None, "the session daemon runs"
     source: SourceProcess | None = None
@@ -75,7 +78,7 @@ def one_listener(lab: Any, hv: Any, mode: str, seconds: float, clients: int, log
                              stderr=subprocess.DEVNULL)
             time.sleep(3)  # registered (virsh does not say when)
         elif mode == "source":
-            source = SourceProcess(lab, hv.uri, Path(tmp))
+            source = SourceProcess(lab, hv.uri, Path(tmp), source_args)
             proc = source.proc
             if not source.watching.wait(60):
                 raise RuntimeError("the source did not start watching")

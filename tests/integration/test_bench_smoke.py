@@ -1,8 +1,9 @@
 """A short run of ``make bench`` (bench/): real sessions seen by the source and a bare listener
 side by side, the soak through the source's callback, the audit writer and reconnections to a
 restarted daemon, with no event lost; the resilience measurement (issue 17) with what it judges
-on the hypervisor holding; and sources started during a storm, never blind for good. The full
-benchmark is not part of the tests; this only keeps it working."""
+on the hypervisor holding; sources started during a storm, never blind for good; and libvirtd's
+memory read under a storm. The full benchmark is not part of the tests; this only keeps it
+working."""
 
 from __future__ import annotations
 
@@ -103,3 +104,21 @@ def test_bench_smoke_blind_starts_never_blind_for_good(tmp_path):
     assert storm["starts"] == 3 and storm["blind_for_good"] == 0
     assert storm["seen_live"] + storm["healed"] == 3 and storm["sessions_per_s"] > 0
     assert "(goal: 0)" in proc.stdout
+
+
+def test_bench_smoke_libvirtd_memory_reads_the_daemon_under_a_storm(tmp_path):
+    """The libvirtd-memory measurement (bench/libvirtd_memory.py) at a tiny size: libvirtd's
+    memory is read under a real storm, with no listener and with the source."""
+    results = tmp_path / "results.json"
+    env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(ROOT / "build" / "collections"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--only", "libvirtd_memory", "--memory-seconds", "3", "--memory-clients", "1",
+         "--memory-modes", "none", "source", "--json", str(results)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    memory = json.loads(results.read_text())["libvirtd_memory"]
+    for mode in ("none", "source"):
+        row = memory[mode]
+        assert row["sessions"] > 0 and row["listener_alive"] and row["rss_before_kib"] > 0
+    assert memory["source"]["events"] > 0
+    assert "libvirtd growth under the storm, source" in proc.stdout

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Iterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -237,6 +238,23 @@ async def test_a_sasl_login_is_one_session_and_a_failed_one_a_main_channel_that_
     assert all(e["subject"] == [] and e["identity"] == {} for e in events)
 
 
+@contextlib.asynccontextmanager
+async def held_client(spice: SpiceLab, run: SourceRun, domain: Domain) -> AsyncIterator[list[dict[str, Any]]]:
+    """A held spicy on ``domain``, once QEMU lists its 4 channels and the source reported them."""
+    with HeldSpicy("127.0.0.1", port=domain.vnc_port):
+        channels = await asyncio.to_thread(wait_for_channels, spice.hv.virsh, domain.name, 4)
+        await run.wait_for(8, domain__name=domain.name)
+        yield channels
+
+
+def two_clients(events: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The events of exactly two sessions, the first to begin first."""
+    sessions = by_session(events)
+    assert len(sessions) == 2, {sid: [(e["phase"], e["remote"]["service"]) for e in ev] for sid, ev in sessions.items()}
+    first, second = sorted(sessions.values(), key=lambda ev: ev[0]["timestamp"])
+    return first, second
+
+
 async def test_a_client_that_replaces_another_from_the_same_address_is_a_session_of_its_own(
         spice, source_log: SourceLog):
     """A held spicy (4 channels), then a spicy-screenshot from the same address: QEMU drops the
@@ -245,18 +263,14 @@ async def test_a_client_that_replaces_another_from_the_same_address_is_a_session
     domain = spice.domains["replaced"]
     async with SourceRun({"uri": spice.hv.uri}) as run:
         await source_log.subscribed(spice.hv.uri, run)
-        with HeldSpicy("127.0.0.1", port=domain.vnc_port):
-            held = await asyncio.to_thread(wait_for_channels, spice.hv.virsh, domain.name, 4)
-            await run.wait_for(8, domain__name=domain.name)
+        async with held_client(spice, run, domain) as held:
             status, output = await screenshot(domain, port=domain.vnc_port)
             assert status == 0, output
             # both clients gone: 4 + 2 channels, each connected, initialized and disconnected
             await run.wait_for(2, domain__name=domain.name, phase="disconnect", session__channels=0, timeout=60)
             await asyncio.to_thread(wait_for_channels, spice.hv.virsh, domain.name, 0)
         events = run.matching(domain__name=domain.name, snapshot=False)
-    sessions = by_session(events)
-    assert len(sessions) == 2, {sid: [(e["phase"], e["remote"]["service"]) for e in ev] for sid, ev in sessions.items()}
-    first, second = sorted(sessions.values(), key=lambda ev: ev[0]["timestamp"])
+    first, second = two_clients(events)
     assert {e["remote"]["service"] for e in first} == {c["port"] for c in held}
     check_one_client(first, channels=4)
     check_one_client(second, channels=2)
@@ -268,9 +282,7 @@ async def test_two_held_clients_behind_one_address_are_two_sessions(spice, sourc
     domain = spice.domains["shared"]
     async with SourceRun({"uri": spice.hv.uri}) as run:
         await source_log.subscribed(spice.hv.uri, run)
-        with HeldSpicy("127.0.0.1", port=domain.vnc_port):
-            first = await asyncio.to_thread(wait_for_channels, spice.hv.virsh, domain.name, 4)
-            await run.wait_for(8, domain__name=domain.name)
+        async with held_client(spice, run, domain) as first:
             with HeldSpicy("127.0.0.1", port=domain.vnc_port):
                 await run.wait_for(1, domain__name=domain.name, phase="disconnect", session__channels=0, timeout=60)
 
@@ -282,9 +294,7 @@ async def test_two_held_clients_behind_one_address_are_two_sessions(spice, sourc
                 await run.wait_for(8 + 4 + 8, domain__name=domain.name)
             await run.wait_for(2, domain__name=domain.name, phase="disconnect", session__channels=0, timeout=60)
         events = run.matching(domain__name=domain.name, snapshot=False)
-    sessions = by_session(events)
-    assert len(sessions) == 2, {sid: [(e["phase"], e["remote"]["service"]) for e in ev] for sid, ev in sessions.items()}
-    one, two = sorted(sessions.values(), key=lambda ev: ev[0]["timestamp"])
+    one, two = two_clients(events)
     assert {e["remote"]["service"] for e in one} == {c["port"] for c in first}
     assert {e["remote"]["service"] for e in two} == {c["port"] for c in second}
     check_one_client(one, channels=4)
