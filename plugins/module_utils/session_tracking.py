@@ -154,7 +154,9 @@ class SessionTracker:
         return session, channel_id
 
     def _know_connection(self, session_id: str, session: OpenSession, connection_id: int) -> None:
-        assert session.group is not None
+        """Remember QEMU's connection-id of a SPICE session (one with a group)."""
+        if session.group is None:
+            return
         session.connection_id = connection_id
         self.spice_connections[(*session.group, connection_id)] = session_id
 

@@ -566,7 +566,9 @@ class HypervisorWatcher:
         """Every second, a cheap call (``getLibVersion``) whose reply libvirtd queues behind the
         events it has queued for this connection: no reply within ``max_reply_lag`` seconds
         means that queue grows (libvirtd dispatches a storm's events slower than they come, and
-        holds them all). Then the hypervisor is shed, as for ``max_event_rate``."""
+        holds them all). Then the hypervisor is shed, as for ``max_event_rate``, if events still
+        come meanwhile: a late reply with nothing else coming is a partition or a hung daemon,
+        which keepalive finds (the connection is closed, and opened again)."""
         limit = self.config.max_reply_lag
         while True:
             await asyncio.sleep(LAG_CHECK_INTERVAL)
@@ -576,6 +578,10 @@ class HypervisorWatcher:
             try:
                 await asyncio.wait_for(asyncio.shield(call), limit)
             except asyncio.TimeoutError:
+                if time.monotonic() - self.last_delivery > limit + LAG_CHECK_INTERVAL:
+                    # nothing comes either: a partition or a hung daemon, keepalive's to find
+                    await asyncio.gather(call, return_exceptions=True)
+                    continue
                 self.shed_reason = (f"libvirtd answered no call within {limit:g}s (its queue of events for this "
                                     f"source grows): not listening for {self.config.shed_seconds:g}s")
                 LOGGER.warning("%s: shedding: %s", self.uri, self.shed_reason)
@@ -695,11 +701,7 @@ class HypervisorWatcher:
         self.enter(SHEDDING, self.shed_reason)
         # libvirtd stops queueing graphics events for this connection as soon as it reads the
         # call; its reply waits behind the events it had queued already, however many
-        try:
-            await asyncio.wait_for(loop.run_in_executor(None, conn.domainEventDeregisterAny, self.callback_id),
-                                   SHED_CALL_TIMEOUT)
-        except (asyncio.TimeoutError, libvirt.libvirtError) as exc:
-            self.close_reason = f"shedding: the daemon did not take the unsubscription ({exc!r})"
+        if not await self.call_unless_closed(loop, conn.domainEventDeregisterAny, self.callback_id):
             return False
         self.callback_id = -1
         try:
@@ -707,19 +709,34 @@ class HypervisorWatcher:
             return False  # the connection closed meanwhile
         except asyncio.TimeoutError:
             pass
-        try:
-            self.callback_id = await asyncio.wait_for(loop.run_in_executor(
-                None, conn.domainEventRegisterAny, None, libvirt.VIR_DOMAIN_EVENT_ID_GRAPHICS,
-                self.on_libvirt_graphics, None), SHED_CALL_TIMEOUT)
-        except (asyncio.TimeoutError, libvirt.libvirtError) as exc:
-            self.close_reason = f"shedding: the daemon did not take the subscription again ({exc!r})"
+        registered: list[int] = []
+        if not await self.call_unless_closed(loop, lambda: registered.append(conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_GRAPHICS, self.on_libvirt_graphics, None))):
             return False
+        self.callback_id = registered[0]
         skipped, self.skipped = self.skipped, 0
         self.shedding, self.shed_reason = False, None
         self.enter(RESYNCHRONISED, f"listening again after shedding {skipped} events")
         if self.config.snapshot:
             await self.take_snapshot(loop)
         return True
+
+    async def call_unless_closed(self, loop: asyncio.AbstractEventLoop, call: Any, *args: Any) -> bool:
+        """Run a libvirt call of shedding (its reply may wait behind all that libvirtd has queued
+        for this connection, up to SHED_CALL_TIMEOUT); False, with the reason to close the
+        connection, when it failed, did not return in time, or the connection closed first."""
+        future = loop.run_in_executor(None, call, *args)
+        closing = asyncio.ensure_future(self.closed.wait())
+        done, _pending = await asyncio.wait([future, closing], timeout=SHED_CALL_TIMEOUT,
+                                            return_when=asyncio.FIRST_COMPLETED)
+        closing.cancel()
+        if future in done and future.exception() is None:
+            return True
+        if future in done:
+            self.close_reason = f"shedding: libvirt refused a call ({future.exception()!r})"
+        elif not self.closed.is_set():
+            self.close_reason = f"shedding: libvirtd did not answer within {SHED_CALL_TIMEOUT:g}s"
+        return False
 
     async def resume_after_overflow(self, loop: asyncio.AbstractEventLoop) -> None:
         """Wait until the queue has drained the buffer to half, then listen again and let a

@@ -38,7 +38,7 @@ SOURCE_OPTIONS = (
     Option("delivery_check_timeout", "float", default=10.0),
     Option("max_event_rate", "int", default=4000, minimum=0),
     Option("shed_seconds", "float", default=10.0),
-    Option("max_reply_lag", "float", default=2.0, minimum=0),
+    Option("max_reply_lag", "float", default=0.0, minimum=0),
 )
 
 # The shortest heartbeat interval: faster beats would only load the rule engine.

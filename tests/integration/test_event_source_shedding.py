@@ -45,8 +45,8 @@ def stormy() -> Iterator[SessionHypervisor]:
         hv.stop()
 
 
-async def test_a_storm_above_the_rate_limit_is_shed_then_resynchronised(stormy: SessionHypervisor,
-                                                                          source_log: SourceLog):
+async def test_a_storm_above_the_rate_limit_is_shed_then_resynchronised(
+        stormy: SessionHypervisor, source_log: SourceLog):
     hv = stormy
     pid = hv.daemon_pid()
     assert pid is not None

@@ -61,7 +61,7 @@ class EventSilencer:
         listener = self._listener
         while listener is not None:
             try:
-                client, _ = listener.accept()
+                client, _address = listener.accept()
             except OSError:
                 return
             server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

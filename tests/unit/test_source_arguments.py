@@ -28,7 +28,7 @@ def test_defaults():
     assert config.max_buffered_events == 100000
     assert config.heartbeat_interval == 10.0
     assert (config.delivery_check_interval, config.delivery_check_timeout) == (20.0, 10.0)
-    assert (config.max_event_rate, config.shed_seconds) == (4000, 10.0)
+    assert (config.max_event_rate, config.shed_seconds, config.max_reply_lag) == (4000, 10.0, 0.0)
 
 
 def test_defaults_are_not_shared_between_runs():

@@ -143,9 +143,12 @@ options:
       - Seconds libvirtd may take to answer a cheap call (asked every second) before the source
         sheds the hypervisor. libvirtd queues a call's reply behind the events it holds for the
         connection, so a late reply means that queue grows (libvirtd itself dispatches a storm's
-        events slower than they come). C(0) does not check.
+        events slower than they come). Only while events still come; a late reply with nothing
+        else coming is a partition, which keepalive finds. C(0) (the default) does not check. In
+        the lab, shedding on a late reply did not stop libvirtd's growth (docs/performance.md,
+        section 15).
     type: float
-    default: 2
+    default: 0
 """
 
 EXAMPLES = r"""
