@@ -36,7 +36,8 @@ URI = "qemu+unix:///session?socket=/nonexistent/bench-soak"
 
 class Soak:
     def __init__(self, limit: int):
-        config = SourceArguments({"uri": URI, "max_buffered_events": limit})
+        # the buffer is measured: events come far faster than max_event_rate, never shed
+        config = SourceArguments({"uri": URI, "max_buffered_events": limit, "max_event_rate": 0})
         self.buffer = EventBuffer(config.max_buffered_events, asyncio.get_running_loop())
         self.watcher = HypervisorWatcher(URI, config, self.buffer)
         self.watcher.hypervisor = {"uri": URI, "hostname": "bench-soak"}
