@@ -25,8 +25,8 @@ from ansible_collections.virtguard.console.plugins.module_utils.console_firewall
     Range,
     SetDeclaration,
     TableState,
-    merge,
 )
+from ansible_collections.virtguard.console.plugins.module_utils.ip_addresses import merge_ranges
 
 
 def _value(text: Any, kind: str) -> int:
@@ -90,7 +90,7 @@ def parse_table(output: str, table: str) -> TableState:
                 if raw["name"] in REFUSED_SOURCES_SET.values():
                     refused += [_refused_source(elem) for elem in raw.get("elem", [])]
                 elif declaration.interval or declaration.type == "inet_service":
-                    elements[raw["name"]] = merge(element_range(elem, declaration.type)
+                    elements[raw["name"]] = merge_ranges(element_range(elem, declaration.type)
                                                   for elem in raw.get("elem", []))
     except (ValueError, KeyError, TypeError, StopIteration) as exc:
         raise FirewallError(f"cannot read nft's JSON listing of table inet {table}: {exc!r}") from None

@@ -52,12 +52,13 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import re
-from typing import Any, Iterable, NamedTuple, Sequence, Tuple
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence, Tuple
 
 from ansible_collections.virtguard.console.plugins.module_utils.ip_addresses import (
     AddressError,
     IPNetwork,
     format_port_ranges,
+    merge_ranges,
     parse_network,
 )
 
@@ -126,9 +127,9 @@ class FirewallSpec(NamedTuple):
 
     def elements(self) -> dict[str, list[Range]]:
         """The sets whose elements the role owns, as merged integer ranges."""
-        owned = {PORT_SET: merge(self.ports)}
+        owned = {PORT_SET: merge_ranges(self.ports)}
         for version in (4, 6):
-            owned[ALLOWED_SET[version]] = merge(network_range(n) for n in self.allowed[version])
+            owned[ALLOWED_SET[version]] = merge_ranges(network_range(n) for n in self.allowed[version])
         return owned
 
     def rules(self) -> list[Rule]:
@@ -171,17 +172,6 @@ def network_range(network: IPNetwork) -> Range:
     return int(network.network_address), int(network.broadcast_address)
 
 
-def merge(ranges: Iterable[Range]) -> list[Range]:
-    """Integer ranges sorted, overlapping and adjacent ones merged."""
-    merged: list[Range] = []
-    for low, high in sorted(ranges):
-        if merged and low <= merged[-1][1] + 1:
-            merged[-1] = (merged[-1][0], max(high, merged[-1][1]))
-        else:
-            merged.append((low, high))
-    return merged
-
-
 def allowed_networks(items: Iterable[Any]) -> dict[int, tuple[IPNetwork, ...]]:
     """Addresses and CIDRs (IPv4-mapped ones as IPv4) collapsed per family; FirewallError names
     the item that does not parse."""
@@ -209,7 +199,7 @@ def make_spec(table: str, priority: object, allowed: Iterable[Any], ports: Seque
                             "(remove the rules with state=absent instead)")
     if not ports:
         raise FirewallError("no console port to guard")
-    return FirewallSpec(table, priority, networks, tuple(merge(ports)))
+    return FirewallSpec(table, priority, networks, tuple(merge_ranges(ports)))
 
 
 def network_text(network: IPNetwork) -> str:
@@ -218,31 +208,31 @@ def network_text(network: IPNetwork) -> str:
 
 # -- comparing ------------------------------------------------------------------------------------
 
+def declaration_differences(kind: str, wanted: Mapping[str, Any], present: Mapping[str, Any]) -> list[str]:
+    """What differs between the chains (or sets) the role declares and those the table has, in
+    words: missing ones, ones declared otherwise, then ones that are not the role's."""
+    found: list[str] = []
+    for name, declaration in wanted.items():
+        if name not in present:
+            found.append(f"{kind} {name} is missing")
+        elif present[name] != declaration:
+            found.append(f"{kind} {name} is declared {present[name]}, not {declaration}")
+    return found + [f"{kind} {name} is not the role's" for name in sorted(set(present) - set(wanted))]
+
+
 def differences(spec: FirewallSpec, state: TableState | None) -> list[str]:
     """What differs between the table ``spec`` describes and ``state`` (None: no such table), in
     words; empty when the host's table is the role's."""
     if state is None:
         return [f"table inet {spec.table} does not exist"]
-    found: list[str] = []
     wanted_chains = {BASE_CHAIN: spec.base_chain(), JUDGE_CHAIN: {}}
-    for name, declaration in wanted_chains.items():
-        if name not in state.chains:
-            found.append(f"chain {name} is missing")
-        elif state.chains[name] != declaration:
-            found.append(f"chain {name} is declared {state.chains[name]}, not {declaration}")
-    found += [f"chain {name} is not the role's" for name in sorted(set(state.chains) - set(wanted_chains))]
+    found = declaration_differences("chain", wanted_chains, state.chains)
     rules = spec.rules()
     for chain in wanted_chains:
         wanted = [rule.comment for rule in rules if rule.chain == chain]
         if chain in state.chains and state.rule_comments.get(chain, []) != wanted:
             found.append(f"the rules of chain {chain} are not the role's")
-    wanted_sets = spec.sets()
-    for name, set_declaration in wanted_sets.items():
-        if name not in state.sets:
-            found.append(f"set {name} is missing")
-        elif state.sets[name] != set_declaration:
-            found.append(f"set {name} is declared {state.sets[name]}, not {set_declaration}")
-    found += [f"set {name} is not the role's" for name in sorted(set(state.sets) - set(wanted_sets))]
+    found += declaration_differences("set", spec.sets(), state.sets)
     for name, elements in spec.elements().items():
         if name in state.sets and state.elements.get(name, []) != elements:
             found.append(f"the elements of set {name} differ")

@@ -182,6 +182,12 @@ def parse_port_ranges(ports: Iterable[int | str] | int | str) -> list[tuple[int,
         if not 1 <= low <= high <= 65535:
             raise AddressError(f"ports: {item!r} is not within 1-65535 (first port <= last port)")
         ranges.append((low, high))
+    return merge_ranges(ranges)
+
+
+def merge_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Integer ranges ``(first, last)`` sorted, overlapping and adjacent ones merged (ports,
+    and addresses as integers)."""
     merged: list[tuple[int, int]] = []
     for low, high in sorted(ranges):
         if merged and low <= merged[-1][1] + 1:

@@ -27,10 +27,10 @@ from ansible_collections.virtguard.console.plugins.module_utils.console_firewall
     allowed_networks,
     differences,
     make_spec,
-    merge,
     script,
 )
 from ansible_collections.virtguard.console.plugins.module_utils.console_firewall_table import FirewallTable
+from ansible_collections.virtguard.console.plugins.module_utils.ip_addresses import merge_ranges
 
 FIXTURES = Path(__file__).parent / "fixtures" / "console_firewall"
 LISTING = (FIXTURES / "nft_table.json").read_text()
@@ -225,7 +225,7 @@ def test_adjacent_networks_compare_equal_to_their_merge():
     state = parse_table(LISTING, TABLE)
     halves = spec(allowed=["10.221.112.0/25", "10.221.112.128/25", "fd00::/9", "fd80::/9"])
     assert differences(halves, state) == []
-    assert merge([(1, 2), (3, 5), (9, 9), (4, 6)]) == [(1, 6), (9, 9)]
+    assert merge_ranges([(1, 2), (3, 5), (9, 9), (4, 6)]) == [(1, 6), (9, 9)]
 
 
 # -- the table on a host (a fake nft) --------------------------------------------------------------
