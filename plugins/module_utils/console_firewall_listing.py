@@ -91,7 +91,7 @@ def parse_table(output: str, table: str) -> TableState:
                     refused += [_refused_source(elem) for elem in raw.get("elem", [])]
                 elif declaration.interval or declaration.type == "inet_service":
                     elements[raw["name"]] = merge_ranges(element_range(elem, declaration.type)
-                                                  for elem in raw.get("elem", []))
+                                                         for elem in raw.get("elem", []))
     except (ValueError, KeyError, TypeError, StopIteration) as exc:
         raise FirewallError(f"cannot read nft's JSON listing of table inet {table}: {exc!r}") from None
     for chain in chains:
