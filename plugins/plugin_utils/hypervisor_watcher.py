@@ -86,7 +86,8 @@ SHED_CALL_TIMEOUT = 60.0  # the replies to shedding's calls wait behind what lib
 
 
 class Budget:
-    """At most ``per_second`` uses in each second (fixed one-second windows, monotonic time)."""
+    """At most ``per_second`` uses in each second (fixed one-second windows of the clock the
+    caller passes)."""
 
     def __init__(self, per_second: int) -> None:
         self.per_second = per_second
@@ -200,13 +201,12 @@ class HypervisorWatcher:
         self.probe_seen = asyncio.Event()
         self.blind_reason: str | None = None  # why the last connection was found blind
         self.found_blind = False  # the delivery check closed the current connection
-        # shedding: graphics events counted in the current second (libvirt's thread), and the
-        # storm that made the source close the connection
-        self.rate_window = -1
-        self.rate_count = 0
+        # shedding: the graphics events a second it takes (counted on libvirt's thread), whether
+        # it takes none now, and why the watch loop is to shed
+        self.event_budget = Budget(config.max_event_rate)
         self.shedding = False
         self.shed_reason: str | None = None
-        self.skipped = 0  # graphics events not taken while shedding (until the connection closed)
+        self.skipped = 0  # graphics events not taken while shedding
         self.spice_questions = Budget(SPICE_QUESTIONS_PER_SECOND)
         # channel id -> the buffered connect of a SPICE channel held until its next event
         self.held_connects: dict[str, tuple[Any, ...]] = {}
@@ -221,16 +221,11 @@ class HypervisorWatcher:
         if self.shedding:
             self.skipped += 1
             return
-        if self.config.max_event_rate:
-            window = int(wall)
-            if window != self.rate_window:
-                self.rate_window, self.rate_count = window, 0
-            self.rate_count += 1
-            if self.rate_count > self.config.max_event_rate:
-                self.shedding = True
-                self.skipped += 1
-                self.buffer.call_on_loop(self.on_shed)
-                return
+        if self.config.max_event_rate and not self.event_budget.take(wall):
+            self.shedding = True
+            self.skipped += 1
+            self.buffer.call_on_loop(self.on_shed)
+            return
         if self.overflowed:
             self.dropped += 1
             return
@@ -293,12 +288,15 @@ class HypervisorWatcher:
         self.buffer.call_on_loop(self.on_closed)
 
     def on_shed(self) -> None:
-        """More graphics events in one second than ``max_event_rate``: ``watch`` stops listening
-        to this hypervisor's graphics events for ``shed_seconds`` (``shed``)."""
+        """More graphics events in one second than ``max_event_rate`` (on the loop)."""
+        self.request_shed(f"more than {self.config.max_event_rate} graphics events in one second")
+
+    def request_shed(self, why: str) -> None:
+        """Ask ``watch`` to stop listening to this hypervisor's graphics events for
+        ``shed_seconds`` (``shed``); once, however many ask meanwhile."""
         if self.shed_reason is not None:
             return  # shedding already
-        self.shed_reason = (f"more than {self.config.max_event_rate} graphics events in one second: "
-                            f"not listening for {self.config.shed_seconds:g}s")
+        self.shed_reason = f"{why}: not listening for {self.config.shed_seconds:g}s"
         LOGGER.warning("%s: shedding: %s", self.uri, self.shed_reason)
         self.wakeup.set()
 
@@ -406,8 +404,8 @@ class HypervisorWatcher:
             return payloads
         spice = None
         if self.config.snapshot and self.conn is not None and self.spice_questions.take(time.monotonic()):
-            node, service = address(held[7])["node"], address(held[7])["service"]
-            spice = await self.ask_spice(held[3], node, service)
+            remote = address(held[7])
+            spice = await self.ask_spice(held[3], remote["node"], remote["service"])
         return [self.payload_of(held, spice), self.payload_of(item)]
 
     def flush_held(self) -> list[Payload]:
@@ -501,6 +499,7 @@ class HypervisorWatcher:
             finally:
                 await self.disconnect(loop)
             if self.health.state == SHEDDING:  # closed while shedding: connect again once it is over
+                LOGGER.warning("%s: %s; connecting again in %gs", self.uri, reason, self.config.shed_seconds)
                 await asyncio.sleep(self.config.shed_seconds)
                 continue
             if self.found_blind:
@@ -536,14 +535,14 @@ class HypervisorWatcher:
             self.enter(RESYNCHRONISED, f"connected again after shedding {skipped} events")
         else:
             self.enter(CONNECTED, None)
-        self.last_delivery = time.monotonic()
+        self.last_delivery = connected = time.monotonic()
         check: asyncio.Future[None] | None = None
         lag = asyncio.ensure_future(self.check_lag(loop)) if self.config.max_reply_lag else None
         try:
             if self.config.snapshot:
                 await self.take_snapshot(loop)
             if self.config.delivery_check_interval:  # after the snapshot, whose calls it would wait behind
-                check = asyncio.ensure_future(self.check_delivery(loop))
+                check = asyncio.ensure_future(self.check_delivery(loop, connected))
             while True:
                 self.wakeup.clear()
                 if self.closed.is_set():
@@ -582,16 +581,14 @@ class HypervisorWatcher:
                     # nothing comes either: a partition or a hung daemon, keepalive's to find
                     await asyncio.gather(call, return_exceptions=True)
                     continue
-                self.shed_reason = (f"libvirtd answered no call within {limit:g}s (its queue of events for this "
-                                    f"source grows): not listening for {self.config.shed_seconds:g}s")
-                LOGGER.warning("%s: shedding: %s", self.uri, self.shed_reason)
-                self.wakeup.set()
+                self.request_shed(f"libvirtd answered no call within {limit:g}s (its queue of events for "
+                                  "this source grows)")
                 await asyncio.gather(call, return_exceptions=True)  # the reply, however late, before the next
             except libvirt.libvirtError:
                 return  # the connection's end is the close callback's to report
 
     # -- the delivery check -------------------------------------------------------------------
-    async def check_delivery(self, loop: asyncio.AbstractEventLoop) -> None:
+    async def check_delivery(self, loop: asyncio.AbstractEventLoop, connected: float) -> None:
         """Whenever this connection has delivered no event for ``delivery_check_interval``
         seconds, probe it; a probe whose event does not come marks the connection blind and
         closes it (``run`` connects again at once). A connection where no probe can be made
@@ -599,16 +596,17 @@ class HypervisorWatcher:
 
         A new connection is probed at once, unless an event came already: subscribing during
         a storm can meet libvirt's race itself, and a daemon may keep an earlier listener's
-        stuck queue, so a blind start is found within ``delivery_check_timeout``."""
+        stuck queue, so a blind start is found within ``delivery_check_timeout``. ``connected``
+        is when the connection was made (``last_delivery`` then)."""
         interval = self.config.delivery_check_interval
-        connected = self.last_delivery
+        probe_now = self.last_delivery == connected  # nothing came since the connection
         warned = False
         while True:
             quiet = time.monotonic() - self.last_delivery
-            if quiet < interval and self.last_delivery != connected:
+            if quiet < interval and not probe_now:
                 await asyncio.sleep(interval - quiet)
                 continue
-            connected = -1.0  # the first probe is made
+            probe_now = False
             outcome = await self.probe_delivery(loop)
             if outcome is None:
                 warned = False
@@ -701,7 +699,8 @@ class HypervisorWatcher:
         self.enter(SHEDDING, self.shed_reason)
         # libvirtd stops queueing graphics events for this connection as soon as it reads the
         # call; its reply waits behind the events it had queued already, however many
-        if not await self.call_unless_closed(loop, conn.domainEventDeregisterAny, self.callback_id):
+        done, _result = await self.call_unless_closed(loop, conn.domainEventDeregisterAny, self.callback_id)
+        if not done:
             return False
         self.callback_id = -1
         try:
@@ -709,11 +708,12 @@ class HypervisorWatcher:
             return False  # the connection closed meanwhile
         except asyncio.TimeoutError:
             pass
-        registered: list[int] = []
-        if not await self.call_unless_closed(loop, lambda: registered.append(conn.domainEventRegisterAny(
-                None, libvirt.VIR_DOMAIN_EVENT_ID_GRAPHICS, self.on_libvirt_graphics, None))):
+        done, callback_id = await self.call_unless_closed(loop, conn.domainEventRegisterAny, None,
+                                                          libvirt.VIR_DOMAIN_EVENT_ID_GRAPHICS,
+                                                          self.on_libvirt_graphics, None)
+        if not done:
             return False
-        self.callback_id = registered[0]
+        self.callback_id = callback_id
         skipped, self.skipped = self.skipped, 0
         self.shedding, self.shed_reason = False, None
         self.enter(RESYNCHRONISED, f"listening again after shedding {skipped} events")
@@ -721,22 +721,23 @@ class HypervisorWatcher:
             await self.take_snapshot(loop)
         return True
 
-    async def call_unless_closed(self, loop: asyncio.AbstractEventLoop, call: Any, *args: Any) -> bool:
+    async def call_unless_closed(self, loop: asyncio.AbstractEventLoop, call: Any, *args: Any) -> tuple[bool, Any]:
         """Run a libvirt call of shedding (its reply may wait behind all that libvirtd has queued
-        for this connection, up to SHED_CALL_TIMEOUT); False, with the reason to close the
-        connection, when it failed, did not return in time, or the connection closed first."""
+        for this connection, up to SHED_CALL_TIMEOUT): ``(True, its result)``; ``(False, None)``,
+        with the reason to close the connection, when it failed, did not return in time, or the
+        connection closed first."""
         future = loop.run_in_executor(None, call, *args)
         closing = asyncio.ensure_future(self.closed.wait())
         done, _pending = await asyncio.wait([future, closing], timeout=SHED_CALL_TIMEOUT,
                                             return_when=asyncio.FIRST_COMPLETED)
         closing.cancel()
         if future in done and future.exception() is None:
-            return True
+            return True, future.result()
         if future in done:
             self.close_reason = f"shedding: libvirt refused a call ({future.exception()!r})"
         elif not self.closed.is_set():
             self.close_reason = f"shedding: libvirtd did not answer within {SHED_CALL_TIMEOUT:g}s"
-        return False
+        return False, None
 
     async def resume_after_overflow(self, loop: asyncio.AbstractEventLoop) -> None:
         """Wait until the queue has drained the buffer to half, then listen again and let a
