@@ -5,7 +5,7 @@ export PATH := $(VENV)/bin:$(PATH)
 export ANSIBLE_COLLECTIONS_PATH := $(CURDIR)/build/collections
 PYTEST_ARGS ?=
 
-.PHONY: deps test unit integration lint sanity build bench demo changelog
+.PHONY: deps test unit integration lint sanity build bench demo changelog mutation
 
 ## Install what the targets below need (Debian packages, .venv, the collection link).
 deps:
@@ -43,6 +43,12 @@ changelog: deps
 ## The performance report's figures (docs/performance.md); not part of `make test`.
 bench: deps
 	$(VENV)/bin/python -m bench
+
+## Mutation testing (mutmut) of plugins/module_utils and plugins/plugin_utils with the unit suite, on a copy of the
+## tree in build/mutation; not part of `make test`. Some files only: MUTATE="plugins/module_utils/audit_log.py ...";
+## MUTATION_JOBS=2 for two mutmut workers (default 1). Prints killed / total per file and overall, and the survivors.
+mutation: deps
+	MUTATE="$(MUTATE)" MUTATION_JOBS="$(MUTATION_JOBS)" bash hacking/mutation.sh
 
 ## A local hypervisor, a domain, ansible-rulebook with the source, a real VNC client, live events.
 demo: deps

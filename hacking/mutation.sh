@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# Mutation testing (`make mutation`; not part of `make test`): mutmut 3 over plugins/module_utils and
+# plugins/plugin_utils with the unit suite (tests/unit), on a copy of the work tree in build/mutation.
+#
+#   make mutation                                             every file, one after the other
+#   make mutation MUTATE="plugins/module_utils/audit_log.py plugins/module_utils/tcp_cut.py"
+#   MUTATION_JOBS=2 make mutation ...                         mutmut's --max-children (default 1)
+#   MUTATION_FRESH=1 make mutation                            forget mutmut's cache (build/mutation/mutants)
+#
+# Prints, per file and overall, killed / total and every mutant that was not killed; the full
+# report is also written to build/mutation/report.txt. Show one mutant's diff with
+#   cd build/mutation && ../../.venv/bin/mutmut show NAME
+#
+# Layout: the code is imported as ansible_collections.virtguard.console.plugins..., and mutmut names a
+# mutant by the path of its file relative to where it runs. So mutmut runs in build/mutation, whose
+# ansible_collections/virtguard/console is a COPY of the work tree (git's files, untracked ones
+# included), and mutates files ansible_collections/virtguard/console/plugins/... into its own copy
+# build/mutation/mutants/ansible_collections/virtguard/console, which is where the tests run from (their
+# conftest.py and build/collections link resolve inside that copy). The repository's own files are
+# never written, nor imported by the mutated run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+VENV=$REPO/.venv
+WORK=$REPO/build/mutation
+COPY=$WORK/ansible_collections/virtguard/console
+JOBS=${MUTATION_JOBS:-1}
+PREFIX=ansible_collections/virtguard/console
+
+if [ -n "${MUTATE:-}" ]; then
+  read -r -a files <<<"$MUTATE"
+else
+  files=(plugins/module_utils/*.py plugins/plugin_utils/*.py)
+fi
+for f in "${files[@]}"; do
+  case "$f" in
+    plugins/module_utils/*.py | plugins/plugin_utils/*.py) [ -f "$f" ] || { echo "mutation: no such file: $f" >&2; exit 2; } ;;
+    *) echo "mutation: $f: only plugins/module_utils/*.py and plugins/plugin_utils/*.py are mutated" >&2; exit 2 ;;
+  esac
+done
+
+if [ -n "${MUTATION_FRESH:-}" ]; then
+  rm -rf "$WORK"
+fi
+mkdir -p "$COPY"
+
+# The copy: the work tree's files as git sees them (tracked and untracked, not ignored). No mtimes are
+# kept (no -t): a file whose content changed gets a new mtime, newer than its mutants, so mutmut makes
+# them anew; an unchanged file keeps its mtime and its cached mutants.
+git ls-files -z --cached --others --exclude-standard \
+  | rsync -rlp --checksum --delete-missing-args --from0 --files-from=- ./ "$COPY/"
+# What bootstrap.sh links in a clone, inside the copy (tests find the collection through it).
+mkdir -p "$COPY/build/collections/ansible_collections/virtguard"
+ln -sfn ../../../.. "$COPY/build/collections/ansible_collections/virtguard/console"
+
+# mutmut's settings (it reads setup.cfg in the directory it runs in). Everything the unit tests need
+# beside the two mutated directories is copied into mutants/ as it is (also_copy).
+{
+  echo "[mutmut]"
+  echo "use_git_change_detection = false"
+  echo "source_paths ="
+  echo "    $PREFIX/plugins/module_utils"
+  echo "    $PREFIX/plugins/plugin_utils"
+  echo "pytest_add_cli_args_test_selection ="
+  echo "    $PREFIX/tests/unit"
+  # Runs the source from the clone in a subprocess (.venv/bin/python there): it reaches no mutated
+  # function in the test's own process, so it could never be picked for a mutant.
+  echo "pytest_add_cli_args ="
+  echo "    --deselect=$PREFIX/tests/unit/test_source_starts_from_a_clone.py"
+  echo "also_copy ="
+  for entry in "$COPY"/* "$COPY"/.[!.]*; do
+    [ -e "$entry" ] || continue
+    name=${entry#"$COPY"/}
+    case "$name" in
+      plugins) for sub in "$COPY"/plugins/*; do
+                 case "${sub##*/}" in module_utils | plugin_utils) ;; *) echo "    $PREFIX/plugins/${sub##*/}" ;; esac
+               done ;;
+      build) ;;
+      *) echo "    $PREFIX/$name" ;;
+    esac
+  done
+} >"$WORK/setup.cfg"
+
+# The link again inside mutmut's copy, where the tests run (also_copy leaves build/ out).
+mkdir -p "$WORK/mutants/$PREFIX/build/collections/ansible_collections/virtguard"
+ln -sfn ../../../.. "$WORK/mutants/$PREFIX/build/collections/ansible_collections/virtguard/console"
+export ANSIBLE_COLLECTIONS_PATH=$WORK/mutants/$PREFIX/build/collections
+
+# One mutmut run per file (its own time, its own score); mutants named on the command line are always
+# tested again, so each run measures the file as it is now. Nice: mutation testing gives way.
+MUTMUT=(nice -n 19 "$VENV/bin/mutmut")
+times_file=$WORK/times.tsv
+: >"$times_file"
+cd "$WORK"
+for f in "${files[@]}"; do
+  module=$PREFIX/${f%.py}
+  module=${module//\//.}
+  echo "mutation: $f"
+  start=$(date +%s)
+  # mutmut redraws a spinner with carriage returns: keep its lines, not its frames, and its log.
+  if ! "${MUTMUT[@]}" run --max-children "$JOBS" "$module.*" >"$WORK/run.log" 2>&1; then
+    tr '\r' '\n' <"$WORK/run.log" | grep -v '^[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏]' | tail -n 60
+    echo "mutation: mutmut failed on $f (log: $WORK/run.log)" >&2
+    exit 1
+  fi
+  printf '%s\t%s\n' "$f" "$(($(date +%s) - start))" >>"$times_file"
+done
+
+"$VENV/bin/python" - "$times_file" "${files[@]}" <<'PY' | tee "$WORK/report.txt"
+"""Killed / total per file and overall, and each mutant not killed with its change."""
+import sys
+from pathlib import Path
+
+from mutmut.mutation.data import SourceFileMutationData
+from mutmut.mutation.diff_apply import get_diff_for_mutant
+from mutmut.stats import status_by_exit_code
+
+PREFIX = "ansible_collections/virtguard/console/"
+seconds = dict(line.split("\t") for line in Path(sys.argv[1]).read_text().splitlines())
+rows, survivors = [], []
+for f in sys.argv[2:]:
+    data = SourceFileMutationData(path=PREFIX + f)
+    data.load()
+    statuses = {key: status_by_exit_code[code] for key, code in data.exit_code_by_key.items()}
+    killed = sum(status in ("killed", "timeout") for status in statuses.values())
+    rows.append((f, killed, len(statuses), seconds.get(f, "-")))
+    for key, status in sorted(statuses.items(), key=lambda item: (item[0].rpartition("__mutmut_")[0],
+                                                                  int(item[0].rpartition("_")[2]))):
+        if status in ("killed", "timeout"):
+            continue
+        diff = get_diff_for_mutant(key, path=PREFIX + f).splitlines()[3:]
+        change = [line for line in diff if line[:1] in "-+"]
+        survivors.append((f, key.rpartition(".")[2], status, change))
+
+print("\nmutation score (killed / total; a timeout counts as killed)")
+for f, killed, total, secs in rows:
+    print(f"  {f:50} {killed:5} / {total:<5} {100 * killed / total if total else 100:6.1f} %  {secs:>5} s")
+killed, total = sum(r[1] for r in rows), sum(r[2] for r in rows)
+print(f"  {'overall':50} {killed:5} / {total:<5} {100 * killed / total if total else 100:6.1f} %")
+print(f"\nnot killed: {len(survivors)}")
+for f, name, status, change in survivors:
+    print(f"  {f} {name} ({status})")
+    for line in change:
+        print(f"      {line}")
+PY
