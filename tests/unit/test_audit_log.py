@@ -103,6 +103,15 @@ def test_a_dn_with_a_line_separator_stays_one_line_for_every_reader(tmp_path: Pa
     assert not any(char in text for char in "\x85\u2028\u2029")  # escaped, not raw
 
 
+@pytest.mark.parametrize("separator", ["\x85", "\u2028", "\u2029"], ids=lambda s: f"U+{ord(s):04X}")
+def test_every_raw_separator_of_a_value_is_escaped_not_only_the_first(separator: str) -> None:
+    dn = separator.join(["CN=alice", "OU=a", "O=b"])  # the separator twice (mutation testing, issue 21)
+    data = encode_record({"dn": dn, "other": f"x{separator}y"})
+    assert data.count(b"\n") == 1 and len(data.decode("utf-8").splitlines()) == 1
+    assert separator not in data.decode("utf-8")
+    assert json.loads(data) == {"dn": dn, "other": f"x{separator}y"}
+
+
 def test_nan_and_infinities_are_written_as_strings_strict_readers_accept() -> None:
     data = encode_record({"a": float("nan"), "b": [float("inf"), -float("inf")], "c": 1.5})
 
@@ -357,6 +366,21 @@ def test_a_fragment_another_writer_left_is_ended_before_the_next_record(tmp_path
     earlier, fragment, later = path.read_text().splitlines()
     assert json.loads(earlier) == {"earlier": 1} and json.loads(later) == {"later": 2}
     assert fragment == '{"killed": "mid-wri'
+
+
+def test_a_failed_append_after_ending_another_writers_fragment_leaves_none_of_its_own(tmp_path: Path) -> None:
+    # The newline that ends the other writer's fragment counts in where our write starts: the
+    # failed write's own fragment is then truncated (mutation testing, issue 21).
+    path = tmp_path / "audit.jsonl"
+    path.write_bytes(b'{"earlier":1}\n{"killed": "mid-wri')
+    log = AuditLog(str(path), write=fail_after(1 + 10))  # the ending newline, then 10 bytes of ours
+    with pytest.raises(AuditError, match="0 of 1 lines written") as failure:
+        log.append({"lost": "x" * 100})
+    log.close()
+    assert failure.value.lines_written == 0
+    assert path.read_bytes() == b'{"earlier":1}\n{"killed": "mid-wri\n'
+    AuditLog(str(path)).append({"later": 2})
+    assert path.read_text().splitlines()[-1] == '{"later":2}'
 
 
 def test_the_lock_is_held_while_writing_and_while_undoing_a_fragment(
