@@ -69,6 +69,16 @@ def test_query_spice_groups_channels_by_connection_with_the_main_channel_first()
     assert ge.clients_from_query_spice({"enabled": False}) == [] and ge.spice_ports(None) == set()
 
 
+def test_query_spice_keeps_two_clients_of_one_address_apart():
+    # two SPICE clients behind one NAT: the same host, other connection ids (mutation testing, issue 21)
+    answer = {"enabled": True, "auth": "none", "host": "0.0.0.0", "port": 5930,
+              "channels": [spice_channel("42000", 7, 1, tls=False), spice_channel("42500", 8, 1, tls=False),
+                           spice_channel("42001", 7, 2, tls=False), spice_channel("42501", 8, 2, tls=False)]}
+    clients = ge.clients_from_query_spice(answer)
+    assert [[c["service"] for c in client[5]] for client in clients] == [["42000", "42001"], ["42500", "42501"]]
+    assert [client[1]["service"] for client in clients] == ["42000", "42500"]
+
+
 def test_the_protocol_of_a_live_event_follows_qemus_auth_schemes():
     vnc_local = {"family": "ipv4", "node": "0.0.0.0", "service": "5900"}
     spice_local = dict(vnc_local, service="5930")
