@@ -9,6 +9,7 @@ from typing import Any
 
 from ansible_collections.virtguard.console.plugins.module_utils.session_tracking import (
     SPICE_MAIN,
+    PresentClient,
     SessionTracker,
     SpiceChannel,
 )
@@ -61,3 +62,25 @@ def test_the_address_goes_back_to_the_older_client_when_the_newer_leaves_first()
         tracker.observe(name, "disconnect", 3.0, details(port), "spice")
     assert not tracker.sessions and not tracker.spice_groups and not tracker.group_members
     assert not tracker.spice_connections
+
+
+def test_a_snapshot_takes_the_channels_of_a_second_client_out_of_the_session_they_joined():
+    # Unasked (no answer from QEMU), the second client's channels joined the address's session;
+    # the snapshot tells the two clients apart. The first session, left to its live events (one
+    # came since the snapshot was taken), keeps only its own channels, and each client's
+    # main-channel disconnect ends its own session (mutation testing, issue 21).
+    tracker = SessionTracker()
+    channel(tracker, "a-main", 40001)
+    channel(tracker, "a-display", 40002)
+    assert channel(tracker, "b-main", 40010)["id"] == "a-main"
+    assert channel(tracker, "b-display", 40011)["id"] == "a-main"
+    present = {"a-main": PresentClient(details(40001), "spice", ["a-main", "a-display"]),
+               "b-main": PresentClient(details(40010), "spice", ["b-main", "b-display"])}
+    tracker.reconcile(present, 2.0, touched={"a-main"})
+    assert tracker.sessions["a-main"].channels == {"a-main", "a-display"}
+    assert tracker.sessions["b-main"].channels == {"b-main", "b-display"}
+    ends = [tracker.observe(name, "disconnect", 3.0, details(port), "spice")[1]
+            for name, port in (("a-display", 40002), ("a-main", 40001), ("b-display", 40011), ("b-main", 40010))]
+    assert [(e["id"], e["primary"], e["channels"]) for e in ends] == [
+        ("a-main", False, 1), ("a-main", True, 0), ("b-main", False, 1), ("b-main", True, 0)]
+    assert not tracker.sessions and not tracker.channel_sessions and not tracker.spice_groups
