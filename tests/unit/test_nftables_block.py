@@ -378,6 +378,18 @@ def test_a_migrated_set_keeps_the_batch_first_and_the_longest_blocks():
     assert result["evicted"] == [{"network": "10.0.0.3", "set": "blocked_ipv4", "expires_in": 5}]
 
 
+def test_a_block_refreshed_while_its_set_is_migrated_is_added_once_within_the_size():
+    # 10.0.0.1 is blocked already: migrated with the batch's timeout, not also with the time it
+    # had left (that would be 3 adds in a set of 2; mutation testing, issue 21)
+    fake = FakeNft(table="old", sets=OLD)
+    result = BlockTable(fake, table="old", set_size=2).block(["10.0.0.1"], 60, [])
+    assert "blocked_ipv4" in result["migrated"]
+    added = [line for line in fake.writes() if line.startswith("add element inet old blocked_ipv4")]
+    assert sorted(added) == ["add element inet old blocked_ipv4 { 10.0.0.1 timeout 60s }",
+                             "add element inet old blocked_ipv4 { 10.0.0.2 }"]
+    assert [e["already_blocked"] for e in result["blocked"]] == [True] and result["evicted"] == []
+
+
 # -- unblocking -----------------------------------------------------------------------------------
 
 def test_unblock_removes_what_lies_inside_and_reports_what_a_wider_block_holds():
