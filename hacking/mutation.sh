@@ -63,9 +63,12 @@ ln -sfn ../../../.. "$COPY/build/collections/ansible_collections/virtguard/conso
   echo "    $PREFIX/plugins/plugin_utils"
   echo "pytest_add_cli_args_test_selection ="
   echo "    $PREFIX/tests/unit"
-  # Runs the source from the clone in a subprocess (.venv/bin/python there): it reaches no mutated
-  # function in the test's own process, so it could never be picked for a mutant.
+  # A mutant that makes a test wait (a lock, a wait_until bound of 30 s) fails it after 15 s, not
+  # after pytest.ini's 900 (the slowest unit test takes 2 s; mutmut's own limit counts CPU time only).
+  # test_source_starts_from_a_clone runs the source from the clone in a subprocess (.venv/bin/python
+  # there): it reaches no mutated function in the test's own process, so no mutant could pick it.
   echo "pytest_add_cli_args ="
+  echo "    --timeout=15"
   echo "    --deselect=$PREFIX/tests/unit/test_source_starts_from_a_clone.py"
   echo "also_copy ="
   for entry in "$COPY"/* "$COPY"/.[!.]*; do
