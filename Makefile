@@ -46,9 +46,10 @@ bench: deps
 
 ## Mutation testing (mutmut) of plugins/module_utils and plugins/plugin_utils with the unit suite, on a copy of the
 ## tree in build/mutation; not part of `make test`. Some files only: MUTATE="plugins/module_utils/audit_log.py ...";
-## MUTATION_JOBS=2 for two mutmut workers (default 1). Prints killed / total per file and overall, and the survivors.
+## MUTATION_JOBS=2 for two mutmut workers (default 1); MUTATION_REV=HEAD for a commit's files instead of the work
+## tree's. Prints killed / total per file and overall, and the survivors.
 mutation: deps
-	MUTATE="$(MUTATE)" MUTATION_JOBS="$(MUTATION_JOBS)" bash hacking/mutation.sh
+	MUTATE="$(MUTATE)" MUTATION_JOBS="$(MUTATION_JOBS)" MUTATION_REV="$(MUTATION_REV)" bash hacking/mutation.sh
 
 ## A local hypervisor, a domain, ansible-rulebook with the source, a real VNC client, live events.
 demo: deps

@@ -6,6 +6,7 @@
 #   make mutation MUTATE="plugins/module_utils/audit_log.py plugins/module_utils/tcp_cut.py"
 #   MUTATION_JOBS=2 make mutation ...                         mutmut's --max-children (default 1)
 #   MUTATION_FRESH=1 make mutation                            forget mutmut's cache (build/mutation/mutants)
+#   MUTATION_REV=HEAD make mutation                           a commit's files, not the work tree's
 #
 # Prints, per file and overall, killed / total and every mutant that was not killed; the full
 # report is also written to build/mutation/report.txt. Show one mutant's diff with
@@ -44,11 +45,18 @@ if [ -n "${MUTATION_FRESH:-}" ]; then
 fi
 mkdir -p "$COPY"
 
-# The copy: the work tree's files as git sees them (tracked and untracked, not ignored). No mtimes are
-# kept (no -t): a file whose content changed gets a new mtime, newer than its mutants, so mutmut makes
-# them anew; an unchanged file keeps its mtime and its cached mutants.
-git ls-files -z --cached --others --exclude-standard \
-  | rsync -rlp --checksum --delete-missing-args --from0 --files-from=- ./ "$COPY/"
+# The copy: the work tree's files as git sees them (tracked and untracked, not ignored), or with
+# MUTATION_REV=<commit> that commit's (a tree someone is editing may not pass its tests just now).
+# Staged, then synchronised without mtimes (no -t): a file whose content changed gets a new mtime,
+# newer than its mutants, so mutmut makes them anew; an unchanged file keeps its cached mutants.
+rm -rf "$WORK/stage"
+mkdir -p "$WORK/stage"
+if [ -n "${MUTATION_REV:-}" ]; then
+  git archive --format=tar "$MUTATION_REV" | tar -x -C "$WORK/stage"
+else
+  git ls-files -z --cached --others --exclude-standard | rsync -a --from0 --files-from=- ./ "$WORK/stage/"
+fi
+rsync -rlp --checksum --delete --exclude=/build "$WORK/stage/" "$COPY/"
 # What bootstrap.sh links in a clone, inside the copy (tests find the collection through it).
 mkdir -p "$COPY/build/collections/ansible_collections/virtguard"
 ln -sfn ../../../.. "$COPY/build/collections/ansible_collections/virtguard/console"
