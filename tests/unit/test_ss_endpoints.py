@@ -49,6 +49,10 @@ HOST_LL, CLIENT_LL = "fe80::5ca1:5dff:fee7:c79", "fe80::78f4:65ff:fe0a:7f4b"  # 
     (":::22", Endpoint("::", 22)),
     ("fe80::1%eth0:22", Endpoint("fe80::1", 22, "eth0")),
     ("[fe80::1%eth0]:22", Endpoint("fe80::1", 22, "eth0")),
+    # interface names may hold "]" (the kernel refuses only "/", ":" and white space); the bound
+    # interface after the brackets is the socket's, whatever zone is inside (mutation testing, issue 21)
+    (f"[{HOST_LL}]%v]1:5901", Endpoint(HOST_LL, 5901, "v]1")),
+    ("[fe80::1%eth0]%hv0:22", Endpoint("fe80::1", 22, "hv0")),
 ])
 def test_every_form_ss_prints_is_read(text, endpoint):
     assert parse_endpoint(text) == endpoint
