@@ -7,6 +7,7 @@ Real file-size limits and a real full disk: tests/integration/test_audit_log_lim
 
 from __future__ import annotations
 
+import datetime
 import errno
 import fcntl
 import json
@@ -33,6 +34,7 @@ from ansible_collections.virtguard.console.plugins.module_utils.audit_log import
     AuditWriter,
     encode_record,
     event_record,
+    health_record,
     lock_holders,
     remediation_record,
 )
@@ -70,6 +72,22 @@ def test_records_are_single_lines_and_keep_text_literally(tmp_path: Path) -> Non
     assert first["graphics"]["identity"]["x509dname"] == HOSTILE
     assert "{{ lookup(*'pipe~touch /tmp/x'.split('~')) }}" in path.read_text()  # greppable as received
     assert second["record"] == "remediation" and second["session_id"] == "ab" and second["ok"] is True
+
+
+def test_each_kind_of_record_has_its_fields_and_a_utc_time() -> None:
+    # the records' shape as readers of the audit take it (mutation testing, issue 21)
+    graphics, verdict = {"phase": "connect"}, {"verdict": "cut"}
+    assert event_record(graphics, verdict, "T") == {"record": "event", "time": "T", "graphics": graphics,
+                                                    "virtguard": verdict}
+    assert health_record({"state": "up"}, verdict, "T") == {"record": "health", "time": "T",
+                                                            "hypervisor": {"state": "up"}, "virtguard": verdict}
+    result = {"blocked": ["192.0.2.7/32"]}
+    assert remediation_record("block", 1, result, {"session_id": "ab", "result": "hidden"}, "T") == {
+        "record": "remediation", "time": "T", "action": "block", "ok": True, "session_id": "ab", "result": result}
+    assert remediation_record("cut", False, None, time_iso="T") == {
+        "record": "remediation", "time": "T", "action": "cut", "ok": False, "result": None}
+    for record in (event_record(graphics, verdict), health_record({}, verdict), remediation_record("cut", True, {})):
+        assert datetime.datetime.fromisoformat(record["time"]).utcoffset() == datetime.timedelta(0)
 
 
 def test_undecodable_bytes_survive_as_escapes_and_other_text_stays_literal() -> None:
@@ -295,6 +313,19 @@ def test_a_file_size_limit_failing_part_way_leaves_no_fragment(tmp_path: Path) -
         log.append({"lost": 1})
     log.close()
     assert path.read_bytes() == b""
+
+
+def test_a_batch_failing_after_two_lines_keeps_both(tmp_path: Path) -> None:
+    # the last line break before the failure counts, not the first (mutation testing, issue 21)
+    path = tmp_path / "audit.jsonl"
+    records = [{"n": n, "pad": "y" * 20} for n in range(4)]
+    batch = b"".join(encode_record(record) for record in records)
+    log = AuditLog(str(path), write=fail_after(2 * len(encode_record(records[0])) + 5))
+    with pytest.raises(AuditError, match="2 of 4 lines written") as failure:
+        log.append_lines(batch)
+    log.close()
+    assert failure.value.lines_written == 2
+    assert lines(path) == records[:2]
 
 
 def test_a_batch_failing_part_way_keeps_its_whole_lines(tmp_path: Path) -> None:
@@ -532,8 +563,9 @@ def test_a_record_json_cannot_hold_is_counted_as_failed(tmp_path: Path) -> None:
     with AuditWriter(AuditLog(str(tmp_path / "audit.jsonl"))) as writer:
         writer.submit({"x": object()})
         writer.submit({"n": 1})
+        writer.submit({"y": object()})  # each one counted: the count adds up (mutation testing, issue 21)
         assert writer.flush(30)
-        assert (writer.written, writer.failed) == (1, 1)
+        assert (writer.written, writer.failed) == (1, 2)
         assert writer.error is not None and "cannot be written as JSON" in writer.error
 
 
