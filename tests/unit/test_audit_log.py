@@ -82,7 +82,7 @@ def test_each_kind_of_record_has_its_fields_and_a_utc_time() -> None:
     assert health_record({"state": "up"}, verdict, "T") == {"record": "health", "time": "T",
                                                             "hypervisor": {"state": "up"}, "virtguard": verdict}
     result = {"blocked": ["192.0.2.7/32"]}
-    assert remediation_record("block", 1, result, {"session_id": "ab", "result": "hidden"}, "T") == {
+    assert remediation_record("block", True, result, {"session_id": "ab", "result": "hidden"}, "T") == {
         "record": "remediation", "time": "T", "action": "block", "ok": True, "session_id": "ab", "result": result}
     assert remediation_record("cut", False, None, time_iso="T") == {
         "record": "remediation", "time": "T", "action": "cut", "ok": False, "result": None}
@@ -813,3 +813,58 @@ def test_a_record_submitted_after_close_is_stated(tmp_path: Path, statements: St
     assert writer.close()
     writer.submit({"n": 1})
     assert writer.failed == 1 and statements.lost_in_all() == [1]
+
+
+# --- the statements word for word, and the writer's other edges (mutation testing, issue 21) ------
+
+
+def test_the_statements_of_loss_recovery_and_close_give_exact_counts(tmp_path: Path, statements: Statements) -> None:
+    path = tmp_path / "audit.jsonl"
+    path.write_bytes(b"")
+    writer = AuditWriter(AuditLog(str(path), fsync="never", lock_timeout=0), report=statements.logger,
+                         report_interval=3600)
+    with HeldLock(path):
+        writer.submit({"n": 0})
+        assert writer.flush(60)
+        lock_error = writer.error
+        wait_until(lambda: len(statements.messages) == 1, "the statement of the first loss")
+        writer.submit({"n": 1})  # lost too, within the interval: stated with the recovery
+        assert writer.flush(60)
+    writer.submit({"n": 2})
+    assert writer.flush(60)
+    wait_until(lambda: len(statements.messages) == 2, "the statement of the recovery")
+    assert writer.close()
+    writer.submit({"n": 3})  # after close: stated at once
+    assert statements.messages == [
+        f"virtguard: audit log {path}: 1 record(s) could not be written since the last report "
+        f"(1 record(s) lost in all, 0 written): {lock_error}",
+        f"virtguard: audit log {path} is written again (2 record(s) lost in all, 1 of them since the last report)",
+        f"virtguard: audit log {path} closed: 1 record(s) written, 2 record(s) lost in all",
+        f"virtguard: audit log {path}: 1 record(s) could not be written since the last report "
+        f"(3 record(s) lost in all, 1 written): audit writer for {path} is closed: a record was not written",
+    ]
+
+
+def test_a_record_lost_before_encoding_is_followed_by_a_recovery_statement(
+        tmp_path: Path, statements: Statements) -> None:
+    path = tmp_path / "audit.jsonl"
+    with AuditWriter(AuditLog(str(path)), report=statements.logger) as writer:
+        writer.submit({"x": object()})
+        writer.submit({"n": 1})
+        assert writer.flush(30)
+        wait_until(lambda: any("is written again (1 record(s) lost in all" in m for m in statements.messages),
+                   "the statement that the audit is written again")
+
+
+def test_a_failed_sync_is_the_writers_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    path = tmp_path / "audit.jsonl"
+    writer = AuditWriter(AuditLog(str(path), fsync="always"))
+    writer.submit({"n": 1})
+    assert writer.close()
+    assert writer.written == 1 and writer.error == f"cannot sync audit log {path}: Input/output error"
+    assert lines(path) == [{"n": 1}]  # in the file, not known to be on the disk
+
