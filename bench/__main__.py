@@ -21,7 +21,7 @@ from bench.lab import Lab
 from bench.stats import load_average, median, mem_available_mib
 
 MEASUREMENTS = ("burst", "endtoend", "scale", "soak", "audit", "storm", "fleet", "reconnect", "resilience",
-                "blind_starts", "libvirtd_memory")
+                "blind_starts", "libvirtd_memory", "second_run")
 # Real resident memory of one tiny paused TCG domain here (MemAvailable drop per domain),
 # plus the daemons' share: the scale test is sized down when the machine has less to spare.
 MIB_PER_DOMAIN = 18
@@ -102,6 +102,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         default=["none", "virsh", "source"], help="listeners of the libvirtd-memory measurement")
     parser.add_argument("--memory-source-args", default="{}",
                         help="the source's arguments in the libvirtd-memory measurement, JSON (default: as shipped)")
+    parser.add_argument("--second-run-rounds", type=int, default=2,
+                        help="alternating rounds of the second-run measurement (default 2)")
+    parser.add_argument("--second-run-waits", type=float, nargs="+", default=[0.0, 0.25],
+                        help="virtguard_second_run_wait values compared side by side (default 0 0.25)")
     parser.add_argument("--resilience-lone", type=int, default=5,
                         help="lone untrusted sessions, the reference of the resilience measurement (default 5)")
     parser.add_argument("--resilience-followers", type=int, default=5,
@@ -427,6 +431,23 @@ def report_blind_starts(report: Report, r: dict[str, Any]) -> None:
                       "0", storm["blind_for_good"] == 0)
 
 
+def report_second_run(report: Report, r: dict[str, Any]) -> None:
+    report.line("  alternating rounds on one session daemon: the full set (block set of 10, 30 offenders reconnecting "
+                "every 0.4 s, 60 s window) and a storm of 200, for each virtguard_second_run_wait (0: one run in "
+                "flight per host); the load average (1 min) is given with each round")
+    for row in r["rounds"]:
+        report.figure(f"round {row['round']}, second_run_wait {row['second_run_wait']:g} (load {row['load']}): "
+                      "full set overflow connected, ss / sessions; its runs; storm of 200 p50 / last, runs; lone p50",
+                      f"{100 * (row['full_set_overflow_ss'] or 0):.1f} / "
+                      f"{100 * (row['full_set_overflow_sessions'] or 0):.1f} %; {row['full_set_runs']}; "
+                      f"{_opt(row['storm_p50_s'])} / {_opt(row['storm_last_s'])} s, {row['storm_runs']}; "
+                      f"{_opt(row['lone_p50_s'])} s",
+                      "overflow < 5 %; storm p50 <= 5 s, last <= 10 s (idle machine)",
+                      (row["full_set_overflow_ss"] or 1) < 0.05 and (row["storm_p50_s"] or 99) <= 5
+                      and (row["storm_last_s"] or 99) <= 10 and not row["storm_not_cut"]
+                      and not row["trusted_blocked"])
+
+
 def report_resilience(report: Report, r: dict[str, Any]) -> None:
     lone = r["lone"]
     reference = lone["p50_s"]
@@ -747,6 +768,13 @@ def main(argv: list[str] | None = None) -> int:
                     lab, report.line, seconds=options.memory_seconds, clients=options.memory_clients,
                     modes=tuple(options.memory_modes), source_args=json.loads(options.memory_source_args))
                 report_libvirtd_memory(report, results["libvirtd_memory"])
+            if "second_run" in chosen:
+                from bench.second_run import measure as second_run
+
+                report.section("16. A second remediation run beside a young one: the full set and the storm")
+                results["second_run"] = second_run(lab, report.line, rounds=options.second_run_rounds,
+                                                   waits=tuple(options.second_run_waits))
+                report_second_run(report, results["second_run"])
         except KeyboardInterrupt:
             report.line("# interrupted: cleaning up")
             status = 130

@@ -262,18 +262,21 @@ def after_domain_end(activation: Activation, attacker: AttackerHost, hv: Session
 
 
 def full_set(hv: SessionHypervisor, attacker: AttackerHost, domains: list[Domain], table: str, workdir: Path,
-             set_size: int, groups: tuple[int, ...], window_s: float, pause_s: float, log: Log) -> dict[str, Any]:
+             set_size: int, groups: tuple[int, ...], window_s: float, pause_s: float, log: Log,
+             extra_variables: dict[str, Any] | None = None) -> dict[str, Any]:
     """Offenders in /24s of their own (``groups`` of them per /24; a trusted neighbour in the last
     one) reconnecting every ``pause_s`` against a set of ``set_size``. The window: ``window_s``
     from the first offender's first connect (libvirt's time); measured on the hypervisor's
-    sockets (``ss``, sampled every 0.25 s) and from libvirt's connect and disconnect events."""
+    sockets (``ss``, sampled every 0.25 s) and from libvirt's connect and disconnect events.
+    ``extra_variables``: more of the rulebook's variables (bench/second_run.py)."""
     load = load_average()
     offenders_of = [attacker.addresses4_in(FULL_SET_SUBNET + g, list(range(10, 10 + n))) for g, n in enumerate(groups)]
     offenders = [address for group in offenders_of for address in group]
     (trusted,) = attacker.addresses4_in(FULL_SET_SUBNET + len(groups) - 1, [TRUSTED_HOST])
     ports = [d.vnc_port for d in domains]
     variables = {"virtguard_uri": hv.uri, "virtguard_trusted_networks": [f"{trusted}/32"],
-                 "virtguard_block_set_size": set_size, "virtguard_block_seconds": 600, "virtguard_nft_table": table}
+                 "virtguard_block_set_size": set_size, "virtguard_block_seconds": 600, "virtguard_nft_table": table,
+                 **(extra_variables or {})}
     samples: list[tuple[float, set[str]]] = []  # (wall-clock time, offenders connected in the kernel's view)
     blocked_at: float | None = None
     with Activation("unauthorized_console", variables, workdir) as activation:

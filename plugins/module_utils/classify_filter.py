@@ -65,6 +65,7 @@ OPTIONS = (
     Option("block_seconds", "int", default=600, minimum=1, maximum=MAX_BLOCK_SECONDS),
     Option("ipv6_prefix", "int", default=64, minimum=32, maximum=128),
     Option("remediation_holdoff", "float", default=30, minimum=1, maximum=3600),
+    Option("second_run_wait", "float", default=0.25, minimum=0, maximum=60),
     Option("max_batch", "int", default=1000, minimum=1, maximum=10000),
     Option("console_ports", "list", elements="raw", default=[]),
     Option("nft_table", "str", default="virtguard"),
@@ -107,7 +108,8 @@ class FilterState:
                            "SASL user name written exactly so, and will stop working in a later release; write "
                            "them as {x509_dname: ...} or {sasl_username: ...} (docs/rulebooks.md): %s",
                            PLUGIN, "; ".join(repr(entry) for entry in self.policy.identities.untyped))
-        self.batches = RemediationBatches(lease=args["remediation_holdoff"], max_batch=args["max_batch"])
+        self.batches = RemediationBatches(lease=args["remediation_holdoff"], max_batch=args["max_batch"],
+                                          second_run_wait=args["second_run_wait"])
         self.classifier = Classifier(self.policy, self.batches if args["remediation"] else None)
         if not INVENTORY_NAME.match(args["fleet_group"]):
             raise fail("fleet_group", f"is not a usable inventory group name, got {args['fleet_group']!r}")

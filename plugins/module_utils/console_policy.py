@@ -353,9 +353,10 @@ class Classifier:
         return not (was_offender or graphics.get("snapshot") is True or session.get("authenticated")
                     or session.get("ended_by") == "domain" or graphics.get("auth_scheme") == NO_AUTHENTICATION)
 
-    def send_due_batch(self, host: str, now: float, verdict: dict[str, Any]) -> bool:
-        """Put the host's next batch on ``verdict`` when one is due now; whether one was."""
-        batch = self.batches.take_batch(host, now) if self.remediating else []
+    def send_due_batch(self, host: str, now: float, verdict: dict[str, Any], heartbeat: bool = False) -> bool:
+        """Put the host's next batch on ``verdict`` when one is due now (``heartbeat``: the event
+        is a heartbeat of the host, which may send a second run); whether one was."""
+        batch = self.batches.take_batch(host, now, heartbeat) if self.remediating else []
         if batch:
             verdict["remediate"] = True
             verdict["batch"] = [offender.as_batch_entry() for offender in batch]
@@ -379,5 +380,5 @@ class Classifier:
             "target_host": self.target_of(str(health.get("uri", ""))),
             "block_seconds": self.policy.block_seconds,
         }
-        self.send_due_batch(verdict["target_host"], now, verdict)
+        self.send_due_batch(verdict["target_host"], now, verdict, heartbeat=not verdict["changed"])
         return verdict

@@ -194,6 +194,7 @@ class HypervisorWatcher:
         self.close_reason = "connection closed"
         self.health = HypervisorHealth(uri)
         self.heartbeat_pending = False  # a heartbeat of this hypervisor waits in the buffer
+        self.busy_heartbeat_due = False  # a heartbeat follows graphics events (busy_heartbeat_delay)
         # the delivery check: when this connection last delivered an event (monotonic, set on
         # libvirt's thread), and the probe event it waits for
         self.last_delivery = 0.0
@@ -246,6 +247,9 @@ class HypervisorWatcher:
                 uuid = self.remember_uuid(name, dom_id, dom.UUIDString())
             self.buffer.append_event((self.index, wall, name, uuid, dom_id, phase, local, remote,
                                       auth_scheme, subject))
+            if self.config.busy_heartbeat_delay and not self.busy_heartbeat_due:
+                self.busy_heartbeat_due = True
+                self.buffer.call_on_loop(self.schedule_busy_heartbeat)
         except Exception:  # one malformed event must not stop the others
             LOGGER.exception("%s: cannot take the event %r", self.uri, (phase, local, remote, auth_scheme, subject))
 
@@ -448,6 +452,14 @@ class HypervisorWatcher:
         LOGGER.log(logging.INFO if self.health.first_connection else logging.WARNING,
                    "%s: hypervisor %s (was %s)%s", self.uri, state, previous, f": {reason}" if reason else "")
         self.buffer.append(HealthEvent(self, payload, heartbeat=False))
+
+    def schedule_busy_heartbeat(self) -> None:
+        """A heartbeat ``busy_heartbeat_delay`` seconds after a graphics event (on the loop)."""
+        asyncio.get_running_loop().call_later(self.config.busy_heartbeat_delay, self.send_busy_heartbeat)
+
+    def send_busy_heartbeat(self) -> None:
+        self.busy_heartbeat_due = False
+        self.send_heartbeat()
 
     def send_heartbeat(self) -> None:
         """Report the current state (``changed: false``), unless this hypervisor's previous

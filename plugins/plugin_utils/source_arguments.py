@@ -34,6 +34,7 @@ SOURCE_OPTIONS = (
     Option("snapshot", "bool", default=True),
     Option("max_buffered_events", "int", default=100000, minimum=1),
     Option("heartbeat_interval", "float", default=10.0, minimum=0),
+    Option("busy_heartbeat_delay", "float", default=0.5, minimum=0),
     Option("delivery_check_interval", "float", default=20.0, minimum=0),
     Option("delivery_check_timeout", "float", default=10.0),
     Option("max_event_rate", "int", default=4000, minimum=0),
@@ -89,6 +90,7 @@ class SourceArguments:
         self.snapshot: bool = checked["snapshot"]
         self.max_buffered_events: int = checked["max_buffered_events"]
         self.heartbeat_interval: float = checked["heartbeat_interval"]
+        self.busy_heartbeat_delay: float = checked["busy_heartbeat_delay"]
         self.delivery_check_interval: float = checked["delivery_check_interval"]
         self.delivery_check_timeout: float = checked["delivery_check_timeout"]
         if checked["delivery_check_timeout"] <= 0:
@@ -98,9 +100,9 @@ class SourceArguments:
         self.max_reply_lag: float = checked["max_reply_lag"]
         if checked["shed_seconds"] <= 0:
             raise fail("shed_seconds", f"must be greater than 0, got {given_value('shed_seconds')}")
-        if 0 < self.heartbeat_interval < MIN_HEARTBEAT_INTERVAL:
-            raise fail("heartbeat_interval", f"must be 0 (off) or at least {MIN_HEARTBEAT_INTERVAL:g}, "
-                                             f"got {given_value('heartbeat_interval')}")
+        for name in ("heartbeat_interval", "busy_heartbeat_delay"):
+            if 0 < checked[name] < MIN_HEARTBEAT_INTERVAL:
+                raise fail(name, f"must be 0 (off) or at least {MIN_HEARTBEAT_INTERVAL:g}, got {given_value(name)}")
 
     def watches_domain(self, name: str) -> bool:
         """Whether ``domains`` lets the domain called ``name`` through (all, without patterns)."""

@@ -11,10 +11,12 @@ from lab import rfb
 
 
 class SessionStorm:
-    """Whole sessions, back to back, from ``clients_per_port`` clients on each console, from
-    ``start()`` to ``stop()`` (QEMU then raises hundreds of graphics events a second)."""
+    """Whole sessions, back to back (or ``pause`` seconds apart), from ``clients_per_port``
+    clients on each console, from ``start()`` to ``stop()`` (QEMU then raises hundreds of
+    graphics events a second)."""
 
-    def __init__(self, ports: list[int], clients_per_port: int = 8) -> None:
+    def __init__(self, ports: list[int], clients_per_port: int = 8, pause: float = 0.0) -> None:
+        self.pause = pause
         self.stopping = threading.Event()
         self.lock = threading.Lock()
         self.sessions = 0  # whole sessions run so far
@@ -29,6 +31,8 @@ class SessionStorm:
                 rfb.run_session("127.0.0.1", port, timeout=0.5)
                 with self.lock:
                     self.sessions += 1
+            if self.pause:
+                self.stopping.wait(self.pause)
 
     def start(self) -> None:
         for thread in self.threads:

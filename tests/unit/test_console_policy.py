@@ -53,8 +53,8 @@ HELD_SPICY = [("connect", "main", 1), ("initialize", "main", 1), ("connect", "di
               ("connect", "cursor", 4), ("initialize", "cursor", 4)]
 
 
-def classifier_for(policy: ConsolePolicy, lease: float = 30.0) -> Classifier:
-    return Classifier(policy, RemediationBatches(lease))
+def classifier_for(policy: ConsolePolicy, lease: float = 30.0, second_run_wait: float = 0.5) -> Classifier:
+    return Classifier(policy, RemediationBatches(lease, second_run_wait=second_run_wait))
 
 
 def classify(policy: ConsolePolicy, event: dict[str, Any], now: float = 0.0) -> dict[str, Any]:
@@ -145,8 +145,9 @@ def test_verdict_never_holds_client_text():
 
 def test_a_storm_is_remediated_in_batches_and_no_session_is_left_covered():
     """500 offending sessions from 500 addresses in 2 s while a run is in flight: the first run
-    has one, and the event that ends it sends all the rest; each session is in exactly one batch."""
-    classifier = classifier_for(ConsolePolicy(trusted_networks=["10.0.0.0/8"]))
+    has one, and the event that ends it sends all the rest; each session is in exactly one batch.
+    (One run in flight: a second run beside a young one is tested in test_remediation_batches.)"""
+    classifier = classifier_for(ConsolePolicy(trusted_networks=["10.0.0.0/8"]), second_run_wait=0)
     sent: list[list[str]] = []
     for n in range(500):
         verdict = classifier.classify(graphics(node=f"192.0.{n // 250}.{n % 250 + 1}", session_id=f"{n:x}"), n * 0.004)
@@ -408,3 +409,24 @@ def test_health_events_send_a_due_retry_of_a_quiet_host():
     assert retry["remediate"] is True and [o["session_id"] for o in retry["batch"]] == ["a1"]
     odd = classifier.classify_health({"uri": URI, "state": "{{ x }}", "previous": 3, "changed": "yes"}, 32)
     assert odd["state"] == "unknown" and odd["previous"] is None and odd["changed"] is False
+
+
+def test_a_heartbeat_at_the_start_of_a_storm_sends_a_second_run_with_every_offender_waiting():
+    """The first offender goes alone at its connect; the others arrive while its run is in flight.
+    The host's next heartbeat (the source's busy heartbeat, 0.5 s after its graphics events)
+    sends them all beside it; a console event in between does not, nor a change of state."""
+    classifier = classifier_for(ConsolePolicy(trusted_networks=[]), second_run_wait=0.25)
+    assert classifier.classify(graphics(node="192.0.2.1", session_id="a0"), 0.0)["remediate"] is True
+    for n in range(1, 30):
+        verdict = classifier.classify(graphics(node=f"192.0.2.{n + 1}", session_id=f"a{n:x}"), 0.01 * n)
+        assert verdict["remediate"] is False and verdict["queued"] is True
+    health = {"uri": URI, "hostname": "kvm1", "state": "connected", "previous": None, "changed": False}
+    changed = classifier.classify_health(dict(health, changed=True, previous="connecting"), 0.45)
+    assert changed["remediate"] is False, "a change of state is no clock"
+    beat = classifier.classify_health(health, 0.5)
+    assert beat["remediate"] is True and [o["session_id"] for o in beat["batch"]] == [f"a{n:x}" for n in range(1, 30)]
+    # with one run in flight per host (second_run_wait 0), they wait for the first run's cut
+    single = classifier_for(ConsolePolicy(trusted_networks=[]), second_run_wait=0)
+    single.classify(graphics(node="192.0.2.1", session_id="a0"), 0.0)
+    single.classify(graphics(node="192.0.2.2", session_id="a1"), 0.01)
+    assert single.classify_health(health, 0.5)["remediate"] is False

@@ -120,3 +120,82 @@ def test_a_disconnect_of_an_unknown_session_changes_nothing():
     batches.take_batch("h", 0.0)
     assert batches.ended("h", "zz") is False
     assert batches.in_flight("h", 1.0)
+
+
+# -- a second run beside a young one (the start of a storm) -------------------------------
+
+
+def test_a_second_run_goes_beside_a_young_run_once_an_offender_has_waited():
+    batches = RemediationBatches(LEASE, second_run_wait=0.5, second_run_window=1.0)
+    batches.add("h", offender("a"), 0.0)
+    assert sessions(batches.take_batch("h", 0.0, heartbeat=True)) == ["a"]
+    batches.add("h", offender("b", "192.0.2.10"), 0.1)
+    assert batches.take_batch("h", 0.1, heartbeat=True) == [], "b has not waited yet"
+    batches.add("h", offender("c", "192.0.2.11"), 0.55)
+    assert batches.take_batch("h", 0.599, heartbeat=True) == [], "b has waited 0.499 s"
+    # b has waited the wait: the second run takes every offender waiting, c too
+    assert sessions(batches.take_batch("h", 0.6, heartbeat=True)) == ["b", "c"]
+    assert len(batches.in_flight("h", 0.6)) == 2
+
+
+def test_never_more_than_two_runs_of_a_host_at_a_time():
+    batches = RemediationBatches(LEASE, second_run_wait=0.5, second_run_window=1.0)
+    batches.add("h", offender("a"), 0.0)
+    batches.take_batch("h", 0.0, heartbeat=True)
+    batches.add("h", offender("b", "192.0.2.10"), 0.0)
+    assert sessions(batches.take_batch("h", 0.5, heartbeat=True)) == ["b"]
+    batches.add("h", offender("c", "192.0.2.11"), 0.5)
+    assert batches.take_batch("h", 0.99, heartbeat=True) == [], "two runs are in flight"
+    # the first run's cut comes back; the second, sent 1.0 s ago, is no longer young: c waits
+    batches.ended("h", "a")
+    assert batches.take_batch("h", 1.5, heartbeat=True) == []
+    batches.ended("h", "b")
+    assert sessions(batches.take_batch("h", 1.6, heartbeat=True)) == ["c"]
+    assert [sorted(r.sessions) for r in batches.in_flight("h", 1.6)] == [["c"]]
+
+
+def test_no_second_run_beside_a_run_sent_the_window_ago_or_more():
+    """A run that has been going that long is nearly done: the waiting offenders go with its
+    end, not beside it."""
+    batches = RemediationBatches(LEASE, second_run_wait=0.5, second_run_window=1.0)
+    batches.add("h", offender("a"), 0.0)
+    batches.take_batch("h", 0.0, heartbeat=True)
+    batches.add("h", offender("b", "192.0.2.10"), 0.4)
+    assert batches.take_batch("h", 1.0, heartbeat=True) == [], "the run in flight was sent 1.0 s ago"
+    batches.add("h", offender("c", "192.0.2.11"), 0.45)
+    assert sessions(batches.take_batch("h", 0.999, heartbeat=True)) == ["b", "c"], "0.999 s: still young"
+
+
+def test_a_second_run_wait_of_zero_keeps_one_run_in_flight():
+    batches = RemediationBatches(LEASE, second_run_wait=0.0)
+    batches.add("h", offender("a"), 0.0)
+    batches.take_batch("h", 0.0, heartbeat=True)
+    batches.add("h", offender("b", "192.0.2.10"), 0.0)
+    assert batches.take_batch("h", 0.9, heartbeat=True) == []
+    batches.ended("h", "a")
+    assert sessions(batches.take_batch("h", 1.0, heartbeat=True)) == ["b"]
+
+
+def test_the_second_run_counts_the_wait_of_the_oldest_offender_waiting():
+    """An offender sent before and given up (its lease over) has waited since it was queued."""
+    batches = RemediationBatches(2.0, second_run_wait=0.5, second_run_window=1.0)
+    batches.add("h", offender("a"), 0.0)
+    batches.take_batch("h", 0.0, heartbeat=True)  # run 1: a, never cut
+    batches.add("h", offender("b", "192.0.2.10"), 2.0)
+    assert sessions(batches.take_batch("h", 2.0, heartbeat=True)) == ["a", "b"], "run 1's lease is over: a again, with b"
+    batches.add("h", offender("c", "192.0.2.11"), 2.2)
+    assert batches.take_batch("h", 2.6, heartbeat=True) == [], "c has waited 0.4 s"
+    assert sessions(batches.take_batch("h", 2.7, heartbeat=True)) == ["c"]
+
+
+def test_only_a_heartbeat_sends_a_second_run():
+    """A heartbeat comes after every event the source had before it: the second run then takes
+    every offender that had arrived, not the few of a storm the filter had seen so far."""
+    batches = RemediationBatches(LEASE, second_run_wait=0.25, second_run_window=1.0)
+    batches.add("h", offender("a"), 0.0)
+    batches.take_batch("h", 0.0)
+    batches.add("h", offender("b", "192.0.2.10"), 0.1)
+    batches.add("h", offender("c", "192.0.2.11"), 0.4)
+    assert batches.take_batch("h", 0.4) == [], "a console event, not a heartbeat"
+    batches.add("h", offender("d", "192.0.2.12"), 0.45)
+    assert sessions(batches.take_batch("h", 0.5, heartbeat=True)) == ["b", "c", "d"]

@@ -98,6 +98,17 @@ options:
         session of the run in flight has disconnected, or after this long.
     type: float
     default: 30
+  second_run_wait:
+    description:
+      - At the start of a storm, a second run of a host goes beside the one in flight (sent less
+        than 1 s before) on the host's first heartbeat at which an offender has waited this many
+        seconds, with every offender waiting; never more than two runs of a host at a time.
+        Without it, offenders that arrive while a run is in flight wait for that whole run, then
+        their own. The source's busy heartbeat
+        (O(virtguard.console.libvirt_graphics#event_source:busy_heartbeat_delay)) brings it.
+      - C(0) keeps one run in flight per host (on a controller with fewer cores than busy hosts).
+    type: float
+    default: 0.25
   max_batch:
     description: At most this many offenders in one run; the rest go into the next.
     type: int

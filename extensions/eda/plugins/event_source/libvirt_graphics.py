@@ -35,7 +35,7 @@ description:
   - "The state of each connection (C(connecting), C(connected), C(reconnecting), C(unreachable)) is
     reported as C({\"hypervisor\": {...}}) events: one with C(changed=true) at every change, logged at
     WARNING (INFO for the first C(connected)), and one with C(changed=false) every O(heartbeat_interval)
-    seconds."
+    seconds, and O(busy_heartbeat_delay) seconds after its graphics events."
   - Events are never dropped between libvirt and the queue. libvirt's default event loop runs
     in one thread of the process; its callback appends to an in-memory buffer and one task
     feeds the queue with backpressure. The buffer holds at
@@ -105,6 +105,14 @@ options:
         C(0) switches them off; the events of a change of state stay. Otherwise at least C(0.1).
     type: float
     default: 10
+  busy_heartbeat_delay:
+    description:
+      - A hypervisor's health event (C(changed=false)) also follows its graphics events by this
+        many seconds, one at a time; while its consoles are busy, a filter's clock ticks that often
+        (the classify filter sends a second remediation run at the start of a storm on it).
+        C(0) switches it off. Otherwise at least C(0.1).
+    type: float
+    default: 0.5
   delivery_check_interval:
     description:
       - Seconds without any event from a hypervisor after which the source checks that its
@@ -236,7 +244,9 @@ hypervisor:
     - The health of one hypervisor's connection, put on the queue as C(event.hypervisor) (no C(graphics)
       key). docs/payload.md describes it.
   type: dict
-  returned: at every change of state, and every O(heartbeat_interval) seconds
+  returned: >-
+    at every change of state, every O(heartbeat_interval) seconds, and O(busy_heartbeat_delay)
+    seconds after graphics events
   contains:
     uri: {description: The URI as configured., type: str}
     hostname: {description: The host name libvirt gave at the last connection; null before the first., type: str}
