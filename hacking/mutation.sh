@@ -7,6 +7,8 @@
 #   MUTATION_JOBS=2 make mutation ...                         mutmut's --max-children (default 1)
 #   MUTATION_FRESH=1 make mutation                            forget mutmut's cache (build/mutation/mutants)
 #   MUTATION_REV=HEAD make mutation                           a commit's files, not the work tree's
+#   MUTATION_SURVIVORS=1 make mutation                        only what the last run left alive (after new tests)
+#   MUTATION_REPORT=1 make mutation                           the last runs' report, no run
 #
 # Prints, per file and overall, killed / total and every mutant that was not killed; the full
 # report is also written to build/mutation/report.txt. Show one mutant's diff with
@@ -99,22 +101,47 @@ export ANSIBLE_COLLECTIONS_PATH=$WORK/mutants/$PREFIX/build/collections
 
 # One mutmut run per file (its own time, its own score); mutants named on the command line are always
 # tested again, so each run measures the file as it is now. Nice: mutation testing gives way.
+# MUTATION_SURVIVORS=1: only the mutants of each file that the last run did not kill (after adding
+# tests; a kill stands as long as the code is the same, and mutmut makes a changed function's
+# mutants anew, untested). MUTATION_REPORT=1: no run, the report of the last runs only.
 MUTMUT=(nice -n 19 "$VENV/bin/mutmut")
-times_file=$WORK/times.tsv
-: >"$times_file"
+times_file=$WORK/times.tsv  # seconds of each file's last whole run
+touch "$times_file"
 cd "$WORK"
 for f in "${files[@]}"; do
+  [ -z "${MUTATION_REPORT:-}" ] || break
   module=$PREFIX/${f%.py}
   module=${module//\//.}
-  echo "mutation: $f"
+  if [ -n "${MUTATION_SURVIVORS:-}" ]; then
+    mapfile -t names < <("$VENV/bin/python" - "$PREFIX/$f" <<'PY'
+import sys
+from mutmut.mutation.data import SourceFileMutationData
+from mutmut.stats import status_by_exit_code
+data = SourceFileMutationData(path=sys.argv[1])
+data.load()
+for key, code in data.exit_code_by_key.items():
+    if status_by_exit_code[code] not in ("killed", "timeout"):
+        print(key)
+PY
+    )
+    ((${#names[@]})) || { echo "mutation: $f: no survivor to test again"; continue; }
+    echo "mutation: $f (${#names[@]} survivors of the last run)"
+  else
+    names=("$module.*")
+    echo "mutation: $f"
+  fi
   start=$(date +%s)
   # mutmut redraws a spinner with carriage returns: keep its lines, not its frames, and its log.
-  if ! "${MUTMUT[@]}" run --max-children "$JOBS" "$module.*" >"$WORK/run.log" 2>&1; then
+  if ! "${MUTMUT[@]}" run --max-children "$JOBS" "${names[@]}" >"$WORK/run.log" 2>&1; then
     tr '\r' '\n' <"$WORK/run.log" | grep -v '^[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏]' | tail -n 60
     echo "mutation: mutmut failed on $f (log: $WORK/run.log)" >&2
     exit 1
   fi
-  printf '%s\t%s\n' "$f" "$(($(date +%s) - start))" >>"$times_file"
+  if [ -z "${MUTATION_SURVIVORS:-}" ]; then
+    grep -v -F "$f	" "$times_file" >"$times_file.new" || true
+    printf '%s\t%s\n' "$f" "$(($(date +%s) - start))" >>"$times_file.new"
+    mv "$times_file.new" "$times_file"
+  fi
 done
 
 "$VENV/bin/python" - "$times_file" "${files[@]}" <<'PY' | tee "$WORK/report.txt"
@@ -143,7 +170,7 @@ for f in sys.argv[2:]:
         change = [line for line in diff if line[:1] in "-+"]
         survivors.append((f, key.rpartition(".")[2], status, change))
 
-print("\nmutation score (killed / total; a timeout counts as killed)")
+print("\nmutation score (killed / total; a timeout counts as killed; seconds of the file's last whole run)")
 for f, killed, total, secs in rows:
     print(f"  {f:50} {killed:5} / {total:<5} {100 * killed / total if total else 100:6.1f} %  {secs:>5} s")
 killed, total = sum(r[1] for r in rows), sum(r[2] for r in rows)
