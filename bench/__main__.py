@@ -564,8 +564,10 @@ def report_resilience(report: Report, r: dict[str, Any]) -> None:
                   f"{_opt(locked['ss_gone_s'])} s / {_opt(free['ss_gone_s'])} s ({_opt(free['p50_s'])} / "
                   f"{_opt(free['max_s'])} s; {beside}); {_opt(al['locked_runs_end_s'])} s")
     counts = al["counts"]
-    report.figure("audit loss under the lock: stated / missing, event records; remediation records",
-                  f"{counts['stated_lost_events']} / {al['missing_events']} (of {counts['graphics_events']} events); "
+    report.figure("audit loss under the lock: stated / missing by seq / graphics events missing, filter records; "
+                  "remediation records: stated / missing",
+                  f"{counts['stated_lost_events']} / {counts['seq_gaps']} / {al['missing_events']} (of "
+                  f"{counts['graphics_events']} events); "
                   f"{counts['stated_lost_remediations']} / {al['missing_remediations']} (of "
                   f"{2 * counts['audit_runs']}); end marked: {al['end_marked']}",
                   "stated = missing, > 0", al["exact"] and al["end_marked"] and counts["stated_lost_events"] > 0)

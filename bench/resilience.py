@@ -51,7 +51,7 @@ from bench.storm import (
     wait_cut_on_hypervisor,
 )
 from lab import rfb
-from lab.audit_loss import audit_loss, missing_events, missing_remediations, stated_lost_in_all
+from lab.audit_loss import audit_loss, events_stated_exactly, missing_events, missing_remediations, stated_lost_in_all
 from lab.file_lock import HeldLock, exclusive_lock_free
 from lab.hypervisor import Domain, EventWitness, SessionHypervisor, wait_for
 from lab.netns import ClientNamespace
@@ -634,7 +634,7 @@ def audit_lock(hv: SessionHypervisor, attacker: AttackerHost, domains: list[Doma
     result["counts"] = counts
     result["missing_events"] = missing_events(counts)
     result["missing_remediations"] = missing_remediations(counts)
-    result["exact"] = (counts["stated_lost_events"] == result["missing_events"]
+    result["exact"] = (events_stated_exactly(counts)
                        and counts["stated_lost_remediations"] == result["missing_remediations"])
     log(f"#   audit lock: {counts}")
     return result

@@ -123,6 +123,15 @@ class FilterState:
         self.host_map = args["host_map"]
         self.audit = self._audit_writer(args["audit_log"], args["audit_fsync"], fail) if args["audit_log"] else None
         self._audit_failures_seen = 0
+        self._audit_seq = 0  # the next record's ``seq``
+
+    def submit_audit(self, record: dict[str, Any]) -> None:
+        """Number the record (``seq``: 0, 1, 2, ... in the order submitted, a lost one's number
+        included, so that a gap in the file is records lost) and hand it to the writer."""
+        if self.audit is not None:
+            record["seq"] = self._audit_seq
+            self._audit_seq += 1
+            self.audit.submit(record)
 
     @staticmethod
     def _audit_writer(path: str, fsync: str, fail: Any) -> AuditWriter:
@@ -196,8 +205,8 @@ def classify_event(state: FilterState, event: dict[str, Any], now: float) -> dic
             record = event_record(graphics, verdict)
             if graphics.get("subject"):
                 record["identities"] = identity_forms(graphics["subject"])
-            state.audit.submit(record)
+            state.submit_audit(record)
         elif verdict.get("changed") or verdict.get("remediate") or verdict["verdict"] == "error":
-            state.audit.submit(health_record(health, verdict))
+            state.submit_audit(health_record(health, verdict))
     event["virtguard"] = verdict
     return event

@@ -868,3 +868,115 @@ def test_a_failed_sync_is_the_writers_error(tmp_path: Path, monkeypatch: pytest.
     assert writer.written == 1 and writer.error == f"cannot sync audit log {path}: Input/output error"
     assert lines(path) == [{"n": 1}]  # in the file, not known to be on the disk
 
+
+
+def test_a_batch_is_written_in_full_writes_of_batch_bytes_and_each_outcome_counted(tmp_path: Path) -> None:
+    """Five writes of BATCH_BYTES in one batch: written, failed by an unexpected exception,
+    written in part (whole lines kept), written, failed again: every record counted once."""
+    path = tmp_path / "audit.jsonl"
+    line = encode_record({"p": "x" * 1015})
+    assert len(line) == 1024 and BATCH_BYTES % len(line) == 0
+    per_write = BATCH_BYTES // len(line)
+    entered, release = threading.Event(), threading.Event()
+    asked: list[int] = []
+
+    def write(fd: int, data: memoryview) -> int:
+        asked.append(len(data))
+        call = len(asked)
+        if call == 1:  # the first record: the writer waits here while the rest is queued
+            entered.set()
+            release.wait(30)
+        if call in (3, 7):
+            raise ValueError("boom")
+        if call == 4:  # half of the third write, then a full disk
+            return os.write(fd, data[: BATCH_BYTES // 2])
+        if call == 5:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return os.write(fd, data)
+
+    writer = AuditWriter(AuditLog(str(path), fsync="never", write=write))
+    writer.submit({"n": 0})
+    assert entered.wait(30)
+    for _line in range(5 * per_write):
+        writer.submit({"p": "x" * 1015})
+    release.set()
+    assert writer.close()
+    assert asked == [len(encode_record({"n": 0})), BATCH_BYTES, BATCH_BYTES, BATCH_BYTES, BATCH_BYTES // 2,
+                     BATCH_BYTES, BATCH_BYTES]
+    written = 1 + per_write + per_write // 2 + per_write
+    assert (writer.written, writer.failed) == (written, 2 * per_write + per_write // 2)
+    assert writer.error == f"cannot append to audit log {path}: ValueError: boom"
+    assert len(path.read_bytes().splitlines()) == writer.written
+
+
+def test_only_the_interval_policy_owes_a_sync_and_only_for_unsynced_lines(tmp_path: Path) -> None:
+    interval = AuditLog(str(tmp_path / "interval.jsonl"), fsync="interval", fsync_interval=3600)
+    interval.append({"n": 1})  # the first append syncs at once (none was made yet)
+    assert interval.sync_due_in(time.monotonic()) is None
+    interval.append({"n": 2})  # within the interval: owed a sync at its end
+    due = interval.sync_due_in(time.monotonic())
+    assert due is not None and 0 < due <= 3600
+    interval.close()
+    assert interval.sync_due_in(time.monotonic()) is None
+    for policy in ("always", "never"):
+        log = AuditLog(str(tmp_path / f"{policy}.jsonl"), fsync=policy)
+        log.append({"n": 1})
+        log.append({"n": 2})
+        assert log.sync_due_in(time.monotonic()) is None
+        log.close()
+
+
+def test_a_failed_sync_is_tried_again_an_interval_later(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(str(path), fsync="interval", fsync_interval=3600)
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(AuditError, match=f"^cannot sync audit log {re.escape(str(path))}: Input/output error$"):
+        log.append({"n": 1})
+    due = log.sync_due_in(time.monotonic())
+    assert due is not None and 0 < due <= 3600
+    log.close()
+
+
+def test_the_writers_bound_its_report_and_its_thread(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="^max_queued must be at least 1, got 0$"):
+        AuditWriter(AuditLog(str(tmp_path / "refused.jsonl")), max_queued=0)
+    path = tmp_path / "audit.jsonl"
+    with AuditWriter(AuditLog(str(path)), max_queued=1) as writer:
+        writer.submit({"n": 1})
+        writer.submit({"n": 2})
+        assert writer.report.name == "ansible_collections.virtguard.console.plugins.module_utils.audit_log"
+        # a daemon thread: a process that never closes its writer still exits (atexit drains it)
+        assert writer._thread.daemon and writer._thread.name == f"audit-writer {path}"
+    assert lines(path) == [{"n": 1}, {"n": 2}]
+
+
+def test_a_writer_that_lost_nothing_states_nothing(tmp_path: Path, statements: Statements) -> None:
+    with AuditWriter(AuditLog(str(tmp_path / "audit.jsonl")), report=statements.logger) as writer:
+        writer.submit({"n": 1})
+        assert writer.flush(30)
+    assert statements.messages == []
+
+
+def test_close_with_a_timeout_gives_up_while_the_disk_is_stuck(tmp_path: Path, disk: StuckDisk) -> None:
+    writer = AuditWriter(AuditLog(str(tmp_path / "audit.jsonl"), write=disk))
+    writer.submit({"n": 0})
+    assert disk.entered.wait(30)
+    assert writer.close(timeout=0.01) is False  # the thread goes on draining
+    disk.release.set()
+    assert writer.close(timeout=30) is True
+
+
+def test_close_in_a_forked_child_leaves_the_parents_writer_alone(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    with AuditWriter(AuditLog(str(path))) as writer:
+        writer.submit({"n": 1})
+        assert writer.flush(30)
+        pid = os.fork()
+        if pid == 0:  # the child: close() is a no-op that says done
+            os._exit(0 if writer.close(timeout=0) is True else 1)
+        assert os.waitpid(pid, 0)[1] == 0
+        writer.submit({"n": 2})
+    assert lines(path) == [{"n": 1}, {"n": 2}]

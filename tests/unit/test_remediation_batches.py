@@ -182,7 +182,7 @@ def test_the_second_run_counts_the_wait_of_the_oldest_offender_waiting():
     batches.add("h", offender("a"), 0.0)
     batches.take_batch("h", 0.0, heartbeat=True)  # run 1: a, never cut
     batches.add("h", offender("b", "192.0.2.10"), 2.0)
-    assert sessions(batches.take_batch("h", 2.0, heartbeat=True)) == ["a", "b"], "run 1's lease is over: a again, with b"
+    assert sessions(batches.take_batch("h", 2.0, heartbeat=True)) == ["a", "b"], "lease over: a again, with b"
     batches.add("h", offender("c", "192.0.2.11"), 2.2)
     assert batches.take_batch("h", 2.6, heartbeat=True) == [], "c has waited 0.4 s"
     assert sessions(batches.take_batch("h", 2.7, heartbeat=True)) == ["c"]
