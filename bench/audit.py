@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ansible_collections.virtguard.console.plugins.module_utils.audit_log import AuditLog, event_record
-from ansible_collections.virtguard.console.plugins.module_utils.graphics_event import address, graphics_payload
+from ansible_collections.virtguard.console.plugins.plugin_utils.graphics_event import address, graphics_payload
 from bench import ROOT
 
 CLASSIFY_PATH = ROOT / "extensions" / "eda" / "plugins" / "event_filter" / "classify.py"

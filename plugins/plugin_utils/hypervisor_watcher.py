@@ -17,7 +17,8 @@ import logging
 import time
 from typing import Any, Dict
 
-from ansible_collections.virtguard.console.plugins.module_utils.graphics_event import (
+from ansible_collections.virtguard.console.plugins.plugin_utils.event_buffer import EventBuffer
+from ansible_collections.virtguard.console.plugins.plugin_utils.graphics_event import (
     address,
     clients_from_query_spice,
     clients_from_query_vnc,
@@ -29,7 +30,7 @@ from ansible_collections.virtguard.console.plugins.module_utils.graphics_event i
     spice_channel_locals,
     spice_ports,
 )
-from ansible_collections.virtguard.console.plugins.module_utils.hypervisor_health import (
+from ansible_collections.virtguard.console.plugins.plugin_utils.hypervisor_health import (
     BLIND,
     CONNECTED,
     RECONNECTING,
@@ -40,19 +41,18 @@ from ansible_collections.virtguard.console.plugins.module_utils.hypervisor_healt
     HeartbeatClock,
     HypervisorHealth,
 )
-from ansible_collections.virtguard.console.plugins.module_utils.session_tracking import (
-    ChannelAddresses,
-    PresentClient,
-    SessionTracker,
-    SpiceChannel,
-)
-from ansible_collections.virtguard.console.plugins.plugin_utils.event_buffer import EventBuffer
 from ansible_collections.virtguard.console.plugins.plugin_utils.libvirt_binding import (
     GraphicsAddress,
     GraphicsSubject,
     graphics_callback,
     libvirt,
     libvirt_qemu,
+)
+from ansible_collections.virtguard.console.plugins.plugin_utils.session_tracking import (
+    ChannelAddresses,
+    PresentClient,
+    SessionTracker,
+    SpiceChannel,
 )
 from ansible_collections.virtguard.console.plugins.plugin_utils.source_arguments import (
     SourceArguments,

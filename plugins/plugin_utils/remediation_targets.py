@@ -22,10 +22,10 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from ansible_collections.virtguard.console.plugins.module_utils.classify_filter import PLUGIN, FilterState
-from ansible_collections.virtguard.console.plugins.module_utils.console_policy import target_host_for
-from ansible_collections.virtguard.console.plugins.module_utils.plugin_arguments import ArgumentError
-from ansible_collections.virtguard.console.plugins.module_utils.rulebook_context import RulebookInventory
+from ansible_collections.virtguard.console.plugins.plugin_utils.classify_filter import PLUGIN, FilterState
+from ansible_collections.virtguard.console.plugins.plugin_utils.console_policy import target_host_for
+from ansible_collections.virtguard.console.plugins.plugin_utils.plugin_arguments import ArgumentError
+from ansible_collections.virtguard.console.plugins.plugin_utils.rulebook_context import RulebookInventory
 
 LOGGER = logging.getLogger(PLUGIN)
 

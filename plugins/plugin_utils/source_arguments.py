@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from ansible_collections.virtguard.console.plugins.module_utils.plugin_arguments import (
+from ansible_collections.virtguard.console.plugins.plugin_utils.plugin_arguments import (
     ArgumentError,
     Option,
     check_arguments,

@@ -27,8 +27,8 @@ from ansible_collections.virtguard.console.plugins.module_utils.audit_log import
     AuditWriter,
     encode_record,
 )
-from ansible_collections.virtguard.console.plugins.module_utils.classify_filter import FilterState, classify_event
-from ansible_collections.virtguard.console.plugins.module_utils.graphics_event import graphics_payload
+from ansible_collections.virtguard.console.plugins.plugin_utils.classify_filter import FilterState, classify_event
+from ansible_collections.virtguard.console.plugins.plugin_utils.graphics_event import graphics_payload
 from lab.hypervisor import wait_for
 
 COLLECTIONS = Path(__file__).resolve().parents[2] / "build" / "collections"

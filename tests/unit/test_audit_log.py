@@ -869,7 +869,6 @@ def test_a_failed_sync_is_the_writers_error(tmp_path: Path, monkeypatch: pytest.
     assert lines(path) == [{"n": 1}]  # in the file, not known to be on the disk
 
 
-
 def test_a_batch_is_written_in_full_writes_of_batch_bytes_and_each_outcome_counted(tmp_path: Path) -> None:
     """Five writes of BATCH_BYTES in one batch: written, failed by an unexpected exception,
     written in part (whole lines kept), written, failed again: every record counted once."""

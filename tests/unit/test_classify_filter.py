@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from ansible_collections.virtguard.console.plugins.module_utils.classify_filter import OPTIONS, FilterState
-from ansible_collections.virtguard.console.plugins.module_utils.graphics_event import graphics_payload
-from ansible_collections.virtguard.console.plugins.module_utils.plugin_arguments import ArgumentError
-from ansible_collections.virtguard.console.plugins.module_utils.rulebook_context import RulebookContextError
+from ansible_collections.virtguard.console.plugins.plugin_utils.classify_filter import OPTIONS, FilterState
+from ansible_collections.virtguard.console.plugins.plugin_utils.graphics_event import graphics_payload
+from ansible_collections.virtguard.console.plugins.plugin_utils.plugin_arguments import ArgumentError
+from ansible_collections.virtguard.console.plugins.plugin_utils.rulebook_context import RulebookContextError
 
 FILTER = (Path(__file__).resolve().parents[2] / "build" / "collections" / "ansible_collections" / "virtguard"
           / "console" / "extensions" / "eda" / "plugins" / "event_filter" / "classify.py")

@@ -8,15 +8,15 @@ from typing import Any
 
 import pytest
 
-from ansible_collections.virtguard.console.plugins.module_utils.console_policy import (
+from ansible_collections.virtguard.console.plugins.plugin_utils.console_policy import (
     Classifier,
     ConsolePolicy,
     FailedLogins,
     PolicyError,
     target_host_for,
 )
-from ansible_collections.virtguard.console.plugins.module_utils.graphics_event import graphics_payload
-from ansible_collections.virtguard.console.plugins.module_utils.remediation_batches import RemediationBatches
+from ansible_collections.virtguard.console.plugins.plugin_utils.graphics_event import graphics_payload
+from ansible_collections.virtguard.console.plugins.plugin_utils.remediation_batches import RemediationBatches
 
 URI = "qemu+ssh://root@kvm1/system"
 DN_ALICE = "O=Example,CN=alice"

@@ -10,11 +10,11 @@ from typing import Any
 
 import libvirt
 
-from ansible_collections.virtguard.console.plugins.module_utils.session_tracking import PresentClient, SessionTracker
 from ansible_collections.virtguard.console.plugins.plugin_utils.hypervisor_watcher import (
     DomainStopped,
     Snapshot,
 )
+from ansible_collections.virtguard.console.plugins.plugin_utils.session_tracking import PresentClient, SessionTracker
 from lab.source_runner import FakeDomain, watcher_without_daemon
 
 LOCAL = {"family": "ipv4", "node": "0.0.0.0", "service": "5900"}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ansible_collections.virtguard.console.plugins.module_utils import graphics_event as ge
-from ansible_collections.virtguard.console.plugins.module_utils.session_tracking import PresentClient, SessionTracker
+from ansible_collections.virtguard.console.plugins.plugin_utils import graphics_event as ge
+from ansible_collections.virtguard.console.plugins.plugin_utils.session_tracking import PresentClient, SessionTracker
 
 REMOTE = {"family": "ipv4", "node": "192.0.2.7", "service": "40000"}
 

@@ -9,7 +9,7 @@ import logging
 
 import pytest
 
-from ansible_collections.virtguard.console.plugins.module_utils.hypervisor_health import (
+from ansible_collections.virtguard.console.plugins.plugin_utils.hypervisor_health import (
     CONNECTED,
     CONNECTING,
     RECONNECTING,

@@ -7,15 +7,15 @@ from typing import Any
 
 import pytest
 
-from ansible_collections.virtguard.console.plugins.module_utils.classify_filter import FilterState
-from ansible_collections.virtguard.console.plugins.module_utils.identity_policy import (
+from ansible_collections.virtguard.console.plugins.plugin_utils.classify_filter import FilterState
+from ansible_collections.virtguard.console.plugins.plugin_utils.identity_policy import (
     DistinguishedName,
     IdentityError,
     IdentityPolicy,
     identity_forms,
     session_identities,
 )
-from ansible_collections.virtguard.console.plugins.module_utils.plugin_arguments import ArgumentError
+from ansible_collections.virtguard.console.plugins.plugin_utils.plugin_arguments import ArgumentError
 
 ALICE_DN = "O=virtguard lab,CN=alice-laptop"
 MALLORY_DN = "O=virtguard lab,CN=mallory-laptop"

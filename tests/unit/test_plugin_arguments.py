@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from ansible_collections.virtguard.console.plugins.module_utils.plugin_arguments import (
+from ansible_collections.virtguard.console.plugins.plugin_utils.plugin_arguments import (
     ArgumentError,
     Option,
     check_arguments,

@@ -3,7 +3,7 @@ run, a run ends when its sessions disconnect or its lease runs out, state stays 
 
 from __future__ import annotations
 
-from ansible_collections.virtguard.console.plugins.module_utils.remediation_batches import (
+from ansible_collections.virtguard.console.plugins.plugin_utils.remediation_batches import (
     Offender,
     RemediationBatches,
 )

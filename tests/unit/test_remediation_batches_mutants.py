@@ -5,7 +5,7 @@ test_a_run_is_waited_for_exactly_the_lease.)"""
 
 from __future__ import annotations
 
-from ansible_collections.virtguard.console.plugins.module_utils.remediation_batches import (
+from ansible_collections.virtguard.console.plugins.plugin_utils.remediation_batches import (
     Offender,
     RemediationBatches,
 )

@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from ansible_collections.virtguard.console.plugins.module_utils.classify_filter import FilterState, source_uris
-from ansible_collections.virtguard.console.plugins.module_utils.plugin_arguments import ArgumentError
-from ansible_collections.virtguard.console.plugins.module_utils.rulebook_context import (
-    FilterLoad,
-    RulebookInventory,
-)
+from ansible_collections.virtguard.console.plugins.plugin_utils.classify_filter import FilterState, source_uris
+from ansible_collections.virtguard.console.plugins.plugin_utils.plugin_arguments import ArgumentError
 from ansible_collections.virtguard.console.plugins.plugin_utils.remediation_targets import (
     check_remediation_targets,
     missing_targets,
     read_inventory,
+)
+from ansible_collections.virtguard.console.plugins.plugin_utils.rulebook_context import (
+    FilterLoad,
+    RulebookInventory,
 )
 
 INVENTORY = """

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from ansible_collections.virtguard.console.plugins.module_utils import rulebook_context
-from ansible_collections.virtguard.console.plugins.module_utils.rulebook_context import (
+from ansible_collections.virtguard.console.plugins.plugin_utils import rulebook_context
+from ansible_collections.virtguard.console.plugins.plugin_utils.rulebook_context import (
     RulebookContextError,
     RulebookInventory,
     check_version,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ansible_collections.virtguard.console.plugins.module_utils.session_tracking import (
+from ansible_collections.virtguard.console.plugins.plugin_utils.session_tracking import (
     SPICE_MAIN,
     PresentClient,
     SessionTracker,

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 import yaml
 
-from ansible_collections.virtguard.console.plugins.module_utils import plugin_arguments
+from ansible_collections.virtguard.console.plugins.plugin_utils import plugin_arguments
 from ansible_collections.virtguard.console.plugins.plugin_utils.source_arguments import (
     SOURCE_OPTIONS,
     ArgumentError,

@@ -2,7 +2,7 @@
 to the event as ``event.virtguard``, batch what must be remediated and audit every event.
 
 An ansible-rulebook event filter for ``virtguard.console.libvirt_graphics`` events. The
-policy lives in ``plugins/module_utils/console_policy.py``, the batching in
+policy lives in ``plugins/plugin_utils/console_policy.py``, the batching in
 ``remediation_batches.py``, the audit writer in ``audit_log.py``; this file declares the
 arguments and wires them in.
 """
@@ -288,7 +288,7 @@ def _import_collection_utils() -> None:
     """ansible-rulebook loads this file by path; make ``ansible_collections`` importable from
     the collection tree it was loaded from when it is not already."""
     try:
-        from ansible_collections.virtguard.console.plugins.module_utils import (  # noqa: F401
+        from ansible_collections.virtguard.console.plugins.plugin_utils import (  # noqa: F401
             console_policy,
         )
     except ImportError:
@@ -301,17 +301,17 @@ def _import_collection_utils() -> None:
 
 _import_collection_utils()
 
-from ansible_collections.virtguard.console.plugins.module_utils.classify_filter import (
+from ansible_collections.virtguard.console.plugins.plugin_utils.classify_filter import (
     FilterState,
     classify_event,
     source_uris,
 )
-from ansible_collections.virtguard.console.plugins.module_utils.rulebook_context import (
-    loading_filter,
-    rulebook_inventory,
-)
 from ansible_collections.virtguard.console.plugins.plugin_utils.remediation_targets import (
     check_remediation_targets,
+)
+from ansible_collections.virtguard.console.plugins.plugin_utils.rulebook_context import (
+    loading_filter,
+    rulebook_inventory,
 )
 
 LOGGER = logging.getLogger("virtguard.console.classify")

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from ansible_collections.virtguard.console.plugins.module_utils.graphics_event import iso_timestamp_utc
+from ansible_collections.virtguard.console.plugins.plugin_utils.graphics_event import iso_timestamp_utc
 
 CONNECTING = "connecting"
 CONNECTED = "connected"

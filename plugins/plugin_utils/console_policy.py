@@ -24,11 +24,6 @@ import re
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
-from ansible_collections.virtguard.console.plugins.module_utils.identity_policy import (
-    IdentityError,
-    IdentityPolicy,
-    session_identities,
-)
 from ansible_collections.virtguard.console.plugins.module_utils.ip_addresses import (
     IPAddress,
     IPNetwork,
@@ -36,7 +31,12 @@ from ansible_collections.virtguard.console.plugins.module_utils.ip_addresses imp
     normalize_address,
     parse_network,
 )
-from ansible_collections.virtguard.console.plugins.module_utils.remediation_batches import (
+from ansible_collections.virtguard.console.plugins.plugin_utils.identity_policy import (
+    IdentityError,
+    IdentityPolicy,
+    session_identities,
+)
+from ansible_collections.virtguard.console.plugins.plugin_utils.remediation_batches import (
     Offender,
     RemediationBatches,
 )

@@ -20,12 +20,6 @@ from ansible_collections.virtguard.console.plugins.module_utils.audit_log import
     event_record,
     health_record,
 )
-from ansible_collections.virtguard.console.plugins.module_utils.console_policy import (
-    Classifier,
-    ConsolePolicy,
-    PolicyError,
-)
-from ansible_collections.virtguard.console.plugins.module_utils.identity_policy import identity_forms
 from ansible_collections.virtguard.console.plugins.module_utils.ip_addresses import (
     DEFAULT_SET_SIZE,
     MAX_BLOCK_SECONDS,
@@ -33,16 +27,22 @@ from ansible_collections.virtguard.console.plugins.module_utils.ip_addresses imp
     format_port_ranges,
     parse_port_ranges,
 )
-from ansible_collections.virtguard.console.plugins.module_utils.plugin_arguments import (
+from ansible_collections.virtguard.console.plugins.plugin_utils.console_policy import (
+    Classifier,
+    ConsolePolicy,
+    PolicyError,
+)
+from ansible_collections.virtguard.console.plugins.plugin_utils.identity_policy import identity_forms
+from ansible_collections.virtguard.console.plugins.plugin_utils.plugin_arguments import (
     ArgumentError,
     Option,
     check_arguments,
     where,
 )
-from ansible_collections.virtguard.console.plugins.module_utils.remediation_batches import (
+from ansible_collections.virtguard.console.plugins.plugin_utils.remediation_batches import (
     RemediationBatches,
 )
-from ansible_collections.virtguard.console.plugins.module_utils.rulebook_context import (
+from ansible_collections.virtguard.console.plugins.plugin_utils.rulebook_context import (
     FilterLoad,
     render_arguments,
     variable_origins,
