@@ -18,6 +18,8 @@ from ansible_collections.virtguard.console.plugins.module_utils.nftables_block i
     BlockTable,
     NftablesError,
     SetFullError,
+)
+from ansible_collections.virtguard.console.plugins.module_utils.nftables_output import (
     parse_chain_names,
     parse_get_output,
     parse_set_json,
