@@ -15,7 +15,7 @@ import concurrent.futures
 import json
 import logging
 import time
-from typing import Any, Dict
+from typing import AbstractSet, Any, Dict
 
 from ansible_collections.virtguard.console.plugins.plugin_utils.event_buffer import EventBuffer
 from ansible_collections.virtguard.console.plugins.plugin_utils.graphics_event import (
@@ -113,15 +113,19 @@ def now_iso() -> str:
 class Snapshot:
     """The clients QEMU reported on one hypervisor at one moment, to be merged in order."""
 
-    __slots__ = ("watcher", "present", "spice_ports", "generation", "running")
+    __slots__ = ("watcher", "present", "spice_ports", "generation", "running", "unqueried")
 
     def __init__(self, watcher: HypervisorWatcher, present: dict[str, PresentClient],
-                 spice_ports: dict[str, set[str]], generation: int, running: dict[str, int] | None = None):
+                 spice_ports: dict[str, set[str]], generation: int, running: dict[str, int] | None = None,
+                 unqueried: AbstractSet[str] = frozenset()):
         self.watcher = watcher
         self.present = present
         self.spice_ports = spice_ports  # domain UUID -> its SPICE server's ports
         self.generation = generation
         self.running = running  # domain UUID -> id, of every domain running then (None: not known)
+        # UUIDs of running domains QEMU could not be asked about (a monitor busy under a storm):
+        # their sessions are neither confirmed nor ended by this snapshot
+        self.unqueried = unqueried
 
     def payloads(self) -> list[Payload]:
         return self.watcher.snapshot_payloads(self)
@@ -354,6 +358,8 @@ class HypervisorWatcher:
         present = snap.present
         if stopped:  # clients QEMU listed just before their domain stopped
             present = {sid: client for sid, client in present.items() if client.details[0]["uuid"] not in stopped}
+        if snap.unqueried:  # not listed because QEMU was not asked: not gone, left as they are
+            touched = touched | self.sessions.ids_on_domains(snap.unqueried)
         initialized, gone = self.sessions.reconcile(present, time.monotonic(), touched, snap.running)
         timestamp = now_iso()
         payloads: list[Payload] = []
@@ -768,14 +774,18 @@ class HypervisorWatcher:
         # Live events from here on win over what the snapshot says about the same session.
         self.touched_since_snapshot = set()
         self.stopped_since_snapshot = set()
-        present, ports, running = await loop.run_in_executor(self.executor, self.query_clients, self.conn)
-        self.buffer.append(Snapshot(self, present, ports, generation, running))
+        present, ports, running, unqueried = await loop.run_in_executor(self.executor, self.query_clients,
+                                                                        self.conn)
+        self.buffer.append(Snapshot(self, present, ports, generation, running, unqueried))
 
-    def query_clients(self, conn: Any) -> tuple[dict[str, PresentClient], dict[str, set[str]], dict[str, int]]:
+    def query_clients(self, conn: Any) -> tuple[dict[str, PresentClient], dict[str, set[str]], dict[str, int],
+                                                set[str]]:
         """Blocking: every console client QEMU reports, keyed by session id, each domain's SPICE
-        ports by domain UUID, and the id of every running domain by UUID (executor thread)."""
+        ports by domain UUID, the id of every running domain by UUID, and the UUIDs of the
+        domains QEMU could not be asked about (executor thread)."""
         present: dict[str, PresentClient] = {}
         ports: dict[str, set[str]] = {}
+        unqueried: set[str] = set()
         listed = [(dom, {"name": dom.name(), "uuid": dom.UUIDString(), "id": dom.ID()})
                   for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)]
         running = {domain["uuid"]: domain["id"] for _dom, domain in listed}
@@ -789,9 +799,13 @@ class HypervisorWatcher:
                     if exc.get_error_code() == libvirt.VIR_ERR_OPERATION_DENIED:
                         LOGGER.warning("%s: no snapshot of console clients: %s (the source needs a "
                                        "read-write connection)", self.uri, exc)
-                        return present, ports, running
+                        return present, ports, running, unqueried
                     if command == "query-vnc" or "CommandNotFound" not in str(exc):
-                        LOGGER.debug("%s: %s on %s failed: %s", self.uri, command, domain["name"], exc)
+                        # a domain stopping now, or a monitor busy under a storm: its sessions stay
+                        LOGGER.warning("%s: %s on %s failed, its sessions are kept as they were: %s",
+                                       self.uri, command, domain["name"], exc)
+                        unqueried.add(domain["uuid"])
+                        break  # a busy monitor would make the next question wait as long
                     continue
                 result = json.loads(answer).get("return")
                 channel_locals = {}
@@ -805,7 +819,7 @@ class HypervisorWatcher:
                         for channel in channel_remotes]
                     present[channels[0]] = PresentClient((domain, local, remote, auth_scheme, subject), protocol,
                                                          channels, addresses)
-        return present, ports, running
+        return present, ports, running, unqueried
 
     async def disconnect(self, loop: asyncio.AbstractEventLoop) -> None:
         conn, self.conn = self.conn, None

@@ -107,6 +107,10 @@ class SessionTracker:
         # (domain uuid, client address) -> every open session of it, oldest first (usually one)
         self.group_members: dict[tuple[str, str], list[str]] = {}
 
+    def ids_on_domains(self, uuids: AbstractSet[str]) -> set[str]:
+        """The ids of the open sessions on the domains whose UUIDs are ``uuids``."""
+        return {sid for sid, session in self.sessions.items() if session.details[0].get("uuid") in uuids}
+
     def __len__(self) -> int:
         return len(self.sessions)
 

@@ -88,7 +88,7 @@ async def test_a_storm_above_the_rate_limit_is_shed_then_resynchronised(
     assert shed["reason"] == f"more than {LIMIT} graphics events in one second: not listening for 2s"
     assert resync["state"] == "resynchronised" and resync["previous"] == "shedding"
     assert resync["reason"].startswith("listening again after shedding ")
-    assert all(e["phase"] == "initialize" for e in seen)
+    assert all(e["phase"] == "initialize" for e in seen), [(e["phase"], e.get("ended_by"), e["session"]) for e in seen]
     assert end["session"]["id"] == seen[0]["session"]["id"]
     assert max(samples) - before < BOUND_KIB, (before, max(samples))
     assert source_log.messages(hv.uri, "shedding: more than 200 graphics events in one second")

@@ -1,0 +1,67 @@
+"""A snapshot that could not ask QEMU about a domain (its monitor busy under a storm, a call
+timed out) must not report that domain's sessions as ended: they are kept as they were, and
+the failure is logged. Sessions of the domains it did ask about are reconciled as usual."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+import libvirt
+import libvirt_qemu
+import pytest
+
+from ansible_collections.virtguard.console.plugins.plugin_utils.hypervisor_watcher import Snapshot
+from lab.source_runner import FakeDomain, watcher_without_daemon
+
+QUERY_VNC_EMPTY = json.dumps({"return": {"enabled": True, "clients": []}})
+
+
+class FakeConnection:
+    def __init__(self, domains: list[FakeDomain]) -> None:
+        self.domains = domains
+
+    def listAllDomains(self, flags: int) -> list[FakeDomain]:  # noqa: N802 (libvirt's name)
+        return self.domains
+
+
+def busy_monitor(failing: str) -> Any:
+    """qemuMonitorCommand for FakeDomains: ``failing``'s monitor times out, every other
+    domain has no VNC client and no SPICE server."""
+    def command(dom: FakeDomain, text: str, flags: int) -> str:
+        if dom.name() == failing:
+            error = libvirt.libvirtError("Timed out during operation: cannot acquire state change lock")
+            error.err = (libvirt.VIR_ERR_OPERATION_TIMEOUT, 0, "", 0, "", None, None, 0, 0)
+            raise error
+        if json.loads(text)["execute"] == "query-spice":
+            return json.dumps({"return": {"enabled": False, "migrated": False, "channels": []}})
+        return QUERY_VNC_EMPTY
+    return command
+
+
+@pytest.mark.parametrize("busy", ["web", None])
+async def test_a_domain_qemu_could_not_be_asked_about_keeps_its_sessions(
+        busy: str | None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    watcher = watcher_without_daemon(asyncio.get_running_loop())
+    web, db = FakeDomain("web", 1, "uuid-w"), FakeDomain("db", 2, "uuid-d")
+    for dom, port in ((web, "40000"), (db, "40001")):  # one open session on each domain
+        client = {"family": 0, "node": "192.0.2.7", "service": port}
+        watcher.on_graphics(None, dom, 0, client, client, "none", [], None)
+        watcher.live_payload(*watcher.buffer.take()[1:])
+    monkeypatch.setattr(libvirt_qemu, "qemuMonitorCommand", busy_monitor(busy or "none"))
+
+    with caplog.at_level(logging.WARNING, logger="virtguard.console.libvirt_graphics"):
+        present, ports, running, unqueried = watcher.query_clients(FakeConnection([web, db]))
+    watcher.snapshot_generation = 1
+    gone = watcher.snapshot_payloads(Snapshot(watcher, present, ports, 1, running, unqueried))
+
+    ended = sorted(p["graphics"]["domain"]["name"] for p in gone if p["graphics"]["phase"] == "disconnect")
+    if busy == "web":
+        assert unqueried == {"uuid-w"}
+        assert ended == ["db"]  # db was asked: its client is gone; web's session is kept
+        assert "query-vnc on web failed, its sessions are kept as they were" in caplog.text
+    else:  # the control: both asked, both clients gone
+        assert unqueried == set()
+        assert ended == ["db", "web"]
