@@ -83,9 +83,7 @@ from ansible_collections.virtguard.console.plugins.module_utils.ip_addresses imp
     parse_port_ranges,
 )
 from ansible_collections.virtguard.console.plugins.module_utils.nftables_output import (
-    NftablesError as NftablesError,  # the table's error too: modules catch it from here
-)
-from ansible_collections.virtguard.console.plugins.module_utils.nftables_output import (
+    NftablesError,
     parse_chain_names,
     parse_get_output,
     parse_set_json,

@@ -19,7 +19,6 @@ class NftablesError(Exception):
     """nft failed or the ruleset is not what it should be."""
 
 
-
 def _address_of(text: str) -> tuple[int, int]:
     """``(version, address as int)`` of an address as nft prints it (``::10.0.0.1`` and
     ``::a00:1`` are the same value). inet_pton is strict and ten times faster than ipaddress,

@@ -251,9 +251,9 @@ from ansible_collections.virtguard.console.plugins.module_utils.ip_addresses imp
 )
 from ansible_collections.virtguard.console.plugins.module_utils.nftables_block import (
     BlockTable,
-    NftablesError,
     SetFullError,
 )
+from ansible_collections.virtguard.console.plugins.module_utils.nftables_output import NftablesError
 
 
 def main() -> None:

@@ -130,9 +130,9 @@ from ansible_collections.virtguard.console.plugins.module_utils.ip_addresses imp
 )
 from ansible_collections.virtguard.console.plugins.module_utils.nftables_block import (
     BlockTable,
-    NftablesError,
     SetFullError,
 )
+from ansible_collections.virtguard.console.plugins.module_utils.nftables_output import NftablesError
 from ansible_collections.virtguard.console.plugins.module_utils.tcp_cut import (
     ConnectionCutter,
     CutError,

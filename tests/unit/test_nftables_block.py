@@ -16,10 +16,10 @@ from ansible_collections.virtguard.console.plugins.module_utils.ip_addresses imp
 from ansible_collections.virtguard.console.plugins.module_utils.nftables_block import (
     RULE_COMMENT,
     BlockTable,
-    NftablesError,
     SetFullError,
 )
 from ansible_collections.virtguard.console.plugins.module_utils.nftables_output import (
+    NftablesError,
     parse_chain_names,
     parse_get_output,
     parse_set_json,
