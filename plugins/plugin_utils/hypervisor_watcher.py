@@ -711,16 +711,11 @@ class HypervisorWatcher:
         for this connection, then listen again and take a snapshot. The lifecycle and metadata
         callbacks stay: the daemon never sees this connection leave (which could leave its event
         queue stuck, see ``subscribe``), and a domain's stop still ends its sessions. False when
-        the connection did not answer (the caller closes it; ``run`` waits, then connects again)."""
+        the connection did not answer (the caller closes it; ``run`` waits, then connects again).
+        A snapshot may have stopped listening already (``stop_listening``): the wait starts then."""
         conn = self.conn
-        self.shedding = True
-        self.enter(SHEDDING, self.shed_reason)
-        # libvirtd stops queueing graphics events for this connection as soon as it reads the
-        # call; its reply waits behind the events it had queued already, however many
-        done, _result = await self.call_unless_closed(loop, conn.domainEventDeregisterAny, self.callback_id)
-        if not done:
+        if self.callback_id != -1 and not await self.stop_listening(loop):
             return False
-        self.callback_id = -1
         try:
             await asyncio.wait_for(self.closed.wait(), self.config.shed_seconds)
             return False  # the connection closed meanwhile
@@ -738,6 +733,18 @@ class HypervisorWatcher:
         if self.config.snapshot:
             await self.take_snapshot(loop)
         return True
+
+    async def stop_listening(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Shedding's first step, as soon as it is due: deregister the graphics callback.
+        libvirtd stops queueing graphics events for this connection as soon as it reads the
+        call; its reply waits behind the events it had queued already, however many. False
+        when the connection did not answer (``close_reason`` says why)."""
+        self.shedding = True
+        self.enter(SHEDDING, self.shed_reason)
+        done, _result = await self.call_unless_closed(loop, self.conn.domainEventDeregisterAny, self.callback_id)
+        if done:
+            self.callback_id = -1
+        return done
 
     async def call_unless_closed(self, loop: asyncio.AbstractEventLoop, call: Any, *args: Any) -> tuple[bool, Any]:
         """Run a libvirt call of shedding (its reply may wait behind all that libvirtd has queued
@@ -774,8 +781,19 @@ class HypervisorWatcher:
         # Live events from here on win over what the snapshot says about the same session.
         self.touched_since_snapshot = set()
         self.stopped_since_snapshot = set()
-        present, ports, running, unqueried = await loop.run_in_executor(self.executor, self.query_clients,
-                                                                        self.conn)
+        query = loop.run_in_executor(self.executor, self.query_clients, self.conn)
+        # the questions' replies wait behind the events libvirtd queued for this connection: a
+        # storm that comes meanwhile is shed at once, not once they are answered (libvirtd
+        # would queue its events all along)
+        while not query.done():
+            self.wakeup.clear()
+            woken: asyncio.Future[Any] = asyncio.ensure_future(self.wakeup.wait())
+            await asyncio.wait([query, woken], return_when=asyncio.FIRST_COMPLETED)
+            woken.cancel()
+            due = self.shed_due() and self.callback_id != -1 and not self.closed.is_set()
+            if due and not await self.stop_listening(loop):
+                self.on_closed()  # the caller's loop closes the connection once the questions end
+        present, ports, running, unqueried = query.result()
         self.buffer.append(Snapshot(self, present, ports, generation, running, unqueried))
 
     def query_clients(self, conn: Any) -> tuple[dict[str, PresentClient], dict[str, set[str]], dict[str, int],

@@ -25,6 +25,7 @@ pytestmark = pytest.mark.slow
 HELD_ADDRESS = "127.0.0.4"  # the session that lives through the storm (the storm's are 127.0.0.1)
 LIMIT = 200  # events a second: far below the storm's
 STORM_SECONDS = 10.0
+SETTLED = ("connected", "resynchronised")  # the health states of a source that listens
 BOUND_KIB = 64 * 1024  # libvirtd may grow by this much at most while the source sheds
 
 
@@ -69,16 +70,27 @@ async def test_a_storm_above_the_rate_limit_is_shed_then_resynchronised(
                 await asyncio.sleep(0.25)
             await asyncio.to_thread(storm.stop)
             rate = storm.sessions / (time.monotonic() - started)
-            # the storm may have been shed more than once: the last word is a resynchronisation
+            # The storm may have been shed more than once, and libvirtd may have dropped the
+            # connection meanwhile (keepalive) so that the source connected again: either way
+            # it settles in a healthy state, and the snapshot that follows (its events come
+            # after the health event) reports the held session.
             deadline = time.monotonic() + 60
-            while (resync := [e for e in run.health if e["changed"]][-1])["state"] != "resynchronised":
-                assert time.monotonic() < deadline, f"no resynchronisation after the storm: {run.health[-3:]}"
+            while True:
+                last = max(i for i, e in enumerate(run.health) if e["changed"])
+                if run.health[last]["state"] in SETTLED:
+                    break
+                assert time.monotonic() < deadline, f"not settled after the storm: {run.health[-3:]}"
                 await asyncio.sleep(0.2)
-            seen = await run.wait_for(2, remote__node=HELD_ADDRESS, remote__service=port, snapshot=True, timeout=60)
+            before_settled = run.events[:run.events_before_health[last]]
+            mark = sum(e["remote"]["node"] == HELD_ADDRESS and e["remote"]["service"] == port and e["snapshot"]
+                       for e in before_settled)
+            await run.wait_for(mark + 1, remote__node=HELD_ADDRESS, remote__service=port, snapshot=True, timeout=60)
+            seen = run.matching(remote__node=HELD_ADDRESS, remote__service=port)
             held.close()
             held = None
             [end] = await run.wait_for(1, remote__node=HELD_ADDRESS, remote__service=port, phase="disconnect",
                                        timeout=60)
+            trail = [(e["state"], e["previous"], e["reason"]) for e in run.health if e["changed"]]
     finally:
         if held is not None:
             held.close()
@@ -86,9 +98,14 @@ async def test_a_storm_above_the_rate_limit_is_shed_then_resynchronised(
     assert rate * 3 > LIMIT, f"the storm ({rate:.0f} sessions/s) stayed below the limit"
     assert shed["previous"] in ("connected", "resynchronised")
     assert shed["reason"] == f"more than {LIMIT} graphics events in one second: not listening for 2s"
-    assert resync["state"] == "resynchronised" and resync["previous"] == "shedding"
-    assert resync["reason"].startswith("listening again after shedding ")
-    assert all(e["phase"] == "initialize" for e in seen), [(e["phase"], e.get("ended_by"), e["session"]) for e in seen]
+    # out of shedding by listening again, or by connecting again when libvirtd dropped the connection
+    resyncs = [reason for state, previous, reason in trail if state == "resynchronised" and previous == "shedding"]
+    assert resyncs, trail
+    assert all(r.startswith(("listening again after shedding ", "connected again after shedding ")) for r in resyncs), \
+        resyncs
+    # never a false end of the held session: every event of it before it closed says it is on
+    assert len(seen) >= 2 and all(e["phase"] == "initialize" and e["snapshot"] for e in seen), \
+        ([(e["phase"], e.get("ended_by"), e["snapshot"]) for e in seen], trail)
     assert end["session"]["id"] == seen[0]["session"]["id"]
     assert max(samples) - before < BOUND_KIB, (before, max(samples))
     assert source_log.messages(hv.uri, "shedding: more than 200 graphics events in one second")

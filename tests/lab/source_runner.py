@@ -52,6 +52,7 @@ class SourceRun:
         self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=maxsize)
         self.events: list[dict[str, Any]] = []
         self.health: list[dict[str, Any]] = []
+        self.events_before_health: list[int] = []  # len(self.events) when each health event came
         self.others: list[dict[str, Any]] = []  # any other event the source put on the queue
         self._new = asyncio.Event()
         self.draining = asyncio.Event()  # clear it to stall the consumer, as a busy engine would
@@ -75,6 +76,7 @@ class SourceRun:
                 self.events.append(event["graphics"])
             elif "hypervisor" in event:
                 self.health.append(event["hypervisor"])
+                self.events_before_health.append(len(self.events))
             else:
                 self.others.append(event)
             self._new.set()
