@@ -430,3 +430,48 @@ def test_a_heartbeat_at_the_start_of_a_storm_sends_a_second_run_with_every_offen
     single.classify(graphics(node="192.0.2.1", session_id="a0"), 0.0)
     single.classify(graphics(node="192.0.2.2", session_id="a1"), 0.01)
     assert single.classify_health(health, 0.5)["remediate"] is False
+
+
+def test_the_verdict_of_a_health_event_whole():
+    """Every field of a health event's verdict, as rules and the audit read it (mutation testing,
+    issue 21): the state and its previous one are passed on, checked against the states the
+    source documents, and the block time is the policy's."""
+    classifier = classifier_for(ConsolePolicy(trusted_networks=[], block_seconds=900))
+    health = {"uri": URI, "hostname": "kvm1", "state": "resynchronised", "previous": "shedding", "changed": True}
+    assert classifier.classify_health(health, 5.0) == {
+        "verdict": "health", "reasons": [], "remediate": False, "queued": False, "state": "resynchronised",
+        "previous": "shedding", "changed": True, "target_host": "kvm1", "block_seconds": 900}
+    bare = classifier.classify_health({}, 6.0)  # a health event with nothing in it: no URI names a host
+    assert (bare["state"], bare["previous"], bare["changed"], bare["target_host"]) == (
+        "unknown", None, False, "localhost")
+
+
+def test_the_verdict_of_a_console_event_whole():
+    """Every field of a console event's verdict, as the rulebooks, the playbook and the audit read
+    them (mutation testing, issue 21): an untrusted connect, a session on a unix socket (no
+    address to judge), a phase and protocol the filter does not know, and the two ends of a
+    session (by the client, by the domain)."""
+    classifier = classifier_for(ConsolePolicy(trusted_networks=["10.0.0.0/8"]))
+    offender = {"address": "192.0.2.7", "family": "ipv4", "network": "192.0.2.7/32", "port": 40000, "proxy": False,
+                "trusted": False}
+    common = {"block_seconds": 600, "local_port": 5901, "primary": True, "protocol": "vnc", "queued": False,
+              "session_id": "ab12", "snapshot": False, "target_host": "kvm1"}
+    assert classifier.classify(graphics(node="192.0.2.7"), 1.0) == {
+        **common, "phase": "connect", "verdict": "cut", "reasons": ["untrusted_network"], "remediate": True,
+        "remote": offender,
+        "batch": [{"address": "192.0.2.7", "block": True, "client_port": 40000, "console_port": 5901,
+                   "network": "192.0.2.7/32", "reasons": ["untrusted_network"], "session_id": "ab12"}]}
+    assert classifier.classify(graphics("initialize", node="/run/console.sock", family="unix", service=""), 1.1) == {
+        **common, "phase": "initialize", "verdict": "allow", "reasons": [], "remediate": False,
+        "remote": {"address": None, "family": "unix", "network": None, "port": None, "proxy": None, "trusted": None}}
+    assert classifier.classify(graphics("weird", protocol="rdp", node="10.1.1.1"), 1.2) == {
+        **common, "phase": "unknown", "verdict": "allow", "reasons": [], "remediate": False,
+        "remote": {"address": "10.1.1.1", "family": "ipv4", "network": "10.1.1.1/32", "port": 40000,
+                   "proxy": False, "trusted": True}}
+    by_client = classifier.classify(graphics("disconnect", node="192.0.2.8", session_id="cd34"), 2.0)
+    by_domain_event = graphics("disconnect", node="192.0.2.7")
+    by_domain_event["session"]["ended_by"] = "domain"
+    by_domain = classifier.classify(by_domain_event, 2.1)
+    assert (by_client["ended_by"], by_domain["ended_by"]) == ("client", "domain")
+    assert by_domain == {**common, "phase": "disconnect", "verdict": "allow", "reasons": [], "remediate": False,
+                         "remote": offender, "ended_by": "domain", "failed_login": False}
