@@ -31,8 +31,8 @@ from bench import ROOT
 from bench.audit_tail import AuditTail
 from bench.stats import median, percentile, rss_kib
 from lab import rfb
-from lab.hypervisor import Domain, SessionHypervisor, run
-from lab.netns import _enter_netns
+from lab.hypervisor import Domain, SessionHypervisor
+from lab.netns import VethNamespace
 from lab.rulebook_runner import RulebookRun
 from lab.server_view import connected_clients, established_peers, nft_blocks
 
@@ -42,42 +42,19 @@ NETWORK4 = ipaddress.ip_network("198.18.0.0/16")  # RFC 2544 benchmarking addres
 PORT_BASE = 27000
 
 
-class AttackerHost:
-    """A network namespace joined to this machine by a veth pair, with as many client
-    addresses as a measurement needs (198.18.0.0/16 and one IPv6 /64)."""
+class AttackerHost(VethNamespace):
+    """A network namespace joined to this machine by a veth pair (lab.netns), with as many
+    client addresses as a measurement needs (198.18.0.0/16 and one IPv6 /64)."""
+
+    workers = 2
 
     def __init__(self, tag: str) -> None:
         pid = os.getpid() % 100000
-        self.name = f"vgb{tag}{pid}"[:15]
-        self.host_link = f"vgbh{tag}{pid}"[:15]
-        self.ns_link = f"vgbc{tag}{pid}"[:15]
-        self.host_ip, self.host_ip6 = "198.18.0.1", f"fd7b:{pid % 65536:x}::1"
+        super().__init__(f"vgb{tag}{pid}"[:15], f"vgbh{tag}{pid}", f"vgbc{tag}{pid}", "198.18.0.1",
+                         f"fd7b:{pid % 65536:x}::1", NETWORK4.prefixlen)
         self.prefix6 = ipaddress.ip_network(f"fd7b:{pid % 65536:x}::/64")
         self._next4 = 10
         self._next6 = 16
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-
-    def create(self) -> AttackerHost:
-        self.delete()
-        run(["ip", "netns", "add", self.name])
-        run(["ip", "link", "add", self.host_link, "type", "veth", "peer", "name", self.ns_link])
-        run(["ip", "link", "set", self.ns_link, "netns", self.name])
-        run(["ip", "addr", "add", f"{self.host_ip}/16", "dev", self.host_link])
-        run(["ip", "-6", "addr", "add", f"{self.host_ip6}/64", "dev", self.host_link, "nodad"])
-        run(["ip", "link", "set", self.host_link, "up"])
-        self.run(["ip", "link", "set", self.ns_link, "up"])
-        self.run(["ip", "link", "set", "lo", "up"])
-        return self
-
-    def delete(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-        run(["ip", "netns", "del", self.name], check=False)
-        run(["ip", "link", "del", self.host_link], check=False)
-
-    def run(self, cmd: list[str]) -> None:
-        run(["ip", "netns", "exec", self.name, *cmd])
 
     def addresses4(self, count: int) -> list[str]:
         """``count`` new IPv4 client addresses, added to the namespace in one batch."""
@@ -101,15 +78,7 @@ class AttackerHost:
         return made
 
     def _batch(self, lines: list[str]) -> None:
-        subprocess.run(["ip", "netns", "exec", self.name, "ip", "-batch", "-"], input="\n".join(lines) + "\n",
-                       text=True, check=True, capture_output=True)
-
-    def call(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn`` on a thread inside the namespace (threads it starts are inside too)."""
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(
-                max_workers=2, initializer=_enter_netns, initargs=(self.name,))
-        return self._pool.submit(fn, *args).result()
+        self.run(["ip", "-batch", "-"], input="\n".join(lines) + "\n")
 
 
 def event_seconds(record: dict[str, Any]) -> float:

@@ -20,7 +20,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from lab.hypervisor import PREFIX, run
 
@@ -62,54 +62,48 @@ def _wait_for_link_local(show: list[str], timeout: float = 10.0) -> str:
         time.sleep(0.05)
 
 
-class ClientNamespace:
-    """``ClientNamespace(index).create()``: host side ``host_ip``, client ``client_ip``.
+class VethNamespace:
+    """A network namespace joined to this machine by a veth pair: the host's end has
+    ``host_ip``/``prefix4`` and ``host_ip6``/64; ``create()`` makes it (``_configure`` adds what
+    a kind of namespace needs before and after its links come up), ``delete()`` removes the
+    namespace and both ends. ``call`` runs a function on a thread inside it."""
 
-    With ``link_local``, both veth ends come up without duplicate address detection, so their
-    link-local addresses (``host_ll``, ``client_ll``) are usable at once; a client reaches the
-    host at ``f"{host_ll}%{ns_link}"``."""
+    workers = 4  # threads of ``call``
 
-    def __init__(self, index: int, tag: str = "n", link_local: bool = False):
-        if not 0 <= index < 32:
-            raise ValueError("index must be 0..31")
-        self.link_local = link_local
-        self.host_ll: str | None = None
-        self.client_ll: str | None = None
-        self.name = f"{PREFIX}{tag}{index}"
-        self.host_link = f"{PREFIX}h{tag}{index}"[:15]
-        self.ns_link = f"{PREFIX}c{tag}{index}"[:15]
-        v4, v6 = _subnet_base(index)
-        self.host_ip, self.client_ip = f"{v4}.1", f"{v4}.2"
-        self.host_ip6, self.client_ip6 = f"{v6}::1", f"{v6}::2"
-        self.network = str(ipaddress.ip_network(f"{v4}.0/24"))
-        self.network6 = str(ipaddress.ip_network(f"{v6}::/64"))
+    def __init__(self, name: str, host_link: str, ns_link: str, host_ip: str, host_ip6: str, prefix4: int) -> None:
+        self.name, self.host_link, self.ns_link = name, host_link[:15], ns_link[:15]
+        self.host_ip, self.host_ip6, self.prefix4 = host_ip, host_ip6, prefix4
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
-    def create(self) -> ClientNamespace:
+    def create(self) -> Self:
         self.delete()
         try:
             run(["ip", "netns", "add", self.name])
             run(["ip", "link", "add", self.host_link, "type", "veth", "peer", "name", self.ns_link])
             run(["ip", "link", "set", self.ns_link, "netns", self.name])
-            if self.link_local:  # before the links come up: their fe80:: address is then usable at once
-                run(["sysctl", "-qw", f"net.ipv6.conf.{self.host_link}.accept_dad=0"])
-                self.run(["sysctl", "-qw", f"net.ipv6.conf.{self.ns_link}.accept_dad=0"])
-            run(["ip", "addr", "add", f"{self.host_ip}/24", "dev", self.host_link])
+            self._before_up()
+            run(["ip", "addr", "add", f"{self.host_ip}/{self.prefix4}", "dev", self.host_link])
             run(["ip", "-6", "addr", "add", f"{self.host_ip6}/64", "dev", self.host_link, "nodad"])
             run(["ip", "link", "set", self.host_link, "up"])
-            for cmd in (["ip", "addr", "add", f"{self.client_ip}/24", "dev", self.ns_link],
-                        ["ip", "-6", "addr", "add", f"{self.client_ip6}/64", "dev", self.ns_link, "nodad"],
-                        ["ip", "link", "set", self.ns_link, "up"],
-                        ["ip", "link", "set", "lo", "up"]):
+            for cmd in self._namespace_addresses():
                 self.run(cmd)
-            if self.link_local:
-                self.host_ll = _wait_for_link_local(["ip", "-6", "-o", "addr", "show", "dev", self.host_link])
-                self.client_ll = _wait_for_link_local(
-                    ["ip", "netns", "exec", self.name, "ip", "-6", "-o", "addr", "show", "dev", self.ns_link])
+            self.run(["ip", "link", "set", self.ns_link, "up"])
+            self.run(["ip", "link", "set", "lo", "up"])
+            self._after_up()
         except BaseException:
             self.delete()
             raise
         return self
+
+    def _before_up(self) -> None:
+        """Before any address: settings the links need from the start."""
+
+    def _namespace_addresses(self) -> list[list[str]]:
+        """``ip`` commands (run in the namespace) that address its end before it comes up."""
+        return []
+
+    def _after_up(self) -> None:
+        """Once both ends are up."""
 
     def delete(self) -> None:
         if self._pool is not None:
@@ -122,11 +116,49 @@ class ClientNamespace:
         return run(["ip", "netns", "exec", self.name, *cmd], check=check, **kwargs)
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run ``fn`` on a thread inside the namespace; sockets it opens belong there."""
+        """Run ``fn`` on a thread inside the namespace; sockets it opens (and threads it starts)
+        belong there."""
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(
-                max_workers=4, thread_name_prefix=self.name, initializer=_enter_netns, initargs=(self.name,))
+                max_workers=self.workers, thread_name_prefix=self.name, initializer=_enter_netns,
+                initargs=(self.name,))
         return self._pool.submit(fn, *args, **kwargs).result()
+
+
+class ClientNamespace(VethNamespace):
+    """``ClientNamespace(index).create()``: host side ``host_ip``, client ``client_ip``.
+
+    With ``link_local``, both veth ends come up without duplicate address detection, so their
+    link-local addresses (``host_ll``, ``client_ll``) are usable at once; a client reaches the
+    host at ``f"{host_ll}%{ns_link}"``."""
+
+    def __init__(self, index: int, tag: str = "n", link_local: bool = False):
+        if not 0 <= index < 32:
+            raise ValueError("index must be 0..31")
+        v4, v6 = _subnet_base(index)
+        super().__init__(f"{PREFIX}{tag}{index}", f"{PREFIX}h{tag}{index}", f"{PREFIX}c{tag}{index}",
+                         f"{v4}.1", f"{v6}::1", 24)
+        self.link_local = link_local
+        self.host_ll: str | None = None
+        self.client_ll: str | None = None
+        self.client_ip, self.client_ip6 = f"{v4}.2", f"{v6}::2"
+        self.network = str(ipaddress.ip_network(f"{v4}.0/24"))
+        self.network6 = str(ipaddress.ip_network(f"{v6}::/64"))
+
+    def _before_up(self) -> None:
+        if self.link_local:  # before the links come up: their fe80:: address is then usable at once
+            run(["sysctl", "-qw", f"net.ipv6.conf.{self.host_link}.accept_dad=0"])
+            self.run(["sysctl", "-qw", f"net.ipv6.conf.{self.ns_link}.accept_dad=0"])
+
+    def _namespace_addresses(self) -> list[list[str]]:
+        return [["ip", "addr", "add", f"{self.client_ip}/24", "dev", self.ns_link],
+                ["ip", "-6", "addr", "add", f"{self.client_ip6}/64", "dev", self.ns_link, "nodad"]]
+
+    def _after_up(self) -> None:
+        if self.link_local:
+            self.host_ll = _wait_for_link_local(["ip", "-6", "-o", "addr", "show", "dev", self.host_link])
+            self.client_ll = _wait_for_link_local(
+                ["ip", "netns", "exec", self.name, "ip", "-6", "-o", "addr", "show", "dev", self.ns_link])
 
     def connect(self, host: str, port: int, timeout: float = 5.0) -> socket.socket:
         """A TCP connection from inside the namespace (no handshake)."""
