@@ -184,7 +184,7 @@ class HypervisorWatcher:
         self.spice_ports: dict[str, set[str]] = {}  # domain UUID -> SPICE ports, from the last snapshot
         self.conn: Any = None  # libvirt.virConnect while connected
         self.closed = asyncio.Event()
-        self.wakeup = asyncio.Event()  # closed, or the buffer overflowed
+        self.wakeup = asyncio.Event()  # closed, the buffer overflowed, or a shed is due
         # live events seen since the snapshot in flight was taken (session ids)
         self.snapshot_generation = 0
         self.touched_since_snapshot: set[str] | None = None
