@@ -43,7 +43,7 @@ async def test_a_storm_during_a_snapshot_is_shed_before_the_snapshot_is_answered
     assert await asyncio.to_thread(conn.asked.wait, 5)
     if storm:
         watcher.request_shed("more than 200 graphics events in one second")
-    for _ in range(100):  # time for a deregistration to reach the connection
+    for _attempt in range(100):  # time for a deregistration to reach the connection
         if conn.deregistered:
             break
         await asyncio.sleep(0.01)
