@@ -106,6 +106,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="alternating rounds of the second-run measurement (default 2)")
     parser.add_argument("--second-run-waits", type=float, nargs="+", default=[0.0, 0.25],
                         help="virtguard_second_run_wait values compared side by side (default 0 0.25)")
+    parser.add_argument("--second-run-busy-delays", type=float, nargs="+", default=[0.5],
+                        help="virtguard_busy_heartbeat_delay values compared side by side, with each wait "
+                             "(default 0.5)")
     parser.add_argument("--resilience-lone", type=int, default=5,
                         help="lone untrusted sessions, the reference of the resilience measurement (default 5)")
     parser.add_argument("--resilience-followers", type=int, default=5,
@@ -434,9 +437,11 @@ def report_blind_starts(report: Report, r: dict[str, Any]) -> None:
 def report_second_run(report: Report, r: dict[str, Any]) -> None:
     report.line("  alternating rounds on one session daemon: the full set (block set of 10, 30 offenders reconnecting "
                 "every 0.4 s, 60 s window) and a storm of 200, for each virtguard_second_run_wait (0: one run in "
-                "flight per host); the load average (1 min) is given with each round")
+                "flight per host) and virtguard_busy_heartbeat_delay; the load average (1 min) is given with each "
+                "round")
     for row in r["rounds"]:
-        report.figure(f"round {row['round']}, second_run_wait {row['second_run_wait']:g} (load {row['load']}): "
+        report.figure(f"round {row['round']}, second_run_wait {row['second_run_wait']:g}, busy_heartbeat_delay "
+                      f"{row.get('busy_heartbeat_delay', 0.5):g} (load {row['load']}): "
                       "full set overflow connected, ss / sessions; its runs; storm of 200 p50 / last, runs; lone p50",
                       f"{100 * (row['full_set_overflow_ss'] or 0):.1f} / "
                       f"{100 * (row['full_set_overflow_sessions'] or 0):.1f} %; {row['full_set_runs']}; "
@@ -775,7 +780,8 @@ def main(argv: list[str] | None = None) -> int:
 
                 report.section("16. A second remediation run beside a young one: the full set and the storm")
                 results["second_run"] = second_run(lab, report.line, rounds=options.second_run_rounds,
-                                                   waits=tuple(options.second_run_waits))
+                                                   waits=tuple(options.second_run_waits),
+                                                   busy_delays=tuple(options.second_run_busy_delays))
                 report_second_run(report, results["second_run"])
         except KeyboardInterrupt:
             report.line("# interrupted: cleaning up")

@@ -27,7 +27,9 @@ CONSOLES = 10
 
 
 def measure(lab: Any, log: Log, rounds: int = 2, waits: tuple[float, ...] = (0.0, 0.25), storm_size: int = 200,
-            lone_runs: int = 3) -> dict[str, Any]:
+            lone_runs: int = 3, busy_delays: tuple[float, ...] = (0.5,)) -> dict[str, Any]:
+    """Each round runs every variant: each ``virtguard_second_run_wait`` of ``waits`` with each
+    ``virtguard_busy_heartbeat_delay`` of ``busy_delays`` (the filter's clock in a storm)."""
     conf = (f'vnc_listen = "::"\nremote_display_port_min = {PORT_BASE}\n'
             f"remote_display_port_max = {PORT_BASE + 99}\n")
     hv = SessionHypervisor("sr", qemu_conf=conf)
@@ -41,24 +43,26 @@ def measure(lab: Any, log: Log, rounds: int = 2, waits: tuple[float, ...] = (0.0
         with ThreadPoolExecutor(4) as pool:
             domains = list(pool.map(lambda n: hv.create_domain(f"{hv.user}-d{n}", listen="::"), range(CONSOLES)))
         for round_ in range(rounds):
-            for wait in waits:
+            for wait, busy in [(w, b) for w in waits for b in busy_delays]:
                 # a fresh attacker host a variant: the full set's addresses are fixed
                 if attacker is not None:
                     attacker.delete()
                 attacker = AttackerHost("q").create()
-                extra = {"virtguard_second_run_wait": wait}
+                extra = {"virtguard_second_run_wait": wait, "virtguard_busy_heartbeat_delay": busy}
                 load = load_average()
                 drop_table(table)
-                fs = full_set(hv, attacker, domains[:2], table, workdir / f"full_set_{round_}_{wait}", 10,
+                fs = full_set(hv, attacker, domains[:2], table, workdir / f"full_set_{round_}_{wait}_{busy}", 10,
                               (13, 13, 4), 60.0, 0.4, log, extra_variables=extra)
                 drop_table(table)
                 variables = {"virtguard_uri": hv.uri, "virtguard_trusted_networks": ["192.0.2.0/24"],
                              "virtguard_nft_table": table, "virtguard_block_seconds": 600, **extra}
-                with Activation("unauthorized_console", variables, workdir / f"storm_{round_}_{wait}") as activation:
+                storm_dir = workdir / f"storm_{round_}_{wait}_{busy}"
+                with Activation("unauthorized_console", variables, storm_dir) as activation:
                     lone_cut = lone(activation, attacker, hv, domains[0], lone_runs, log)
                     stormed = storm(activation, attacker, [d.vnc_port for d in domains], storm_size, log)
                 drop_table(table)
-                row = {"round": round_, "second_run_wait": wait, "load": load, "lone_p50_s": lone_cut["p50_s"],
+                row = {"round": round_, "second_run_wait": wait, "busy_heartbeat_delay": busy, "load": load,
+                       "lone_p50_s": lone_cut["p50_s"],
                        "full_set_overflow_ss": fs.get("overflow_share_ss"),
                        "full_set_overflow_sessions": fs.get("overflow_share_events"),
                        "full_set_after_first_cut": fs.get("overflow_share_after_first_cut"),
@@ -66,7 +70,7 @@ def measure(lab: Any, log: Log, rounds: int = 2, waits: tuple[float, ...] = (0.0
                        "trusted_blocked": fs.get("trusted_blocked"),
                        "storm_p50_s": stormed["p50_s"], "storm_last_s": stormed["max_s"],
                        "storm_runs": stormed["batch_sizes"], "storm_not_cut": stormed["not_cut"]}
-                log(f"#   round {round_}, second_run_wait {wait:g}: full set overflow "
+                log(f"#   round {round_}, second_run_wait {wait:g}, busy_heartbeat_delay {busy:g}: full set overflow "
                     f"{100 * (row['full_set_overflow_ss'] or 0):.1f} % (ss), storm p50 {row['storm_p50_s']}")
                 rows.append(row)
     finally:
@@ -75,9 +79,10 @@ def measure(lab: Any, log: Log, rounds: int = 2, waits: tuple[float, ...] = (0.0
         drop_table(table)
         lab.release([hv])
     summary = {}
-    for wait in waits:
-        mine = [r for r in rows if r["second_run_wait"] == wait]
-        summary[str(wait)] = {key: median([r[key] for r in mine if r[key] is not None] or [0.0])
-                              for key in ("full_set_overflow_ss", "full_set_overflow_sessions", "storm_p50_s",
-                                          "storm_last_s", "lone_p50_s")}
+    for wait, busy in [(w, b) for w in waits for b in busy_delays]:
+        mine = [r for r in rows if r["second_run_wait"] == wait and r["busy_heartbeat_delay"] == busy]
+        summary[f"{wait:g}, {busy:g}"] = {
+            key: median([r[key] for r in mine if r[key] is not None] or [0.0])
+            for key in ("full_set_overflow_ss", "full_set_overflow_sessions", "storm_p50_s", "storm_last_s",
+                        "lone_p50_s")}
     return {"rounds": rows, "medians": summary}
