@@ -105,6 +105,11 @@ export ANSIBLE_COLLECTIONS_PATH=$WORK/mutants/$PREFIX/build/collections
 # tests; a kill stands as long as the code is the same, and mutmut makes a changed function's
 # mutants anew, untested). MUTATION_REPORT=1: no run, the report of the last runs only.
 MUTMUT=(nice -n 19 "$VENV/bin/mutmut")
+# Which tests reach which function is traced again on every run (mutmut would only trace new tests):
+# after code moved (0.6.0's module_utils -> plugin_utils), the old map sent no test to the moved
+# functions, and graphics_event.py and console_policy.py scored 73.7 and 61.1 % against 95.7 and
+# 89.4 % with a fresh map.
+[ -n "${MUTATION_REPORT:-}" ] || rm -f "$WORK/mutants/mutmut-stats.json"
 times_file=$WORK/times.tsv  # seconds of each file's last whole run
 touch "$times_file"
 cd "$WORK"
