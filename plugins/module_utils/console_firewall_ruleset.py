@@ -41,6 +41,32 @@ Why this shape:
 * Priority -20 runs before the remediation's chain (-10), so every refusal of a network outside
   the allowed ones is counted here.
 
+With a rate limit (``rate_per_source``, ``rate_total``: new connections a second, 0 for none),
+the allowed networks' rules ``goto console_allowed`` instead of accepting, and that chain
+refuses, with a reset and counter ``rate_limited``, what goes over the limits::
+
+        set rate_ipv4_sources { type ipv4_addr; size 65535; flags dynamic,timeout; timeout 60s; }
+        set rate_ipv6_sources { type ipv6_addr; ... }
+        chain console_allowed {
+            update @rate_ipv4_sources { ip saddr limit rate over R/second burst B packets } REFUSE
+            update @rate_ipv6_sources { ip6 saddr & ffff:ffff:ffff:ffff:: limit rate over ... } REFUSE
+            limit rate over T/second burst B packets REFUSE
+            counter name allowed accept
+        }
+
+where REFUSE is ``counter name rate_limited reject with tcp reset``.
+
+* A storm from an allowed network (an attacker with a foothold there, a runaway script) then
+  reaches QEMU, and libvirt's event queues, at the total rate at most. Refused storms never
+  reach QEMU at all.
+* The per-source limit comes first, so that one source over its own limit (a blocked offender
+  still trying, too: the remediation's table judges after this one) spends its own budget, not
+  everybody's. An IPv6 source is its /64, the block one host usually has.
+* A full per-source set ends the ``update`` rule, so the packet goes on to the total limit: an
+  attacker with more than 65535 sources meets the total limit, never an open door.
+* The burst is twice the rate, and at least 20 connections: a SPICE client opens several
+  channels at once.
+
 Each rule carries a comment with a digest of its text: the rules on the host are the role's
 rules when the comments match. Set elements are compared as values (integer ranges, merged).
 
@@ -69,13 +95,22 @@ JUDGE_CHAIN = "console_new"
 PORT_SET = "console_ports"
 ALLOWED_SET = {4: "allowed_ipv4", 6: "allowed_ipv6"}
 REFUSED_SOURCES_SET = {4: "refused_ipv4_sources", 6: "refused_ipv6_sources"}
+LIMIT_CHAIN = "console_allowed"
+RATE_SOURCES_SET = {4: "rate_ipv4_sources", 6: "rate_ipv6_sources"}
+RATE_SOURCE_KEY = {4: "ip saddr", 6: "ip6 saddr & ffff:ffff:ffff:ffff::"}  # an IPv6 source is its /64
 ADDRESS_TYPE = {4: "ipv4_addr", 6: "ipv6_addr"}
 SADDR = {4: "ip saddr", 6: "ip6 saddr"}
 ALLOWED_COUNTER = "allowed"
 REFUSED_COUNTER = "refused"
+RATE_LIMITED_COUNTER = "rate_limited"
 # The refused sources a table remembers, per family, and for how long after their last attempt.
 REFUSED_SOURCES_SIZE = 4096
 REFUSED_SOURCES_SECONDS = 86400
+# The per-source buckets of the rate limit, per family, and how long an idle one is kept.
+RATE_SOURCES_SIZE = 65535
+RATE_SOURCES_SECONDS = 60
+MAX_RATE = 1_000_000
+MIN_BURST = 20
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,30}$")
 _COMMENT_MARK = "virtguard console firewall"
 
@@ -116,6 +151,22 @@ class FirewallSpec(NamedTuple):
     priority: int
     allowed: dict[int, tuple[IPNetwork, ...]]
     ports: tuple[Range, ...]
+    rate_per_source: int = 0  # new connections a second from one source of the allowed networks; 0: no limit
+    rate_total: int = 0  # new connections a second from all the allowed networks; 0: no limit
+
+    @property
+    def limited(self) -> bool:
+        return bool(self.rate_per_source or self.rate_total)
+
+    def chains(self) -> dict[str, dict[str, Any]]:
+        """The chains and their declarations (empty for a regular chain)."""
+        declared: dict[str, dict[str, Any]] = {BASE_CHAIN: self.base_chain(), JUDGE_CHAIN: {}}
+        if self.limited:
+            declared[LIMIT_CHAIN] = {}
+        return declared
+
+    def counters(self) -> tuple[str, ...]:
+        return (ALLOWED_COUNTER, REFUSED_COUNTER) + ((RATE_LIMITED_COUNTER,) if self.limited else ())
 
     def sets(self) -> dict[str, SetDeclaration]:
         declared = {PORT_SET: SetDeclaration("inet_service", True, None, None, False)}
@@ -123,6 +174,9 @@ class FirewallSpec(NamedTuple):
             declared[ALLOWED_SET[version]] = SetDeclaration(ADDRESS_TYPE[version], True, None, None, False)
             declared[REFUSED_SOURCES_SET[version]] = SetDeclaration(
                 ADDRESS_TYPE[version], False, REFUSED_SOURCES_SIZE, REFUSED_SOURCES_SECONDS, True)
+            if self.rate_per_source:
+                declared[RATE_SOURCES_SET[version]] = SetDeclaration(
+                    ADDRESS_TYPE[version], False, RATE_SOURCES_SIZE, RATE_SOURCES_SECONDS, False)
         return declared
 
     def elements(self) -> dict[str, list[Range]]:
@@ -135,14 +189,32 @@ class FirewallSpec(NamedTuple):
     def rules(self) -> list[Rule]:
         rules = [Rule(BASE_CHAIN, f"tcp dport @{PORT_SET} tcp flags & (fin|syn|rst|ack) == syn ct state new "
                                   f"jump {JUDGE_CHAIN}", "new connections to a console port")]
+        let_through = f"goto {LIMIT_CHAIN}" if self.limited else f"counter name {ALLOWED_COUNTER} accept"
         for version in (4, 6):
-            rules.append(Rule(JUDGE_CHAIN, f"{SADDR[version]} @{ALLOWED_SET[version]} counter name "
-                                           f"{ALLOWED_COUNTER} accept", f"allowed IPv{version} networks"))
+            rules.append(Rule(JUDGE_CHAIN, f"{SADDR[version]} @{ALLOWED_SET[version]} {let_through}",
+                              f"allowed IPv{version} networks"))
         for version in (4, 6):
             rules.append(Rule(JUDGE_CHAIN, f"update @{REFUSED_SOURCES_SET[version]} {{ {SADDR[version]} counter }}",
                               f"remember refused IPv{version} sources"))
         rules.append(Rule(JUDGE_CHAIN, f"counter name {REFUSED_COUNTER} reject with tcp reset",
                           "refuse everything else"))
+        return rules + self.limit_rules()
+
+    def limit_rules(self) -> list[Rule]:
+        """The rate limits' chain (none without a limit): each limit refuses what goes over it."""
+        if not self.limited:
+            return []
+        refuse = f"counter name {RATE_LIMITED_COUNTER} reject with tcp reset"
+        rules = []
+        if self.rate_per_source:
+            for version in (4, 6):
+                rules.append(Rule(LIMIT_CHAIN, f"update @{RATE_SOURCES_SET[version]} {{ {RATE_SOURCE_KEY[version]} "
+                                               f"{limit_text(self.rate_per_source)} }} {refuse}",
+                                  f"at most {self.rate_per_source} a second from one IPv{version} source"))
+        if self.rate_total:
+            rules.append(Rule(LIMIT_CHAIN, f"{limit_text(self.rate_total)} {refuse}",
+                              f"at most {self.rate_total} a second in all"))
+        rules.append(Rule(LIMIT_CHAIN, f"counter name {ALLOWED_COUNTER} accept", "let the rest through"))
         return rules
 
     def base_chain(self) -> dict[str, Any]:
@@ -168,6 +240,22 @@ def check_table_name(name: object, what: str = "table") -> str:
     return name
 
 
+def burst(rate: int) -> int:
+    """The connections a limit lets through at once: twice its rate a second, at least MIN_BURST."""
+    return max(2 * rate, MIN_BURST)
+
+
+def limit_text(rate: int) -> str:
+    return f"limit rate over {rate}/second burst {burst(rate)} packets"
+
+
+def check_rate(rate: object, what: str) -> int:
+    if isinstance(rate, bool) or not isinstance(rate, int) or not 0 <= rate <= MAX_RATE:
+        raise FirewallError(f"{what} must be a whole number of new connections a second from 0 (no limit) "
+                            f"to {MAX_RATE}, got {rate!r}")
+    return rate
+
+
 def network_range(network: IPNetwork) -> Range:
     return int(network.network_address), int(network.broadcast_address)
 
@@ -189,8 +277,11 @@ def allowed_networks(items: Iterable[Any]) -> dict[int, tuple[IPNetwork, ...]]:
     return {4: tuple(ipaddress.collapse_addresses(ipv4)), 6: tuple(ipaddress.collapse_addresses(ipv6))}
 
 
-def make_spec(table: str, priority: object, allowed: Iterable[Any], ports: Sequence[Range]) -> FirewallSpec:
+def make_spec(table: str, priority: object, allowed: Iterable[Any], ports: Sequence[Range],
+              rate_per_source: object = 0, rate_total: object = 0) -> FirewallSpec:
     check_table_name(table)
+    per_source = check_rate(rate_per_source, "rate_per_source")
+    total = check_rate(rate_total, "rate_total")
     if isinstance(priority, bool) or not isinstance(priority, int) or not -400 <= priority <= 400:
         raise FirewallError(f"priority must be a whole number from -400 to 400, got {priority!r}")
     networks = allowed_networks(allowed)
@@ -199,7 +290,7 @@ def make_spec(table: str, priority: object, allowed: Iterable[Any], ports: Seque
                             "(remove the rules with state=absent instead)")
     if not ports:
         raise FirewallError("no console port to guard")
-    return FirewallSpec(table, priority, networks, tuple(merge_ranges(ports)))
+    return FirewallSpec(table, priority, networks, tuple(merge_ranges(ports)), per_source, total)
 
 
 def network_text(network: IPNetwork) -> str:
@@ -225,7 +316,7 @@ def differences(spec: FirewallSpec, state: TableState | None) -> list[str]:
     words; empty when the host's table is the role's."""
     if state is None:
         return [f"table inet {spec.table} does not exist"]
-    wanted_chains = {BASE_CHAIN: spec.base_chain(), JUDGE_CHAIN: {}}
+    wanted_chains = spec.chains()
     found = declaration_differences("chain", wanted_chains, state.chains)
     rules = spec.rules()
     for chain in wanted_chains:
@@ -236,10 +327,10 @@ def differences(spec: FirewallSpec, state: TableState | None) -> list[str]:
     for name, elements in spec.elements().items():
         if name in state.sets and state.elements.get(name, []) != elements:
             found.append(f"the elements of set {name} differ")
-    for name in (ALLOWED_COUNTER, REFUSED_COUNTER):
+    for name in spec.counters():
         if name not in state.counters:
             found.append(f"counter {name} is missing")
-    theirs = set(state.counters) - {ALLOWED_COUNTER, REFUSED_COUNTER}
+    theirs = set(state.counters) - set(spec.counters())
     found += [f"counter {name} is not the role's" for name in sorted(theirs)]
     return found
 
@@ -283,17 +374,13 @@ def script(spec: FirewallSpec, state: TableState | None) -> list[str]:
     # whatever is not the role's or is declared otherwise goes.
     lines += [f"flush chain {t} {name}" for name in sorted(chains)]
     wanted_sets = spec.sets()
-    base = spec.base_chain()
-    for name in sorted(chains):
-        if name not in (BASE_CHAIN, JUDGE_CHAIN) or (name == BASE_CHAIN and chains[name] != base) \
-                or (name == JUDGE_CHAIN and chains[name]):
-            lines.append(f"delete chain {t} {name}")
+    wanted_chains = spec.chains()
+    lines += [f"delete chain {t} {name}" for name in sorted(chains) if wanted_chains.get(name) != chains[name]]
     for name in sorted(sets):
         if wanted_sets.get(name) != sets[name]:
             lines.append(f"delete set {t} {name}")
-    lines += [f"delete counter {t} {name}" for name in sorted(counters)
-              if name not in (ALLOWED_COUNTER, REFUSED_COUNTER)]
-    lines += [f"add counter {t} {name}" for name in (ALLOWED_COUNTER, REFUSED_COUNTER)]
+    lines += [f"delete counter {t} {name}" for name in sorted(counters) if name not in spec.counters()]
+    lines += [f"add counter {t} {name}" for name in spec.counters()]
     for name, declaration in wanted_sets.items():
         lines.append(f"add set {t} {name} {{ {_declaration_text(declaration)} }}")
     versions = {PORT_SET: None, ALLOWED_SET[4]: 4, ALLOWED_SET[6]: 6}
@@ -302,7 +389,7 @@ def script(spec: FirewallSpec, state: TableState | None) -> list[str]:
         if elements:
             texts = ", ".join(_range_text(versions[name], low, high) for low, high in elements)
             lines.append(f"add element {t} {name} {{ {texts} }}")
-    lines += [f"add chain {t} {BASE_CHAIN} {{ type filter hook input priority {spec.priority}; policy accept; }}",
-              f"add chain {t} {JUDGE_CHAIN}"]
+    lines.append(f"add chain {t} {BASE_CHAIN} {{ type filter hook input priority {spec.priority}; policy accept; }}")
+    lines += [f"add chain {t} {name}" for name in wanted_chains if name != BASE_CHAIN]
     lines += [f'add rule {t} {rule.chain} {rule.text} comment "{rule.comment}"' for rule in spec.rules()]
     return lines

@@ -15,6 +15,7 @@ from typing import Any
 from ansible_collections.virtguard.console.plugins.module_utils.console_firewall_listing import parse_table
 from ansible_collections.virtguard.console.plugins.module_utils.console_firewall_ruleset import (
     ALLOWED_COUNTER,
+    RATE_LIMITED_COUNTER,
     REFUSED_COUNTER,
     FirewallError,
     FirewallSpec,
@@ -72,12 +73,13 @@ class FirewallTable:
 
 
 def refusals(state: TableState | None) -> dict[str, Any]:
-    """The counts a table holds: connection attempts (SYNs) to console ports allowed and refused, and the refused
-    sources it remembers (most refusals first)."""
+    """The counts a table holds: connection attempts (SYNs) to console ports allowed, refused, and
+    refused over the rate limits, and the refused sources it remembers (most refusals first)."""
     counters = state.counters if state is not None else {}
     zero = {"packets": 0, "bytes": 0}
     return {
         "allowed_attempts": counters.get(ALLOWED_COUNTER, zero)["packets"],
         "refused_attempts": counters.get(REFUSED_COUNTER, zero)["packets"],
+        "rate_limited_attempts": counters.get(RATE_LIMITED_COUNTER, zero)["packets"],
         "refused_sources": state.refused_sources if state is not None else [],
     }

@@ -27,6 +27,10 @@ description:
   - Coexists with the remediation's table (C(virtguard_nft_table), O(remediation_table)), a
     different table with a base chain of its own, which still sees every packet this table lets
     through. The module refuses to use the remediation's table.
+  - With O(rate_per_source) or O(rate_total), new connections from the allowed networks are
+    rate limited too, and those over a limit are answered with a TCP reset (counter
+    C(rate_limited)). A storm from inside the allowed networks then reaches QEMU, and libvirt's
+    event queues, at the total rate at most.
   - With O(state=absent), deletes the table.
 author:
   - virtguard.console developers (@virtguard)
@@ -83,6 +87,28 @@ options:
         networks.
     type: int
     default: -20
+  rate_per_source:
+    description:
+      - The new console connections a second that one source of the allowed networks may open
+        (an IPv4 address; an IPv6 source is its /64), with a burst of twice as many, at least 20.
+        Those over it are answered with a TCP reset. V(0) sets no limit.
+      - Each source's budget is its own, so a source over its limit (a blocked offender still
+        trying, too) does not spend the others'. At most 65535 sources per family are
+        followed (forgotten after a minute without a new connection); past that, only
+        O(rate_total) applies.
+    type: int
+    default: 0
+  rate_total:
+    description:
+      - The new console connections a second that all the allowed networks together may open,
+        with a burst of twice as many, at least 20. Those over it are answered with a TCP reset.
+        V(0) sets no limit.
+      - This bounds what a storm from inside the allowed networks costs the host (QEMU's
+        accepts, libvirtd's graphics events and its queues for every listener). During such a
+        storm, other clients of the allowed networks may be refused too, so set it well above the
+        consoles' ordinary use.
+    type: int
+    default: 0
   state:
     description: V(present) makes the table, V(absent) deletes it.
     type: str
@@ -104,6 +130,13 @@ EXAMPLES = r"""
       - 2001:db8:20::/48
       - 10.30.0.5
     ports: ["5700-5899", "5900-6899"]
+
+- name: Also keep a storm from inside those networks from reaching QEMU and libvirtd
+  virtguard.console.console_firewall:
+    allowed_networks: [10.20.0.0/16]
+    ports: ["5700-5899", "5900-6899"]
+    rate_per_source: 10
+    rate_total: 200
 
 - name: Remove the firewall's table
   virtguard.console.console_firewall:
@@ -158,6 +191,12 @@ refused_attempts:
   description: New connections to console ports refused since the table was made (SYNs answered with a reset).
   returned: always
   type: int
+rate_limited_attempts:
+  description:
+    - New connections from the allowed networks refused over O(rate_per_source) or
+      O(rate_total) (SYNs answered with a reset), since the limits were set.
+  returned: always
+  type: int
 refused_sources:
   description:
     - The refused addresses the table remembers (those with an attempt in the last 24 hours, at
@@ -201,6 +240,8 @@ def main() -> None:
             table=dict(type="str", default="virtguard_console_firewall"),
             remediation_table=dict(type="str", default="virtguard"),
             priority=dict(type="int", default=-20),
+            rate_per_source=dict(type="int", default=0),
+            rate_total=dict(type="int", default=0),
             state=dict(type="str", choices=["present", "absent"], default="present"),
         ),
         required_if=[("state", "present", ["allowed_networks"])],
@@ -228,7 +269,8 @@ def main() -> None:
             # Keep guarding what was guarded: the fixed ports of domains that cannot be read now.
             current = table.read()
             ranges += current.elements.get("console_ports", []) if current is not None else []
-        spec = make_spec(table.table, params["priority"], params["allowed_networks"], ranges)
+        spec = make_spec(table.table, params["priority"], params["allowed_networks"], ranges,
+                         params["rate_per_source"], params["rate_total"])
         result = table.apply(spec, module.check_mode)
     except (FirewallError, AddressError) as exc:
         module.fail_json(msg=str(exc))

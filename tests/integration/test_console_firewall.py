@@ -29,7 +29,9 @@ import socket
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,6 +141,12 @@ class Site:
         assert table is not None
         return int(table["counter"]["refused"]["packets"])
 
+    def counters(self) -> dict[str, int]:
+        """The table's counters (packets): allowed, refused and, with a rate limit, rate_limited."""
+        table = self.table()
+        assert table is not None
+        return {name: int(counter["packets"]) for name, counter in table["counter"].items()}
+
     def refused_sources(self) -> set[str]:
         table = self.table()
         assert table is not None
@@ -187,6 +195,66 @@ def attempt(ns: ClientNamespace, address: str, port: int) -> str:
         return "connected"
     outcome: str = ns.call(connect)
     return outcome
+
+
+def storm(address: str, port: int, seconds: float, clients: int = 8) -> dict[str, float]:
+    """New connections to ``address:port`` from ``clients`` threads, each one after the other as
+    fast as they go and closed at once, for ``seconds``: how many were connected, refused (a
+    reset) and timed out, and how long the storm took. QEMU's VNC backlog is 1, so the kernel
+    drops a SYN while QEMU has not accepted the last one: the 0.5 s timeout gives such a client
+    up before its SYN is sent again (1 s), so that every SYN the firewall judged is one outcome."""
+    outcomes = {"connected": 0, "refused": 0, "timeout": 0}
+    lock = threading.Lock()
+    start = time.monotonic()
+
+    def client() -> None:
+        while time.monotonic() - start < seconds:
+            try:
+                socket.create_connection((address, port), 0.5).close()
+                outcome = "connected"
+            except ConnectionRefusedError:
+                outcome = "refused"
+            except TimeoutError:
+                outcome = "timeout"
+            with lock:
+                outcomes[outcome] += 1
+    threads = [threading.Thread(target=client) for _client in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return {**outcomes, "seconds": time.monotonic() - start}
+
+
+def loopback_attempts(site: Site, port: int, count: int, spacing: float) -> list[str]:
+    """``count`` new connections from the host's 127.0.0.1 (an allowed address: the console
+    proxies'), ``spacing`` seconds apart, in one process on the host: ``connected``, ``refused``
+    or ``timeout`` for each."""
+    code = ("import socket, time\n"
+            f"for _attempt in range({count}):\n"
+            "    try:\n"
+            f"        socket.create_connection(('127.0.0.1', {port}), 2).close()\n"
+            "        print('connected')\n"
+            "    except ConnectionRefusedError:\n"
+            "        print('refused')\n"
+            "    except TimeoutError:\n"
+            "        print('timeout')\n"
+            f"    time.sleep({spacing})\n")
+    return str(site.host.run(["python3", "-c", code], timeout=60).stdout).split()
+
+
+def storm_beside_loopback(site: Site, client: ClientNamespace, port: int) -> tuple[dict[str, float], list[str]]:
+    """A 4 s storm from ``client`` and, while it lasts, 5 attempts from the host's loopback (the
+    storm's start is given 0.5 s, and it must outlast them)."""
+    with ThreadPoolExecutor(1) as pool:
+        started = time.monotonic()
+        future = pool.submit(client.call, storm, site.host.address, port, 4.0)
+        time.sleep(0.5)
+        others = loopback_attempts(site, port, 5, 0.2)
+        others_done = time.monotonic() - started
+        outcome = future.result()
+    assert others_done < outcome["seconds"], "the loopback attempts were not made while the storm lasted"
+    return outcome, others
 
 
 def graphics_events(output: str, domain: str) -> list[str]:
@@ -613,3 +681,70 @@ def test_domains_that_cannot_be_read_fail_the_run_after_the_table_is_made(host_b
         assert site.guarded_ports() == [(5700, 6899)]
     finally:
         site.host.start_libvirtd()
+
+
+# -- rate limits: a storm from inside the allowed networks -----------------------------------------
+def connects_from(events: list[str], address: str) -> int:
+    return sum(1 for line in events if line.split(":")[1].split()[0] == "connect" and f" {address} " in line)
+
+
+def storm_witnessed(
+        site: Site, client: ClientNamespace, domain: Domain) -> tuple[dict[str, float], list[str], list[str]]:
+    """storm_beside_loopback on ``domain``'s console, with libvirt's graphics events of the
+    domain meanwhile, once every connection QEMU accepted has its disconnect event."""
+    witness = EventWitness(site.host.local_uri, domain.name)
+    try:
+        outcome, others = storm_beside_loopback(site, client, domain.vnc_port)
+        output = witness.stop(disconnects=int(outcome["connected"]) + others.count("connected"))
+    finally:
+        witness.close()
+    return outcome, others, graphics_events(output, domain.name)
+
+
+def test_a_total_rate_limit_bounds_what_reaches_qemu_from_every_source(host_back_as_configured: Site, clients):
+    """10 a second in all (burst 20): the storm and the host's 127.0.0.1 together reach QEMU 20
+    times plus 10 a second; the loopback's attempts during the storm are refused with it. A
+    second run changes nothing and reports the refusals."""
+    site = host_back_as_configured
+    domain, trusted = site.domains["before"], clients["trusted"]
+    assert site.apply(console_firewall_rate_total=10).counts["changed"] == 1
+    before = site.counters()
+    outcome, others, events = storm_witnessed(site, trusted, domain)
+    after = site.counters()
+    connected = outcome["connected"] + others.count("connected")
+    let_through = after["allowed"] - before["allowed"]  # SYNs, a few of them dropped by QEMU's full backlog
+    assert 20 <= let_through <= 20 + 10 * outcome["seconds"] + 2, (outcome, others, let_through)
+    assert connected <= let_through
+    assert outcome["refused"] > 100, outcome
+    # a token comes every 0.1 s and the storm takes it within a millisecond or so
+    assert others.count("refused") >= 3, others
+    assert after["rate_limited"] - before["rate_limited"] == outcome["refused"] + others.count("refused")
+    assert connects_from(events, trusted.client_ip) == outcome["connected"], events[-5:]
+    assert connects_from(events, "127.0.0.1") == others.count("connected"), events[-5:]
+    again = site.playbook(extra_vars={"console_firewall_rate_total": 10})
+    assert again.counts["changed"] == 0, again.output
+    assert f"{after['rate_limited']} refused over the rate limits" in again.output
+
+
+def test_a_per_source_rate_limit_bounds_one_sources_storm_and_spares_the_others(host_back_as_configured: Site,
+                                                                                clients):
+    """5 a second per source (burst 20): the trusted client's storm reaches QEMU 20 times plus 5
+    a second, and the host's 127.0.0.1, another allowed source, connects every time meanwhile.
+    Judged on the host: its counters, and libvirt's own connect events."""
+    site = host_back_as_configured
+    domain, trusted = site.domains["before"], clients["trusted"]
+    run = site.apply(console_firewall_rate_per_source=5)
+    assert run.counts["changed"] == 1, run.output
+    assert "0 refused over the rate limits" in run.output
+    before = site.counters()
+    outcome, others, events = storm_witnessed(site, trusted, domain)
+    after = site.counters()
+    let_through = after["allowed"] - before["allowed"]  # SYNs, a few of them dropped by QEMU's full backlog
+    loopback_syns = 5 - others.count("timeout")  # as many SYNs as the loopback's connections or more
+    assert 20 + loopback_syns <= let_through <= 20 + 5 * outcome["seconds"] + 2 + 10, (outcome, others, let_through)
+    assert outcome["connected"] <= let_through
+    assert outcome["refused"] > 100, outcome  # the storm went on, far over the limit
+    assert "refused" not in others and others.count("connected") >= 3, others
+    assert after["rate_limited"] - before["rate_limited"] == outcome["refused"]
+    assert after["refused"] == before["refused"]
+    assert connects_from(events, trusted.client_ip) == outcome["connected"], events[-5:]

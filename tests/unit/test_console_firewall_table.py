@@ -2,8 +2,10 @@
 and nft's JSON listing (module_utils.console_firewall_ruleset, console_firewall_listing,
 console_firewall_table). The listing is one captured with nftables 1.0.6 from a lab host after
 the module made the table (allowed 10.221.112.0/24 and fd00::/8, ports 5700-6899) and one new
-connection was let through and one refused (from 192.0.2.2). Real nft runs in
-tests/integration/test_console_firewall.py."""
+connection was let through and one refused (from 192.0.2.2). The rate-limited listing is one
+captured after a table with rate limits (3 a second per source, 50 in all; 127.0.0.1 allowed
+too) let 20 of 100 fast connections from 127.0.0.1 through and refused 80, then one more through.
+Real nft runs in tests/integration/test_console_firewall.py."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from ansible_collections.virtguard.console.plugins.module_utils.console_firewall
     PORT_SET,
     REFUSED_SOURCES_SET,
     FirewallError,
+    SetDeclaration,
     TableState,
     allowed_networks,
     differences,
@@ -34,12 +37,18 @@ from ansible_collections.virtguard.console.plugins.module_utils.ip_addresses imp
 
 FIXTURES = Path(__file__).parent / "fixtures" / "console_firewall"
 LISTING = (FIXTURES / "nft_table.json").read_text()
+RATE_LIMITED_LISTING = (FIXTURES / "nft_table_rate_limited.json").read_text()
 TABLE = "virtguard_console_firewall"
 RANGES = [(5700, 5899), (5900, 6899)]
 
 
-def spec(allowed=("10.221.112.0/24", "fd00::/8"), ports=None, priority=-20):
-    return make_spec(TABLE, priority, allowed, RANGES if ports is None else ports)
+def spec(allowed=("10.221.112.0/24", "fd00::/8"), ports=None, priority=-20, rate_per_source=0, rate_total=0):
+    return make_spec(TABLE, priority, allowed, RANGES if ports is None else ports, rate_per_source, rate_total)
+
+
+def rate_limited_spec(rate_per_source=3, rate_total=50):
+    return make_spec(TABLE, -20, ["10.221.112.0/24", "fd00::/8", "127.0.0.1"], [(5700, 6899)],
+                     rate_per_source, rate_total)
 
 
 def ip(text: str) -> int:
@@ -289,7 +298,95 @@ def test_remove_deletes_the_table_once():
     assert nft.calls[-1][0] == ["nft", "delete", "table", "inet", TABLE]
     nft = FakeNft([None])
     assert FirewallTable(nft, TABLE).remove() == {"changed": False, "removed": False, "allowed_attempts": 0,
-                                                  "refused_attempts": 0, "refused_sources": []}
+                                                  "refused_attempts": 0, "rate_limited_attempts": 0,
+                                                  "refused_sources": []}
     nft = FakeNft([LISTING])
     assert FirewallTable(nft, TABLE).remove(check_mode=True)["removed"]
     assert len(nft.calls) == 1
+
+
+# -- rate limits ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("field, value", [("rate_per_source", -1), ("rate_total", 1_000_001), ("rate_total", True),
+                                          ("rate_per_source", "10")])
+def test_wrong_rates_are_refused_naming_the_setting(field, value):
+    with pytest.raises(FirewallError, match=f"^{field} must be a whole number .* got {value!r}$"):
+        spec(**{field: value})
+
+
+def test_without_a_limit_the_table_is_the_one_without_limits():
+    assert spec(rate_per_source=0, rate_total=0) == spec()
+    assert not [rule for rule in spec().rules() if "limit" in rule.text or rule.chain == "console_allowed"]
+    assert "rate_limited" not in spec().counters() and "console_allowed" not in spec().chains()
+
+
+def test_allowed_networks_go_through_the_limits_per_source_first_then_in_all():
+    rules = [(rule.chain, rule.text) for rule in rate_limited_spec().rules() if rule.chain != "input"]
+    assert rules == [
+        ("console_new", "ip saddr @allowed_ipv4 goto console_allowed"),
+        ("console_new", "ip6 saddr @allowed_ipv6 goto console_allowed"),
+        ("console_new", "update @refused_ipv4_sources { ip saddr counter }"),
+        ("console_new", "update @refused_ipv6_sources { ip6 saddr counter }"),
+        ("console_new", "counter name refused reject with tcp reset"),
+        ("console_allowed", "update @rate_ipv4_sources { ip saddr limit rate over 3/second burst 20 packets } "
+                            "counter name rate_limited reject with tcp reset"),
+        ("console_allowed", "update @rate_ipv6_sources { ip6 saddr & ffff:ffff:ffff:ffff:: limit rate over "
+                            "3/second burst 20 packets } counter name rate_limited reject with tcp reset"),
+        ("console_allowed", "limit rate over 50/second burst 100 packets counter name rate_limited reject with tcp "
+                            "reset"),
+        ("console_allowed", "counter name allowed accept"),
+    ]
+    only_total = [rule.text for rule in rate_limited_spec(rate_per_source=0).rules() if rule.chain == "console_allowed"]
+    assert only_total == ["limit rate over 50/second burst 100 packets counter name rate_limited reject with tcp reset",
+                          "counter name allowed accept"]
+    assert "rate_ipv4_sources" not in rate_limited_spec(rate_per_source=0).sets()
+    only_source = [rule.text for rule in rate_limited_spec(rate_total=0).rules() if rule.chain == "console_allowed"]
+    assert len(only_source) == 3 and not any(text.startswith("limit") for text in only_source)
+
+
+@pytest.mark.parametrize("rate, burst", [(1, 20), (10, 20), (11, 22), (500, 1000)])
+def test_the_burst_is_twice_the_rate_and_at_least_twenty(rate, burst):
+    [total] = [rule.text for rule in rate_limited_spec(0, rate).rules() if rule.text.startswith("limit")]
+    assert total.startswith(f"limit rate over {rate}/second burst {burst} packets ")
+
+
+def test_the_captured_rate_limited_listing_is_what_the_spec_says_and_its_counts_are_read():
+    state = parse_table(RATE_LIMITED_LISTING, TABLE)
+    assert differences(rate_limited_spec(), state) == []
+    assert state.sets["rate_ipv6_sources"] == SetDeclaration("ipv6_addr", False, 65535, 60, False)
+    assert "rate_ipv4_sources" not in state.elements  # the buckets are the kernel's, never compared
+    nft = FakeNft([RATE_LIMITED_LISTING])
+    result = FirewallTable(nft, TABLE).apply(rate_limited_spec())
+    assert not result["changed"] and nft.written() == []
+    assert (result["allowed_attempts"], result["rate_limited_attempts"], result["refused_attempts"]) == (21, 80, 0)
+
+
+def test_changing_a_limit_rewrites_the_rules_and_keeps_the_buckets_and_counts():
+    state = parse_table(RATE_LIMITED_LISTING, TABLE)
+    changed = rate_limited_spec(rate_total=80)
+    assert differences(changed, state) == ["the rules of chain console_allowed are not the role's"]
+    lines = script(changed, state)
+    assert not [line for line in lines if line.startswith("delete")]
+    assert "add counter inet virtguard_console_firewall rate_limited" in lines  # nft keeps an existing one
+
+
+def test_turning_the_limits_off_removes_their_chain_sets_and_counter():
+    state = parse_table(RATE_LIMITED_LISTING, TABLE)
+    off = rate_limited_spec(0, 0)
+    assert differences(off, state) == [
+        "chain console_allowed is not the role's", "the rules of chain console_new are not the role's",
+        "set rate_ipv4_sources is not the role's", "set rate_ipv6_sources is not the role's",
+        "counter rate_limited is not the role's"]
+    lines = script(off, state)
+    deletes = [line for line in lines if line.startswith("delete")]
+    assert deletes == ["delete chain inet virtguard_console_firewall console_allowed",
+                       "delete set inet virtguard_console_firewall rate_ipv4_sources",
+                       "delete set inet virtguard_console_firewall rate_ipv6_sources",
+                       "delete counter inet virtguard_console_firewall rate_limited"]
+    assert lines.index("flush chain inet virtguard_console_firewall console_new") < lines.index(deletes[0])
+    # and on again from the table without limits: the chain, the sets and the counter are made
+    on = script(rate_limited_spec(), parse_table(LISTING, TABLE))
+    for line in ("add chain inet virtguard_console_firewall console_allowed",
+                 "add counter inet virtguard_console_firewall rate_limited",
+                 "add set inet virtguard_console_firewall rate_ipv4_sources { type ipv4_addr; size 65535; "
+                 "flags dynamic,timeout; timeout 60s; }"):
+        assert line in on
