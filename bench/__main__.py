@@ -98,8 +98,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seconds of storm per listener in the libvirtd-memory measurement (default 300)")
     parser.add_argument("--memory-clients", type=int, default=16,
                         help="storm clients per console in the libvirtd-memory measurement (default 16)")
-    parser.add_argument("--memory-modes", nargs="+", choices=("none", "virsh", "source"),
-                        default=["none", "virsh", "source"], help="listeners of the libvirtd-memory measurement")
+    parser.add_argument("--memory-modes", nargs="+", choices=("none", "virsh", "source", "firewalled"),
+                        default=["none", "virsh", "source", "firewalled"],
+                        help="listeners of the libvirtd-memory measurement (firewalled: the source, and the console "
+                             "firewall's total rate limit on the consoles)")
+    parser.add_argument("--memory-rate-total", type=int, default=200,
+                        help="the console firewall's rate_total in the libvirtd-memory measurement's firewalled mode "
+                             "(default 200 new connections a second)")
     parser.add_argument("--memory-source-args", default="{}",
                         help="the source's arguments in the libvirtd-memory measurement, JSON (default: as shipped)")
     parser.add_argument("--second-run-rounds", type=int, default=2,
@@ -402,22 +407,28 @@ def report_libvirtd_memory(report: Report, r: dict[str, Any]) -> None:
     def growth(row: dict[str, Any]) -> float:
         return float(row["rss_max_kib"] - row["rss_before_kib"]) / 1024
 
-    for mode in ("none", "virsh", "source"):
+    for mode in ("none", "virsh", "source", "firewalled"):
         if mode not in r:
             continue
         row = r[mode]
         extra = (f"; shed {row['shed']} times, resynchronised {row['resynchronised']}, {row['events']} events "
-                 "taken" if mode == "source" else "")
+                 "taken" if mode in ("source", "firewalled") else "")
+        if mode == "firewalled":
+            extra += (f"; the firewall let {row['allowed_attempts']} new connections through and refused "
+                      f"{row['rate_limited_attempts']} over {row['rate_total']} a second")
         report.figure(f"libvirtd growth under the storm, {mode}",
                       f"+{growth(row):.0f} MiB ({row['rss_before_kib'] / 1024:.0f} to at most "
                       f"{row['rss_max_kib'] / 1024:.0f} MiB, {row['rss_after_kib'] / 1024:.0f} MiB 5 s after; "
                       f"{row['sessions_per_s']:.0f} sessions/s; listener alive {row['listener_alive']}{extra}); "
                       f"load {row['load']}")
-    if "source" not in r or "virsh" not in r:
-        return
-    source, virsh = growth(r["source"]), growth(r["virsh"])
-    report.figure("libvirtd growth with the source against with virsh event", f"+{source:.0f} MiB / +{virsh:.0f} MiB",
-                  "no worse than virsh", source <= max(virsh, 0) + 16)
+    if "source" in r and "virsh" in r:
+        source, virsh = growth(r["source"]), growth(r["virsh"])
+        report.figure("libvirtd growth with the source against with virsh event",
+                      f"+{source:.0f} MiB / +{virsh:.0f} MiB", "no worse than virsh", source <= max(virsh, 0) + 16)
+    if "firewalled" in r:
+        report.figure(f"libvirtd growth with the source behind a total rate limit of {r['rate_total']} a second",
+                      f"+{growth(r['firewalled']):.0f} MiB", "bounded: at most 16 MiB",
+                      growth(r["firewalled"]) <= 16)
 
 
 def report_blind_starts(report: Report, r: dict[str, Any]) -> None:
@@ -773,7 +784,8 @@ def main(argv: list[str] | None = None) -> int:
                 report.section("15. libvirtd's memory under a storm: no listener, virsh event, the source")
                 results["libvirtd_memory"] = libvirtd_memory(
                     lab, report.line, seconds=options.memory_seconds, clients=options.memory_clients,
-                    modes=tuple(options.memory_modes), source_args=json.loads(options.memory_source_args))
+                    modes=tuple(options.memory_modes), source_args=json.loads(options.memory_source_args),
+                    rate_total=options.memory_rate_total)
                 report_libvirtd_memory(report, results["libvirtd_memory"])
             if "second_run" in chosen:
                 from bench.second_run import measure as second_run

@@ -6,11 +6,17 @@ on the hypervisor, from libvirtd's own /proc, every second. Each listener gets a
 daemon (its memory starts from the same place), the same consoles and the same storm
 (lab.session_storm, in this process); the source runs in a process of its own
 (bench.fleet_source), its queue drained as an activation's would be.
+
+``firewalled`` is the source again, with the console firewall's total rate limit
+(``rate_total``, module_utils.console_firewall_ruleset) on the consoles' ports in this machine's
+nftables, 127.0.0.1 and ::1 allowed: what an operator sets to keep a storm from inside the allowed
+networks from reaching QEMU at all. Its table (``vgbenchfw<pid>``) is removed at the end.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -20,25 +26,44 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ansible_collections.virtguard.console.plugins.module_utils.console_firewall_ruleset import make_spec
+from ansible_collections.virtguard.console.plugins.module_utils.console_firewall_table import FirewallTable
 from bench import ROOT
 from bench.stats import load_average, rss_kib
 from lab.session_storm import SessionStorm
 
 Log = Callable[[str], None]
-MODES = ("none", "virsh", "source")
+MODES = ("none", "virsh", "source", "firewalled")
+FIREWALL_TABLE = f"vgbenchfw{os.getpid()}"
 
 
 def measure(lab: Any, log: Log, seconds: float = 300.0, clients: int = 16, consoles: int = 4,
-            modes: tuple[str, ...] = MODES, source_args: dict[str, Any] | None = None) -> dict[str, Any]:
+            modes: tuple[str, ...] = MODES, source_args: dict[str, Any] | None = None,
+            rate_total: int = 200) -> dict[str, Any]:
     result: dict[str, Any] = {"seconds": seconds, "clients_per_console": clients, "consoles": consoles,
-                              "source_args": source_args or {}}
+                              "source_args": source_args or {}, "rate_total": rate_total}
     for mode in modes:
         [hv] = lab.hypervisors_with_domains(f"lm{mode[0]}", 1, consoles)
         try:
-            result[mode] = one_listener(lab, hv, mode, seconds, clients, log, source_args or {})
+            result[mode] = one_listener(lab, hv, mode, seconds, clients, log, source_args or {},
+                                        rate_total if mode == "firewalled" else 0)
         finally:
             lab.release([hv])
     return result
+
+
+def run_here(argv: list[str], data: str | None = None) -> tuple[int, str, str]:
+    """The firewall table's runner, on this machine."""
+    proc = subprocess.run(argv, input=data, capture_output=True, text=True, timeout=60, check=False)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def firewall(ports: list[int], rate_total: int) -> FirewallTable:
+    """The console firewall's table on this machine's ``ports``: 127.0.0.1 and ::1 allowed, at
+    most ``rate_total`` new connections a second."""
+    table = FirewallTable(run_here, FIREWALL_TABLE)
+    table.apply(make_spec(FIREWALL_TABLE, -20, ["127.0.0.1", "::1"], [(p, p) for p in ports], 0, rate_total))
+    return table
 
 
 class SourceProcess:
@@ -67,6 +92,23 @@ class SourceProcess:
 
 
 def one_listener(lab: Any, hv: Any, mode: str, seconds: float, clients: int, log: Log,
+                 source_args: dict[str, Any], rate_total: int) -> dict[str, Any]:
+    if not rate_total:
+        return storm_beside(lab, hv, mode, seconds, clients, log, source_args)
+    table = firewall([d.vnc_port for d in hv.domains], rate_total)
+    try:
+        row = storm_beside(lab, hv, mode, seconds, clients, log, source_args)
+    finally:
+        counts = table.remove()
+    row.update(rate_total=rate_total, rate_limited_attempts=counts["rate_limited_attempts"],
+               allowed_attempts=counts["allowed_attempts"])
+    log(f"#   the firewall let {row['allowed_attempts']} new connections through "
+            f"({row['allowed_attempts'] / row['storm_seconds']:.0f} a second) and refused "
+            f"{row['rate_limited_attempts']} over its limit of {rate_total} a second")
+    return row
+
+
+def storm_beside(lab: Any, hv: Any, mode: str, seconds: float, clients: int, log: Log,
                  source_args: dict[str, Any]) -> dict[str, Any]:
     pid = hv.daemon_pid()
     assert pid is not None, "the session daemon runs"
@@ -77,7 +119,7 @@ def one_listener(lab: Any, hv: Any, mode: str, seconds: float, clients: int, log
             proc = lab.spawn(["virsh", "-c", hv.uri, "event", "--all", "--loop"], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
             time.sleep(3)  # registered (virsh does not say when)
-        elif mode == "source":
+        elif mode in ("source", "firewalled"):
             source = SourceProcess(lab, hv.uri, Path(tmp), source_args)
             proc = source.proc
             if not source.watching.wait(60):

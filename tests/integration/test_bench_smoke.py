@@ -108,12 +108,13 @@ def test_bench_smoke_blind_starts_never_blind_for_good(tmp_path):
 
 def test_bench_smoke_libvirtd_memory_reads_the_daemon_under_a_storm(tmp_path):
     """The libvirtd-memory measurement (bench/libvirtd_memory.py) at a tiny size: libvirtd's
-    memory is read under a real storm, with no listener and with the source."""
+    memory is read under a real storm, with no listener, with the source, and with the source
+    behind the console firewall's total rate limit, whose table is gone afterwards."""
     results = tmp_path / "results.json"
     env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(ROOT / "build" / "collections"))
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--only", "libvirtd_memory", "--memory-seconds", "3", "--memory-clients", "1",
-         "--memory-modes", "none", "source", "--json", str(results)],
+         "--memory-modes", "none", "source", "firewalled", "--memory-rate-total", "5", "--json", str(results)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     memory = json.loads(results.read_text())["libvirtd_memory"]
@@ -122,3 +123,10 @@ def test_bench_smoke_libvirtd_memory_reads_the_daemon_under_a_storm(tmp_path):
         assert row["sessions"] > 0 and row["listener_alive"] and row["rss_before_kib"] > 0
     assert memory["source"]["events"] > 0
     assert "libvirtd growth under the storm, source" in proc.stdout
+    limited = memory["firewalled"]
+    assert limited["listener_alive"] and limited["rss_before_kib"] > 0
+    assert limited["rate_limited_attempts"] > 0  # the storm went past the limit...
+    # ...and the firewall let through its burst (20) and 5 a second at most
+    assert limited["sessions"] <= limited["allowed_attempts"] <= 20 + 5 * limited["storm_seconds"] + 2, limited
+    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=True).stdout
+    assert "vgbenchfw" not in tables

@@ -370,6 +370,8 @@ def host_back_as_configured(guarded: Site) -> Iterator[Site]:
     ({"console_firewall_display_port_max": 50000}, "hold libvirt's migration ports (49152-49215)"),
     ({"console_firewall_websocket_port_max": 16600}, "hold libvirtd's TLS port (16514)"),
     ({"console_firewall_state": "closed"}, "console_firewall_state"),
+    ({"console_firewall_rate_per_source": -5}, "rate_per_source must be a whole number of new connections a second"),
+    ({"console_firewall_rate_total": "many"}, "console_firewall_rate_total"),
 ])
 def test_wrong_variables_fail_at_start_and_change_nothing(fresh: Site, bad, message):
     before = fresh.configuration()
