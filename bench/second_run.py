@@ -8,6 +8,7 @@ bench/storm.py (its p50 and last cut, and the runs). Judged on the hypervisor, a
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 from collections.abc import Callable
@@ -37,13 +38,14 @@ def measure(lab: Any, log: Log, rounds: int = 2, waits: tuple[float, ...] = (0.0
     table = f"vgs{os.getpid() % 100000}"
     workdir = Path(tempfile.mkdtemp(prefix="vgt-bench-second-run-", dir=ROOT / "build"))
     rows: list[dict[str, Any]] = []
+    variants = list(itertools.product(waits, busy_delays))
     attacker: AttackerHost | None = None
     try:
         hv.start()
         with ThreadPoolExecutor(4) as pool:
             domains = list(pool.map(lambda n: hv.create_domain(f"{hv.user}-d{n}", listen="::"), range(CONSOLES)))
         for round_ in range(rounds):
-            for wait, busy in [(w, b) for w in waits for b in busy_delays]:
+            for wait, busy in variants:
                 # a fresh attacker host a variant: the full set's addresses are fixed
                 if attacker is not None:
                     attacker.delete()
@@ -79,7 +81,7 @@ def measure(lab: Any, log: Log, rounds: int = 2, waits: tuple[float, ...] = (0.0
         drop_table(table)
         lab.release([hv])
     summary = {}
-    for wait, busy in [(w, b) for w in waits for b in busy_delays]:
+    for wait, busy in variants:
         mine = [r for r in rows if r["second_run_wait"] == wait and r["busy_heartbeat_delay"] == busy]
         summary[f"{wait:g}, {busy:g}"] = {
             key: median([r[key] for r in mine if r[key] is not None] or [0.0])
