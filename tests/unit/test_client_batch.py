@@ -40,7 +40,8 @@ def fragment_options(part: str) -> dict[str, Any]:
 def declared(documented: dict[str, Any]) -> dict[str, Any]:
     """What an argument spec holds for a documented option: its type, elements, default,
     required flag and suboptions (the description aside)."""
-    spec = {key: documented[key] for key in ("type", "elements", "default", "required") if key in documented}
+    keys = ("type", "elements", "default", "required")
+    spec: dict[str, Any] = {key: documented[key] for key in keys if key in documented}
     if "suboptions" in documented:
         spec["options"] = {name: declared(sub) for name, sub in documented["suboptions"].items()}
     return spec
