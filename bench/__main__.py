@@ -98,10 +98,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seconds of storm per listener in the libvirtd-memory measurement (default 300)")
     parser.add_argument("--memory-clients", type=int, default=16,
                         help="storm clients per console in the libvirtd-memory measurement (default 16)")
-    parser.add_argument("--memory-modes", nargs="+", choices=("none", "virsh", "source", "firewalled"),
+    parser.add_argument("--memory-modes", nargs="+",
+                        choices=("none", "virsh", "source", "firewalled", "virsh_lifecycle"),
                         default=["none", "virsh", "source", "firewalled"],
                         help="listeners of the libvirtd-memory measurement (firewalled: the source, and the console "
-                             "firewall's total rate limit on the consoles)")
+                             "firewall's total rate limit on the consoles; virsh_lifecycle: virsh listening to "
+                             "lifecycle events only)")
     parser.add_argument("--memory-rate-total", type=int, default=200,
                         help="the console firewall's rate_total in the libvirtd-memory measurement's firewalled mode "
                              "(default 200 new connections a second)")
@@ -407,7 +409,7 @@ def report_libvirtd_memory(report: Report, r: dict[str, Any]) -> None:
     def growth(row: dict[str, Any]) -> float:
         return float(row["rss_max_kib"] - row["rss_before_kib"]) / 1024
 
-    for mode in ("none", "virsh", "source", "firewalled"):
+    for mode in ("none", "virsh", "source", "firewalled", "virsh_lifecycle"):
         if mode not in r:
             continue
         row = r[mode]
@@ -419,7 +421,11 @@ def report_libvirtd_memory(report: Report, r: dict[str, Any]) -> None:
         report.figure(f"libvirtd growth under the storm, {mode}",
                       f"+{growth(row):.0f} MiB ({row['rss_before_kib'] / 1024:.0f} to at most "
                       f"{row['rss_max_kib'] / 1024:.0f} MiB, {row['rss_after_kib'] / 1024:.0f} MiB 5 s after; "
-                      f"{row['sessions_per_s']:.0f} sessions/s; listener alive {row['listener_alive']}{extra}); "
+                      f"{row['sessions_per_s']:.0f} sessions/s; listener alive {row['listener_alive']}"
+                      + (f", exited after {row['listener_exited_after_s']:.0f} s"
+                         if row.get("listener_exited_after_s") is not None else "")
+                      + f"{extra}; MiB at 10/30/60/120/300 s: "
+                      + "/".join(f"{kib / 1024:.0f}" for kib in row.get("rss_at_kib", {}).values()) + "); "
                       f"load {row['load']}")
     if "source" in r and "virsh" in r:
         source, virsh = growth(r["source"]), growth(r["virsh"])

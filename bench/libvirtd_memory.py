@@ -34,6 +34,9 @@ from lab.session_storm import SessionStorm
 
 Log = Callable[[str], None]
 MODES = ("none", "virsh", "source", "firewalled")
+# Not run by default: virsh listening to lifecycle events only (does a listener of another event
+# type cost libvirtd as much? libvirt queues every domain event while any callback is registered).
+MORE_MODES = ("virsh_lifecycle",)
 FIREWALL_TABLE = f"vgbenchfw{os.getpid()}"
 
 
@@ -115,8 +118,9 @@ def storm_beside(lab: Any, hv: Any, mode: str, seconds: float, clients: int, log
     source: SourceProcess | None = None
     proc: subprocess.Popen[Any] | None = None
     with tempfile.TemporaryDirectory(prefix="vgt-bench-libvirtd-memory-", dir=ROOT / "build") as tmp:
-        if mode == "virsh":
-            proc = lab.spawn(["virsh", "-c", hv.uri, "event", "--all", "--loop"], stdout=subprocess.DEVNULL,
+        if mode in ("virsh", "virsh_lifecycle"):
+            events = ["--all"] if mode == "virsh" else ["--event", "lifecycle"]
+            proc = lab.spawn(["virsh", "-c", hv.uri, "event", *events, "--loop"], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
             time.sleep(3)  # registered (virsh does not say when)
         elif mode in ("source", "firewalled"):
@@ -129,14 +133,17 @@ def storm_beside(lab: Any, hv: Any, mode: str, seconds: float, clients: int, log
         before = rss_kib(pid)
         storm = SessionStorm([d.vnc_port for d in hv.domains], clients_per_port=clients)
         samples: list[int] = []
+        exited: float | None = None  # when the listener's process ended (libvirtd dropped virsh, say)
         started = time.monotonic()
         storm.start()
         try:
+            # the storm lasts its whole time whatever the listener does: a listener that libvirtd
+            # dropped is part of what each listener costs the daemon
             while time.monotonic() - started < seconds:
                 samples.append(rss_kib(pid))
                 time.sleep(1.0)
-                if proc is not None and proc.poll() is not None:
-                    break
+                if exited is None and proc is not None and proc.poll() is not None:
+                    exited = time.monotonic() - started
         finally:
             storm.stop()
         stormed = time.monotonic() - started
@@ -146,13 +153,16 @@ def storm_beside(lab: Any, hv: Any, mode: str, seconds: float, clients: int, log
         if proc is not None:
             lab.stop_process(proc)
     row = {"rss_before_kib": before, "rss_max_kib": max(samples or [before]), "rss_after_kib": after,
+           "rss_at_kib": {str(t): samples[t - 1] for t in (10, 30, 60, 120, 300) if t <= len(samples)},
            "sessions": storm.sessions, "sessions_per_s": storm.sessions / stormed if stormed else 0.0,
-           "storm_seconds": stormed, "listener_alive": alive, "load": load, "load_after": load_average()}
+           "storm_seconds": stormed, "listener_alive": alive, "listener_exited_after_s": exited, "load": load,
+           "load_after": load_average()}
     if source is not None:
         row.update(events=source.events, shed=source.health.count("shedding"),
                    resynchronised=source.health.count("resynchronised"), health=source.health)
     peak = max(samples or [before])
     log(f"#   {mode}: libvirtd {before / 1024:.0f} MiB before, at most {peak / 1024:.0f} MiB in "
         f"{stormed:.0f} s of {row['sessions_per_s']:.0f} sessions/s, {after / 1024:.0f} MiB 5 s after"
+        + (f"; the listener exited after {exited:.0f} s" if exited is not None else "")
         + (f"; the source shed {row['shed']} times, {row['events']} events" if source is not None else ""))
     return row
