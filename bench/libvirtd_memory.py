@@ -106,8 +106,8 @@ def one_listener(lab: Any, hv: Any, mode: str, seconds: float, clients: int, log
     row.update(rate_total=rate_total, rate_limited_attempts=counts["rate_limited_attempts"],
                allowed_attempts=counts["allowed_attempts"])
     log(f"#   the firewall let {row['allowed_attempts']} new connections through "
-            f"({row['allowed_attempts'] / row['storm_seconds']:.0f} a second) and refused "
-            f"{row['rate_limited_attempts']} over its limit of {rate_total} a second")
+        f"({row['allowed_attempts'] / row['storm_seconds']:.0f} a second) and refused "
+        f"{row['rate_limited_attempts']} over its limit of {rate_total} a second")
     return row
 
 

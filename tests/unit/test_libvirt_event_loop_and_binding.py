@@ -160,4 +160,3 @@ def test_the_loop_logs_a_failed_iteration_and_goes_on(monkeypatch, caplog):
     assert fake.runs == []  # every iteration ran
     assert [r.getMessage() for r in caplog.records] == ["libvirt's event loop failed: poll failed"] * 2
     assert sleeps == [0.1, 0.1]
-
