@@ -750,3 +750,47 @@ def test_a_per_source_rate_limit_bounds_one_sources_storm_and_spares_the_others(
     assert after["rate_limited"] - before["rate_limited"] == outcome["refused"]
     assert after["refused"] == before["refused"]
     assert connects_from(events, trusted.client_ip) == outcome["connected"], events[-5:]
+
+
+def test_a_per_source_rate_limit_takes_an_ipv6_source_as_its_64(host_back_as_configured: Site, clients):
+    """An attacker who rotates addresses inside one IPv6 /64 (the trusted one here) meets one
+    budget, not one per address; ::1, another allowed /64, keeps its own. As in the IPv6 test
+    above, the clients are addresses of the host itself, on its loopback."""
+    site = host_back_as_configured
+    host = site.host
+    network = ipaddress.ip_network(clients["trusted"].network6)
+    rotated = [str(network[0x1000 + n]) for n in range(30)]
+    name = f"{host.name}-v6rate"
+    try:
+        for address in rotated:
+            host.run(["ip", "-6", "addr", "add", f"{address}/128", "dev", "lo", "nodad"])
+        xml = start_domain(host, name, "<graphics type='vnc' autoport='yes' listen='::'/>")
+        port = int(re.search(r"<graphics type='vnc' port='(\d+)'", xml)[1])  # type: ignore[index]
+        assert site.apply(console_firewall_rate_per_source=5).counts["changed"] == 1
+        before = site.counters()
+        # 90 connections, each from the next of the 30 addresses, as fast as they go, then ::1
+        code = ("import json, socket, time\n"
+                f"sources, outcomes = {rotated!r} * 3, []\n"
+                "start = time.monotonic()\n"
+                "for source in sources + ['::1']:\n"
+                "    try:\n"
+                f"        socket.create_connection(({rotated[0]!r} if source != '::1' else '::1', {port}), 2,"
+                " source_address=(source, 0)).close()\n"
+                "        outcomes.append('connected')\n"
+                "    except ConnectionRefusedError:\n"
+                "        outcomes.append('refused')\n"
+                "    except TimeoutError:\n"
+                "        outcomes.append('timeout')\n"
+                "print(json.dumps({'outcomes': outcomes, 'seconds': time.monotonic() - start}))\n")
+        result = json.loads(host.run(["python3", "-c", code], timeout=120).stdout)
+        after = site.counters()
+        *rotation, loopback = result["outcomes"]
+        let_through = rotation.count("connected") + rotation.count("timeout")
+        assert 20 <= let_through <= 20 + 5 * result["seconds"] + 2, result
+        assert rotation.count("refused") >= 90 - (20 + 5 * result["seconds"] + 2), result
+        assert loopback == "connected", result
+        assert after["rate_limited"] - before["rate_limited"] == rotation.count("refused")
+    finally:
+        remove_domain(host, name)
+        for address in rotated:
+            host.run(["ip", "-6", "addr", "del", f"{address}/128", "dev", "lo"], check=False)
