@@ -18,6 +18,8 @@ from typing import Any
 
 from bench import ROOT
 from bench.lab import Lab
+from bench.libvirtd_memory import MODES as MEMORY_MODES
+from bench.libvirtd_memory import MORE_MODES as MORE_MEMORY_MODES
 from bench.stats import load_average, median, mem_available_mib
 
 MEASUREMENTS = ("burst", "endtoend", "scale", "soak", "audit", "storm", "fleet", "reconnect", "resilience",
@@ -98,9 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seconds of storm per listener in the libvirtd-memory measurement (default 300)")
     parser.add_argument("--memory-clients", type=int, default=16,
                         help="storm clients per console in the libvirtd-memory measurement (default 16)")
-    parser.add_argument("--memory-modes", nargs="+",
-                        choices=("none", "virsh", "source", "firewalled", "virsh_lifecycle"),
-                        default=["none", "virsh", "source", "firewalled"],
+    parser.add_argument("--memory-modes", nargs="+", choices=MEMORY_MODES + MORE_MEMORY_MODES,
+                        default=list(MEMORY_MODES),
                         help="listeners of the libvirtd-memory measurement (firewalled: the source, and the console "
                              "firewall's total rate limit on the consoles; virsh_lifecycle: virsh listening to "
                              "lifecycle events only)")
@@ -409,7 +410,7 @@ def report_libvirtd_memory(report: Report, r: dict[str, Any]) -> None:
     def growth(row: dict[str, Any]) -> float:
         return float(row["rss_max_kib"] - row["rss_before_kib"]) / 1024
 
-    for mode in ("none", "virsh", "source", "firewalled", "virsh_lifecycle"):
+    for mode in MEMORY_MODES + MORE_MEMORY_MODES:
         if mode not in r:
             continue
         row = r[mode]

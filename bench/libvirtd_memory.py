@@ -61,12 +61,10 @@ def run_here(argv: list[str], data: str | None = None) -> tuple[int, str, str]:
     return proc.returncode, proc.stdout, proc.stderr
 
 
-def firewall(ports: list[int], rate_total: int) -> FirewallTable:
+def apply_firewall(table: FirewallTable, ports: list[int], rate_total: int) -> None:
     """The console firewall's table on this machine's ``ports``: 127.0.0.1 and ::1 allowed, at
     most ``rate_total`` new connections a second."""
-    table = FirewallTable(run_here, FIREWALL_TABLE)
-    table.apply(make_spec(FIREWALL_TABLE, -20, ["127.0.0.1", "::1"], [(p, p) for p in ports], 0, rate_total))
-    return table
+    table.apply(make_spec(table.table, -20, ["127.0.0.1", "::1"], [(p, p) for p in ports], 0, rate_total))
 
 
 class SourceProcess:
@@ -98,8 +96,9 @@ def one_listener(lab: Any, hv: Any, mode: str, seconds: float, clients: int, log
                  source_args: dict[str, Any], rate_total: int) -> dict[str, Any]:
     if not rate_total:
         return storm_beside(lab, hv, mode, seconds, clients, log, source_args)
-    table = firewall([d.vnc_port for d in hv.domains], rate_total)
-    try:
+    table = FirewallTable(run_here, FIREWALL_TABLE)
+    try:  # removed also when the table was written and then found wrong
+        apply_firewall(table, [d.vnc_port for d in hv.domains], rate_total)
         row = storm_beside(lab, hv, mode, seconds, clients, log, source_args)
     finally:
         counts = table.remove()
