@@ -226,21 +226,31 @@ def storm(address: str, port: int, seconds: float, clients: int = 8) -> dict[str
     return {**outcomes, "seconds": time.monotonic() - start}
 
 
+def attempts_on_host(site: Site, port: int, pairs: list[tuple[str, str]], spacing: float = 0.0) -> dict[str, Any]:
+    """New connections made on the host itself, in one process, one for each (source address,
+    destination address) of ``pairs``, ``spacing`` seconds apart: ``outcomes`` (``connected``,
+    ``refused`` or ``timeout`` for each) and how many ``seconds`` they took."""
+    code = ("import json, socket, time\n"
+            "outcomes, start = [], time.monotonic()\n"
+            f"for source, destination in {pairs!r}:\n"
+            "    try:\n"
+            f"        socket.create_connection((destination, {port}), 2, source_address=(source, 0)).close()\n"
+            "        outcomes.append('connected')\n"
+            "    except ConnectionRefusedError:\n"
+            "        outcomes.append('refused')\n"
+            "    except TimeoutError:\n"
+            "        outcomes.append('timeout')\n"
+            f"    time.sleep({spacing})\n"
+            "print(json.dumps({'outcomes': outcomes, 'seconds': time.monotonic() - start}))\n")
+    result: dict[str, Any] = json.loads(site.host.run(["python3", "-c", code], timeout=120).stdout)
+    return result
+
+
 def loopback_attempts(site: Site, port: int, count: int, spacing: float) -> list[str]:
     """``count`` new connections from the host's 127.0.0.1 (an allowed address: the console
-    proxies'), ``spacing`` seconds apart, in one process on the host: ``connected``, ``refused``
-    or ``timeout`` for each."""
-    code = ("import socket, time\n"
-            f"for _attempt in range({count}):\n"
-            "    try:\n"
-            f"        socket.create_connection(('127.0.0.1', {port}), 2).close()\n"
-            "        print('connected')\n"
-            "    except ConnectionRefusedError:\n"
-            "        print('refused')\n"
-            "    except TimeoutError:\n"
-            "        print('timeout')\n"
-            f"    time.sleep({spacing})\n")
-    return str(site.host.run(["python3", "-c", code], timeout=60).stdout).split()
+    proxies'), ``spacing`` seconds apart: ``connected``, ``refused`` or ``timeout`` for each."""
+    outcomes: list[str] = attempts_on_host(site, port, [("127.0.0.1", "127.0.0.1")] * count, spacing)["outcomes"]
+    return outcomes
 
 
 def storm_beside_loopback(site: Site, client: ClientNamespace, port: int) -> tuple[dict[str, float], list[str]]:
@@ -769,20 +779,7 @@ def test_a_per_source_rate_limit_takes_an_ipv6_source_as_its_64(host_back_as_con
         assert site.apply(console_firewall_rate_per_source=5).counts["changed"] == 1
         before = site.counters()
         # 90 connections, each from the next of the 30 addresses, as fast as they go, then ::1
-        code = ("import json, socket, time\n"
-                f"sources, outcomes = {rotated!r} * 3, []\n"
-                "start = time.monotonic()\n"
-                "for source in sources + ['::1']:\n"
-                "    try:\n"
-                f"        socket.create_connection(({rotated[0]!r} if source != '::1' else '::1', {port}), 2,"
-                " source_address=(source, 0)).close()\n"
-                "        outcomes.append('connected')\n"
-                "    except ConnectionRefusedError:\n"
-                "        outcomes.append('refused')\n"
-                "    except TimeoutError:\n"
-                "        outcomes.append('timeout')\n"
-                "print(json.dumps({'outcomes': outcomes, 'seconds': time.monotonic() - start}))\n")
-        result = json.loads(host.run(["python3", "-c", code], timeout=120).stdout)
+        result = attempts_on_host(site, port, [(source, rotated[0]) for source in rotated * 3] + [("::1", "::1")])
         after = site.counters()
         *rotation, loopback = result["outcomes"]
         let_through = rotation.count("connected") + rotation.count("timeout")
