@@ -223,7 +223,7 @@ class AuditLog:
         self.fd: int | None = None
         self._write = write
         self._identity: tuple[int, int] | None = None
-        self._last_sync = 0.0
+        self._last_sync: float | None = None  # none yet: the first append syncs at once
         self._unsynced = False
         self._next_check = 0.0
 
@@ -293,7 +293,7 @@ class AuditLog:
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
         self._unsynced = True
-        if self.fsync == "always" or (self.fsync == "interval" and now - self._last_sync >= self.fsync_interval):
+        if self.fsync == "always" or (self.fsync == "interval" and self._sync_owed(now)):
             try:
                 self.sync()
             except AuditError as exc:  # the lines are in the file, not yet on the disk
@@ -376,7 +376,14 @@ class AuditLog:
         or None when none is owed."""
         if self.fsync != "interval" or not self._unsynced or self.fd is None:
             return None
+        if self._last_sync is None:
+            return 0.0
         return max(0.0, self._last_sync + self.fsync_interval - now)
+
+    def _sync_owed(self, now: float) -> bool:
+        """Whether the ``interval`` policy syncs at an append made at ``now``: the first time, and
+        an interval after the last sync (``time.monotonic()`` may be below the interval after a boot)."""
+        return self._last_sync is None or now - self._last_sync >= self.fsync_interval
 
     def sync(self) -> None:
         if self.fd is not None:

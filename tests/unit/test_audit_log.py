@@ -925,6 +925,24 @@ def test_only_the_interval_policy_owes_a_sync_and_only_for_unsynced_lines(tmp_pa
         log.close()
 
 
+def test_the_first_append_syncs_at_once_also_soon_after_a_boot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """time.monotonic() counts from the boot here: a machine up for less than the interval
+    must still sync the first record at once (found on a machine up for 7 minutes)."""
+    synced: list[int] = []
+    monkeypatch.setattr(time, "monotonic", lambda: 5.0)
+    monkeypatch.setattr(os, "fsync", synced.append)
+    log = AuditLog(str(tmp_path / "audit.jsonl"), fsync="interval", fsync_interval=3600)
+    assert log.sync_due_in(5.0) is None  # nothing written, nothing owed
+    log.append({"n": 1})
+    assert len(synced) == 1
+    assert log.sync_due_in(5.0) is None
+    log.append({"n": 2})  # within the interval of that sync: owed at its end
+    assert len(synced) == 1
+    assert log.sync_due_in(5.0) == 3600
+    assert log.sync_due_in(3605.0) == 0
+    log.close()
+
+
 def test_a_failed_sync_is_tried_again_an_interval_later(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def failing_fsync(fd: int) -> None:
         raise OSError(errno.EIO, os.strerror(errno.EIO))
