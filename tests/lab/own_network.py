@@ -26,7 +26,7 @@ import threading
 
 CLONE_NEWNET = 0x40000000
 STAY = "VIRTGUARD_TEST_MACHINE_NETWORK"
-ENTERED = "VIRTGUARD_TEST_OWN_NETWORK"  # set once entered, for the processes started since
+ENTERED = "VIRTGUARD_TEST_OWN_NETWORK"  # set once entered, for the processes started since: the namespace left
 
 
 def enter_own_network() -> bool:
@@ -38,11 +38,12 @@ def enter_own_network() -> bool:
     if threading.active_count() != 1:
         # unshare moves the calling thread only: the others would stay in the machine's namespace
         raise RuntimeError(f"cannot enter the suite's own network namespace: {threading.active_count()} threads run")
+    machine = os.readlink("/proc/self/ns/net")
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.unshare(CLONE_NEWNET) != 0:
         errno = ctypes.get_errno()
         raise OSError(errno, f"cannot enter the suite's own network namespace (unshare: {os.strerror(errno)}); "
                              f"run as root, or set {STAY}=1 to run in the machine's")
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    os.environ[ENTERED] = str(os.getpid())
+    os.environ[ENTERED] = machine
     return True
