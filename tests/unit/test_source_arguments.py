@@ -144,3 +144,48 @@ def test_documentation_states_the_declared_options():
 ])
 def test_direct_endpoint_is_where_libvirt_itself_connects(uri, endpoint):
     assert direct_endpoint(uri) == endpoint
+
+
+P = "virtguard.console.libvirt_graphics: "
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ({"uri": []}, "uri must name at least one libvirt URI, got an empty list"),
+    ({"uri": "kvm1"}, "uri 'kvm1' is not a libvirt URI (like qemu:///system)"),
+    ({"uri": "qemu:/system"}, "uri 'qemu:/system' is not a libvirt URI (like qemu:///system)"),
+    ({"uri": "qemu:///sys tem"}, "uri 'qemu:///sys tem' is not a libvirt URI (like qemu:///system)"),
+    ({"uri": "qemu:///system\n"}, "uri 'qemu:///system\\n' is not a libvirt URI (like qemu:///system)"),
+    ({"uri": ["qemu+tls://b/system", "qemu+tls://a/system", "qemu+tls://b/system", "qemu+tls://a/system"]},
+     "uri qemu+tls://a/system, qemu+tls://b/system given more than once"),
+    ({"domains": []}, "domains must be a non-empty list of name patterns, got list []"),
+    ({"domains": ["vm*", ""]}, "domains must be a non-empty list of name patterns, got list ['vm*', '']"),
+    ({"reconnect_delay": 0}, "reconnect_delay must be greater than 0, got int 0"),
+    ({"reconnect_max_delay": -1}, "reconnect_max_delay must be greater than 0, got int -1"),
+    ({"connect_timeout": "0"}, "connect_timeout must be greater than 0, got str '0'"),
+    ({"reconnect_delay": 10, "reconnect_max_delay": 5.5},
+     "reconnect_max_delay (5.5) must not be less than reconnect_delay (10)"),
+    ({"delivery_check_timeout": -2.5}, "delivery_check_timeout must be greater than 0, got float -2.5"),
+    ({"shed_seconds": 0}, "shed_seconds must be greater than 0, got int 0"),
+    ({"heartbeat_interval": 0.05}, "heartbeat_interval must be 0 (off) or at least 0.1, got float 0.05"),
+    ({"busy_heartbeat_delay": "0.09"}, "busy_heartbeat_delay must be 0 (off) or at least 0.1, got str '0.09'"),
+    ({"keepalive_interval": -1}, "keepalive_interval must be at least 0, got int -1"),
+    ({"max_buffered_events": 0}, "max_buffered_events must be at least 1, got int 0"),
+])
+def test_the_source_specific_checks_say_what_is_wrong_in_whole_messages(args, message):
+    with pytest.raises(ArgumentError) as error:
+        SourceArguments(args)
+    assert str(error.value) == P + message
+
+
+def test_the_bounds_themselves_are_accepted():
+    checked = SourceArguments({"uri": ["qemu:///system", "qemu:///session"], "reconnect_delay": 5,
+                               "reconnect_max_delay": 5, "heartbeat_interval": 0.1, "busy_heartbeat_delay": 0,
+                               "keepalive_interval": 0, "keepalive_count": 0, "max_buffered_events": 1,
+                               "max_event_rate": 0, "delivery_check_interval": 0, "max_reply_lag": 0,
+                               "delivery_check_timeout": 0.01, "shed_seconds": 0.01, "connect_timeout": 0.01})
+    assert (checked.reconnect_delay, checked.reconnect_max_delay) == (5, 5)
+    assert (checked.heartbeat_interval, checked.busy_heartbeat_delay) == (0.1, 0)
+    assert (checked.keepalive_interval, checked.keepalive_count, checked.max_buffered_events,
+            checked.max_event_rate, checked.delivery_check_interval, checked.max_reply_lag) == (0, 0, 1, 0, 0, 0)
+    assert (checked.delivery_check_timeout, checked.shed_seconds, checked.connect_timeout) == (0.01, 0.01, 0.01)
+    assert checked.uris == ["qemu:///system", "qemu:///session"]
