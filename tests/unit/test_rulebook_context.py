@@ -89,3 +89,60 @@ def test_rendering_names_the_argument_and_its_variable():
     with pytest.raises(RulebookContextError, match="no ansible-rulebook activation variables"):
         render_arguments("p", args, None)
     assert render_arguments("p", {"n": 3}, None) == {"n": 3}
+
+
+def test_the_messages_an_operator_reads_are_whole(monkeypatch):
+    with pytest.raises(RulebookContextError) as error:
+        check_version((0, 9))
+    assert str(error.value) == (
+        "ansible-rulebook 0.9 is not a version virtguard.console's filters know (checked: 1.1, 1.2, 1.3); "
+        "they read its filter arguments and variables at load time, which is not a public interface")
+    with pytest.raises(RulebookContextError) as error:
+        check_version(None)
+    assert str(error.value).startswith("ansible-rulebook unknown is not a version")
+    for known in ((1, 1), (1, 2), (1, 3)):
+        check_version(known)
+    with pytest.raises(RulebookContextError) as error:
+        render_arguments("p", {"a": "{{ v }}"}, None)
+    assert str(error.value) == ("p: arguments refer to rulebook variables, but no ansible-rulebook activation "
+                                "variables are available")
+    monkeypatch.setattr(rulebook_context, "rulebook_version", lambda: (1, 3))
+    with pytest.raises(RulebookContextError) as error:
+        not_a_dict: Any = []
+        loader(loading_filter, [types.SimpleNamespace(filter_name="f", filter_args={})], not_a_dict)
+    assert str(error.value) == (
+        "ansible-rulebook's start_source does not hold the 'variables', 'source' and 'source_filter' this filter "
+        "reads at load time; this ansible-rulebook is not one virtguard.console knows")
+    worker = rulebook_inventory(["--worker", "--id", "1", "--websocket-url", "ws://x"])
+    assert worker.unknown_because == ("ansible-rulebook runs in worker mode (EDA controller): the inventory is the "
+                                      "job template's, not known to the activation")
+    monkeypatch.delenv("ANSIBLE_INVENTORY", raising=False)
+    assert rulebook_inventory(["-r", "rb.yml"]).unknown_because == (
+        "ansible-rulebook was started without an inventory (-i)")
+
+
+@pytest.mark.parametrize(("filter_args", "source_args"), [(None, None), ({}, {"uri": "u"})])
+def test_a_filter_or_source_without_arguments_is_loaded_with_empty_ones(monkeypatch, filter_args, source_args):
+    monkeypatch.setattr(rulebook_context, "rulebook_version", lambda: (1, 2))
+    namespace: dict[str, Any] = {"load": loading_filter}
+    exec(compile(LOADER_SOURCE, "C:\\py\\ansible_rulebook\\engine.py", "exec"), namespace)  # a Windows path too
+    source = types.SimpleNamespace(source_filters=[types.SimpleNamespace(filter_name="f", filter_args=filter_args)],
+                                   source_args=source_args)
+    found = namespace["start_source"](source, [], {"v": 1}, None)
+    assert found == rulebook_context.FilterLoad("f", {}, {"v": 1}, dict(source_args or {}))
+
+
+@pytest.mark.parametrize(("value", "origin"), [
+    ("{{vg_a}}", "vg_a"), ("{{- vg_b -}}", "vg_b"), ("x {{ _c1 }} {{ d }}", "_c1"), ("{{ 1 + 2 }}", None),
+    ("{ vg }", None), (7, None)])
+def test_the_first_variable_a_template_names_is_its_origin(value, origin):
+    assert variable_origins({"a": value}) == ({"a": origin} if origin else {})
+
+
+def test_an_undefined_name_deep_in_a_rendered_value_is_an_error():
+    for value in ("{{ [1, missing] }}", "{{ {'k': missing} }}", "{{ missing }}"):
+        with pytest.raises(RulebookContextError) as error:
+            render_arguments("p", {"a": value}, {"present": 1})
+        assert str(error.value).startswith("p: a (rulebook variable missing) cannot be rendered: "
+                                           if value == "{{ missing }}" else "p: a cannot be rendered: ")
+    assert render_arguments("p", {"a": "{{ [1, (2, 3)] }}", "b": "plain"}, {}) == {"a": [1, (2, 3)], "b": "plain"}
