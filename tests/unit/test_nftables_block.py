@@ -400,3 +400,59 @@ def test_unblock_removes_what_lies_inside_and_reports_what_a_wider_block_holds()
     assert sorted(result["unblocked"]) == ["192.0.2.7", "2001:db8::5"]
     assert result["still_blocked"] == [{"network": "2001:db8:1:2::7", "blocked_by": "2001:db8:1:2::/64"}]
     assert "delete element inet virtguard blocked_ipv6 { 2001:db8::5 }" in fake.writes()
+
+
+# -- results and messages, whole ----------------------------------------------------------------
+
+def test_unblocking_removes_every_element_inside_and_reports_the_rest_whole():
+    fake = FakeNft()
+    result = BlockTable(fake).unblock(["192.0.2.0/24", "2001:db8:1:2::7", "2001:db8::5"])
+    assert result == {"changed": True, "table": "inet virtguard",
+                      "unblocked": ["192.0.2.7", "192.0.2.99", "2001:db8::5"],
+                      "still_blocked": [{"network": "2001:db8:1:2::7", "blocked_by": "2001:db8:1:2::/64"}]}
+    assert fake.writes() == [f"{verb} element inet virtguard {name} {{ {item} }}"
+                             for name, item in (("blocked_ipv4", "192.0.2.7"), ("blocked_ipv4", "192.0.2.99"),
+                                                ("blocked_ipv6", "2001:db8::5"))
+                             for verb in ("add", "delete")]
+
+
+def test_unblocking_nothing_blocked_writes_nothing_and_check_mode_writes_nothing_either():
+    fake = FakeNft()
+    assert BlockTable(fake).unblock(["203.0.113.9"]) == {
+        "changed": False, "table": "inet virtguard", "unblocked": [], "still_blocked": []}
+    assert BlockTable(fake).unblock(["192.0.2.7"], check_mode=True)["changed"] is True
+    assert fake.scripts == []
+    missing = FakeNft(sets={}, chains='{"nftables": []}')
+    assert BlockTable(missing).unblock(["192.0.2.7"])["unblocked"] == []  # no set at all
+
+
+def test_a_failed_unblock_names_nfts_error():
+    fake = FakeNft(write_errors=["Error: Could not process rule: Operation not permitted\n"])
+    with pytest.raises(NftablesError) as error:
+        BlockTable(fake).unblock(["192.0.2.7"])
+    assert str(error.value) == "nft -f - failed: Error: Could not process rule: Operation not permitted"
+
+
+def test_an_element_missing_after_the_write_is_named_with_nfts_answer():
+    with pytest.raises(NftablesError) as error:
+        BlockTable(FakeNft(absent=frozenset({"10.9.9.9", "10.9.9.8"}))).block(["10.9.9.9", "10.9.9.8"], 60, [])
+    asked = "get element inet virtguard blocked_ipv4 { 10.9.9.9, 10.9.9.8 }"
+    assert str(error.value) == (
+        f"10.9.9.9, 10.9.9.8 not in blocked_ipv4 after the update: /dev/stdin:1:1-{len(asked)}: Error: Could not "
+        f"process rule: No such file or directory\n{asked}")
+
+
+def test_the_block_result_names_the_table_and_the_set_size():
+    result = BlockTable(FakeNft(), set_size=70000).block(["192.0.2.8"], 60, [])
+    assert (result["table"], result["set_size"]) == ("inet virtguard", 70000)
+
+
+@pytest.mark.parametrize(("ports", "added"), [
+    (["5900"], None), (["5999"], None), (["5900-5999"], None), (["6012"], None),
+    (["5899"], "5899"), (["6000"], "6000"), (["5950-6000"], "5950-6000"), (["5899-5900"], "5899-5900")])
+def test_only_ports_the_set_does_not_hold_whole_are_added(ports, added):
+    fake = FakeNft()
+    result = BlockTable(fake).block(["192.0.2.7"], 60, ports, refresh=False)
+    port_lines = [line for line in fake.writes() if line.startswith("add element inet virtguard console_ports")]
+    assert port_lines == ([f"add element inet virtguard console_ports {{ {added} }}"] if added else [])
+    assert result["changed"] is (added is not None)
