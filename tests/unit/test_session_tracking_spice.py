@@ -84,3 +84,63 @@ def test_a_snapshot_takes_the_channels_of_a_second_client_out_of_the_session_the
     assert [(e["id"], e["primary"], e["channels"]) for e in ends] == [
         ("a-main", False, 1), ("a-main", True, 0), ("b-main", False, 1), ("b-main", True, 0)]
     assert not tracker.sessions and not tracker.channel_sessions and not tracker.spice_groups
+
+
+def test_a_channel_the_source_never_saw_opening_ends_in_its_clients_session():
+    tracker = SessionTracker()
+    channel(tracker, "a-main", 40001)
+    channel(tracker, "a-display", 40002)
+    # a channel of the same client that opened before the source listened: its disconnect only
+    assert tracker.observe("a-unseen", "disconnect", 2.0, details(40005), "spice") == (
+        "a-main", {"id": "a-main", "authenticated": True, "primary": False, "channels": 2, "ended_by": "client"})
+    assert tracker.sessions["a-main"].channels == {"a-main", "a-display"}
+    # from another address or over VNC, nothing owns it: a session of its own, already over
+    alone = {"id": "b-unseen", "authenticated": False, "primary": True, "channels": 0, "duration_s": None,
+             "duration_exact": False, "ended_by": "client"}
+    assert tracker.observe("b-unseen", "disconnect", 2.0, details(40005, "192.0.2.8"), "spice") == ("b-unseen", alone)
+    assert tracker.observe("b-unseen", "disconnect", 2.0, details(40005), "vnc") == ("b-unseen", alone)
+
+
+def test_durations_are_rounded_to_the_millisecond_and_a_domain_end_keeps_each_channels_addresses():
+    tracker = SessionTracker()
+    channel(tracker, "a-main", 40001)
+    channel(tracker, "a-display", 40002)
+    assert tracker.observe("a-display", "disconnect", 1.5, details(40002), "spice")[1] == {
+        "id": "a-main", "authenticated": True, "primary": False, "channels": 1, "ended_by": "client"}
+    assert tracker.observe("a-main", "disconnect", 2.23456, details(40001), "spice")[1]["duration_s"] == 1.235
+    channel(tracker, "c-main", 40021)
+    channel(tracker, "c-display", 40022)
+    ended = tracker.end_domain("u-1", 3.0004)
+    assert [(sid, m["primary"], m["channels"], m.get("duration_s"), d[2]["service"]) for sid, m, d, _ in ended] == [
+        ("c-main", False, 1, None, "40022"), ("c-main", True, 0, 2.0, "40021")]
+
+
+def test_what_the_tracker_says_of_a_channel_and_of_a_group() -> None:
+    tracker = SessionTracker()
+    channel(tracker, "a-main", 40001)
+    tracker.observe("v", "connect", 1.0, details(40100, "192.0.2.9"), "vnc")
+    assert (tracker.protocol_of_channel("a-main"), tracker.protocol_of_channel("v")) == ("spice", "vnc")
+    assert tracker.protocol_of_channel("nobody") is None
+    assert tracker.channel_open("a-main") and not tracker.channel_open("nobody")
+    assert tracker.spice_group_open("u-1", "192.0.2.7") and not tracker.spice_group_open("u-1", "192.0.2.9")
+    tracker.observe("a-main", "disconnect", 2.0, details(40001), "spice")
+    assert not tracker.channel_open("a-main") and not tracker.spice_group_open("u-1", "192.0.2.7")
+
+
+def test_a_snapshot_opens_a_session_for_an_unknown_client_as_authenticated_and_grouped():
+    tracker = SessionTracker()
+    seen = (DOMAIN, LOCAL, {"family": "ipv4", "node": "192.0.2.7", "service": "40001"}, "sasl",
+            [{"type": "saslUsername", "name": "bob"}])
+    initialized, gone = tracker.reconcile({"s-main": PresentClient(seen, "spice", ["s-main", "s-display"])}, 5.0)
+    assert initialized == [("s-main", {"id": "s-main", "authenticated": True, "primary": True, "channels": 2},
+                            seen, "spice")]
+    assert gone == [] and tracker.spice_groups == {("u-1", "192.0.2.7"): "s-main"}
+    assert tracker.sessions["s-main"].authenticated is True
+    # a later snapshot without the subject keeps the one it had
+    bare: Any = (DOMAIN, LOCAL, seen[2], "sasl", [])
+    initialized, _ = tracker.reconcile({"s-main": PresentClient(bare, "spice", ["s-main", "s-display"])}, 6.0)
+    assert initialized[0][2] == seen
+    # gone while the domain run still runs: ended by its client; duration to the snapshot, rounded
+    _, gone = tracker.reconcile({}, 7.00049, running={"u-1": 1})
+    assert gone == [("s-main", {"id": "s-main", "authenticated": True, "primary": True, "channels": 0,
+                                "duration_s": 2.0, "duration_exact": False, "ended_by": "client"}, seen, "spice")]
