@@ -34,6 +34,7 @@ from ansible_collections.virtguard.console.plugins.module_utils.ip_addresses imp
 from ansible_collections.virtguard.console.plugins.plugin_utils.identity_policy import (
     IdentityError,
     IdentityPolicy,
+    parse_require,
     session_identities,
 )
 from ansible_collections.virtguard.console.plugins.plugin_utils.remediation_batches import (
@@ -146,10 +147,13 @@ class ConsolePolicy:
             self.trusted_networks = parse_networks("trusted_networks", trusted_networks)
         self.console_proxies = parse_networks("console_proxies", console_proxies or [])
         try:
+            parse_require(require_identity)  # checked first, so that its error names its own option
+        except IdentityError as exc:
+            raise PolicyError("require_identity", str(exc)) from None
+        try:
             self.identities = IdentityPolicy(allowed_identities or (), require_identity)
         except IdentityError as exc:
-            option = "require_identity" if str(exc).startswith("must be") else "allowed_identities"
-            raise PolicyError(option, str(exc)) from None
+            raise PolicyError("allowed_identities", str(exc)) from None
         self.require_identity = bool(self.identities.require)
         self.host_map = {str(k): str(v) for k, v in (host_map or {}).items()}
         for uri_or_host, target in self.host_map.items():
