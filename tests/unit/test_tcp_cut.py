@@ -368,3 +368,70 @@ def test_bad_sessions_are_refused_naming_the_item_before_ss_runs(sessions, messa
     with pytest.raises(CutError, match=message):
         ConnectionCutter(fake).cut(sessions=sessions)
     assert fake.kills == []
+
+
+# -- results and messages, whole --------------------------------------------------------------------
+
+def test_the_result_is_whole_and_says_what_was_cut_and_checked():
+    result = ConnectionCutter(FakeSs(), sleep=lambda s: None).cut(["10.0.0.2", "fd00:1::/64"])
+    assert {k: v for k, v in result.items() if k != "cut"} == {
+        "changed": True, "addresses": ["10.0.0.2", "fd00:1::/64"], "client_port": None, "sessions": [],
+        "ports": ["5907-5908"], "remaining": [], "failed": [], "verified": True}
+    assert sorted(result["cut"], key=lambda c: c["peer_address"])[0] == {
+        "local_address": "::ffff:10.0.0.1", "local_port": 5907, "peer_address": "::ffff:10.0.0.2", "peer_port": 45817}
+    # nothing to cut: verified when the listing was read, not in check mode
+    assert ConnectionCutter(FakeSs()).cut(["192.0.2.1"])["verified"] is True
+    assert ConnectionCutter(FakeSs()).cut(["192.0.2.1"], check_mode=True)["verified"] is False
+
+
+def test_a_stubborn_connection_is_tried_with_growing_pauses_and_named_in_the_error():
+    pauses: list[float] = []
+    with pytest.raises(CutError) as caught:
+        ConnectionCutter(FakeSs(stubborn=True), sleep=pauses.append).cut(["10.0.0.3"], verify_attempts=3)
+    assert pauses == pytest.approx([0.05, 0.1, 0.15])
+    assert str(caught.value) == (
+        "2 of 2 console connection(s) could not be cut (the others were): "
+        "10.0.0.3:47457 -> 5908: still established after 3 attempt(s) of ss -K; "
+        "10.0.0.3:46523 -> 5908: still established after 3 attempt(s) of ss -K")
+    once: list[float] = []
+    with pytest.raises(CutError):
+        ConnectionCutter(FakeSs(stubborn=True), sleep=once.append).cut(["10.0.0.3"], verify_attempts=0)
+    assert once == pytest.approx([0.05])  # at least one attempt
+
+
+def test_a_connection_is_written_as_an_operator_reads_it():
+    assert str(Connection("10.0.0.1", 5907, "10.0.0.2", 1234)) == "10.0.0.2:1234 -> 5907"
+    assert str(Connection("fd00::1", 5907, "fd00::2", 1234, "hv0")) == "[fd00::2]:1234 -> 5907 on hv0"
+
+
+def test_client_ports_are_1_to_65535_and_select_exactly_their_connection():
+    result = ConnectionCutter(FakeSs(), sleep=lambda s: None).cut(["10.0.0.3"], client_port=47457)
+    assert [c["peer_port"] for c in result["cut"]] == [47457] and result["client_port"] == 47457
+    assert ConnectionCutter(FakeSs()).cut(["10.0.0.3"], client_port=65535)["cut"] == []
+    with pytest.raises(CutError) as caught:
+        ConnectionCutter(FakeSs()).cut(["10.0.0.3"], client_port=65536)
+    assert str(caught.value) == "client_port must be a port number from 1 to 65535, got 65536"
+
+
+def test_a_chunk_size_below_1_cuts_one_connection_a_command():
+    fake = FakeSs()
+    ConnectionCutter(fake, sleep=lambda s: None, chunk_size=0).cut(["10.0.0.2"])
+    assert [len([w for w in argv if w == "src"]) for argv in fake.kills] == [1, 1]
+
+
+def test_an_ss_failure_without_a_message_says_so_and_a_long_one_is_cut_at_500_characters():
+    class Refusing(FakeSs):
+        def __init__(self, err: str):
+            super().__init__()
+            self.err = err
+
+        def __call__(self, argv: list[str], data: str | None = None) -> tuple[int, str, str]:
+            if "-K" in argv:
+                self.kills.append(argv)
+                return 2, "", self.err
+            return super().__call__(argv, data)
+
+    for err, said in (("", "no message"), ("x " * 400, ("x " * 250)[:500])):
+        with pytest.raises(CutError) as caught:
+            ConnectionCutter(Refusing(err), sleep=lambda s: None).cut(["10.0.0.3"], verify_attempts=1)
+        assert {f["reason"] for f in caught.value.result["failed"]} == {f"ss -K failed (rc 2): {said}"}
