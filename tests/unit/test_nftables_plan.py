@@ -215,3 +215,45 @@ def test_blocks_inside_a_network_already_blocked_make_room_at_no_cost():
                              "covers": ["198.51.100.1", "198.51.100.2"]}]
     assert live(plan)["blocked_ipv4_p24"] == {ipaddress.ip_network("198.51.100.0/24")}
     assert plan.sets[BlockSet(4, 24)].written() == []  # nothing new there
+
+
+# -- pure helpers, at their edges --------------------------------------------------------------------
+
+def test_until_is_the_end_of_a_block_or_none_without_timeout():
+    import datetime
+
+    from ansible_collections.virtguard.console.plugins.module_utils.nftables_plan import until
+
+    now = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+    assert until(90, now) == "2026-01-01T00:01:30+00:00"
+    assert until(None, now) is None
+
+
+def test_protected_networks_merge_into_disjoint_ranges_touching_ones_included():
+    import ipaddress
+
+    from ansible_collections.virtguard.console.plugins.module_utils.nftables_plan import _address_ranges
+
+    def ranges(*texts: str) -> dict[int, tuple[list[str], list[str]]]:
+        merged = _address_ranges(ipaddress.ip_network(t) for t in texts)
+        return {v: ([str(ipaddress.ip_address(a) if v == 4 else ipaddress.IPv6Address(a)) for a in starts],
+                    [str(ipaddress.ip_address(a) if v == 4 else ipaddress.IPv6Address(a)) for a in ends])
+                for v, (starts, ends) in merged.items()}
+
+    # adjacent (10.0.1.0 follows 10.0.0.255) and contained ones merge; a gap of one address does not
+    assert ranges("10.0.0.0/24", "10.0.1.0/24", "10.0.0.7/32", "10.0.2.1/32", "2001:db8::/64")[4] == (
+        ["10.0.0.0", "10.0.2.1"], ["10.0.1.255", "10.0.2.1"])
+    assert ranges("10.0.0.0/16", "10.0.3.0/24", "10.2.0.0/24")[4] == (["10.0.0.0", "10.2.0.0"],
+                                                                      ["10.0.255.255", "10.2.0.255"])
+    assert ranges("2001:db8::/64")[6] == (["2001:db8::"], ["2001:db8::ffff:ffff:ffff:ffff"])
+    assert ranges()[4] == ([], [])
+
+
+def test_block_set_names_take_prefixes_from_the_widest_allowed_to_the_host():
+    from ansible_collections.virtguard.console.plugins.module_utils.ip_addresses import MIN_IPV4_PREFIX, MIN_IPV6_PREFIX
+    from ansible_collections.virtguard.console.plugins.module_utils.nftables_plan import BlockSet
+
+    assert BlockSet.parse(f"blocked_ipv4_p{MIN_IPV4_PREFIX}") == BlockSet(4, MIN_IPV4_PREFIX)
+    assert BlockSet.parse(f"blocked_ipv4_p{MIN_IPV4_PREFIX - 1}") is None
+    assert BlockSet.parse(f"blocked_ipv6_p{MIN_IPV6_PREFIX}") == BlockSet(6, MIN_IPV6_PREFIX)
+    assert BlockSet.parse("blocked_ipv6_p129") is None
