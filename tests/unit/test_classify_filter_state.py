@@ -188,6 +188,7 @@ def test_an_event_that_cannot_be_judged_gets_the_whole_error_verdict_and_is_audi
 def test_the_remediation_settings_are_the_batch_split_into_blocks_and_lone_cuts() -> None:
     state = FilterState.from_arguments({"trusted_networks": [], "console_ports": ["5900"], "nft_table": "vg_s",
                                         "block_seconds": 30})
+
     def entry(network: str, block: bool, address: str, client_port: int, console_port: int | None) -> dict[str, Any]:
         return {"network": network, "block": block, "address": address, "client_port": client_port,
                 "console_port": console_port}

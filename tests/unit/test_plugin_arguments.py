@@ -93,18 +93,18 @@ def test_booleans_take_their_usual_spellings(written, meant):
 
 def test_the_bounds_themselves_are_accepted_and_kinds_kept():
     got = check(seconds=1, ratio=0)
-    assert got["seconds"] == 1 and type(got["seconds"]) is int
-    assert got["ratio"] == 0.0 and type(got["ratio"]) is float
+    assert got["seconds"] == 1 and isinstance(got["seconds"], int)
+    assert got["ratio"] == 0.0 and isinstance(got["ratio"], float)
     assert check(seconds="1000")["seconds"] == 1000
-    assert check(seconds=7.0)["seconds"] == 7
+    assert check(seconds=7.0)["seconds"] == 7 and isinstance(check(seconds=7.0)["seconds"], int)
 
 
 def test_a_tuple_is_a_list_and_any_mapping_a_dict():
     from types import MappingProxyType
 
     got = check(networks=("10.0.0.0/8",), mapping=MappingProxyType({"k": "v"}))
-    assert got["networks"] == ["10.0.0.0/8"] and type(got["networks"]) is list
-    assert got["mapping"] == {"k": "v"} and type(got["mapping"]) is dict
+    assert got["networks"] == ["10.0.0.0/8"] and isinstance(got["networks"], list)
+    assert got["mapping"] == {"k": "v"} and isinstance(got["mapping"], dict)
 
 
 def test_raw_values_pass_as_given():

@@ -111,7 +111,8 @@ def test_durations_are_rounded_to_the_millisecond_and_a_domain_end_keeps_each_ch
     channel(tracker, "c-main", 40021)
     channel(tracker, "c-display", 40022)
     ended = tracker.end_domain("u-1", 3.0004)
-    assert [(sid, m["primary"], m["channels"], m.get("duration_s"), d[2]["service"]) for sid, m, d, _ in ended] == [
+    assert [(sid, m["primary"], m["channels"], m.get("duration_s"), d[2]["service"])
+            for sid, m, d, _protocol in ended] == [
         ("c-main", False, 1, None, "40022"), ("c-main", True, 0, 2.0, "40021")]
 
 
@@ -138,9 +139,9 @@ def test_a_snapshot_opens_a_session_for_an_unknown_client_as_authenticated_and_g
     assert tracker.sessions["s-main"].authenticated is True
     # a later snapshot without the subject keeps the one it had
     bare: Any = (DOMAIN, LOCAL, seen[2], "sasl", [])
-    initialized, _ = tracker.reconcile({"s-main": PresentClient(bare, "spice", ["s-main", "s-display"])}, 6.0)
+    initialized = tracker.reconcile({"s-main": PresentClient(bare, "spice", ["s-main", "s-display"])}, 6.0)[0]
     assert initialized[0][2] == seen
     # gone while the domain run still runs: ended by its client; duration to the snapshot, rounded
-    _, gone = tracker.reconcile({}, 7.00049, running={"u-1": 1})
+    gone = tracker.reconcile({}, 7.00049, running={"u-1": 1})[1]
     assert gone == [("s-main", {"id": "s-main", "authenticated": True, "primary": True, "channels": 0,
                                 "duration_s": 2.0, "duration_exact": False, "ended_by": "client"}, seen, "spice")]
