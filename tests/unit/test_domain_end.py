@@ -207,3 +207,24 @@ async def test_a_snapshot_in_flight_when_a_domain_stopped_does_not_bring_its_cli
     events = [payload["graphics"] for payload in drain(watcher)]
     assert [(e["phase"], e["snapshot"], e["session"]["ended_by"]) for e in events] == [("disconnect", False, "domain")]
     assert len(watcher.sessions) == 0
+
+
+async def test_a_stopped_domain_is_said_in_the_log_with_libvirts_reason(caplog):
+    """The operator's line: which domain, why (libvirt's STOPPED detail, its number when libvirt
+    adds one this source does not know), how many sessions it ended; none without sessions."""
+    import logging
+
+    watcher = watcher_without_daemon(asyncio.get_running_loop())
+    web, db = FakeDomain("web", 3, "uuid-web"), FakeDomain("db", 4, "uuid-db")
+    for port in (40001, 40002):
+        graphics(watcher, web, 0, port)
+    graphics(watcher, db, 0, 40003)
+    drain(watcher)
+    with caplog.at_level(logging.INFO, logger="virtguard.console.libvirt_graphics"):
+        for name, uuid, detail in (("web", "uuid-web", 0), ("db", "uuid-db", 7), ("idle", "uuid-idle", 2)):
+            payloads = watcher.domain_stopped_payloads(DomainStopped(watcher, 0.0, name, uuid, detail))
+            assert all(p["graphics"]["session"]["ended_by"] == "domain" for p in payloads)
+    assert [r.getMessage() for r in caplog.records if "stopped" in r.getMessage()] == [
+        f"{watcher.uri}: domain web stopped (shutdown): 2 console session(s) ended",
+        f"{watcher.uri}: domain db stopped (7): 1 console session(s) ended"]
+    assert not watcher.sessions
