@@ -68,7 +68,10 @@ async def test_a_domain_qemu_could_not_be_asked_about_keeps_its_sessions(
 
 
 def monitor_error(code: int, text: str) -> libvirt.libvirtError:
+    """A libvirt error saying ``text``: libvirtError takes the thread's last libvirt error's
+    message when there is one (another test's), so the message is set here."""
     error = libvirt.libvirtError(text)
+    error.args = (text,)
     error.err = (code, 0, text, 0, "", None, None, 0, 0)
     return error
 
