@@ -56,14 +56,15 @@ def measure(lab: Any, log: Log, seconds: float = 300.0, clients: int = 16, conso
 
 
 def run_here(argv: list[str], data: str | None = None) -> tuple[int, str, str]:
-    """The firewall table's runner, on this machine."""
+    """The firewall table's runner, in the bench's own network namespace (never the machine's
+    nftables: bench/__main__.py enters it first, as the test suite does)."""
     proc = subprocess.run(argv, input=data, capture_output=True, text=True, timeout=60, check=False)
     return proc.returncode, proc.stdout, proc.stderr
 
 
 def apply_firewall(table: FirewallTable, ports: list[int], rate_total: int) -> None:
-    """The console firewall's table on this machine's ``ports``: 127.0.0.1 and ::1 allowed, at
-    most ``rate_total`` new connections a second."""
+    """The console firewall's table on the session hypervisors' ``ports``: 127.0.0.1 and ::1
+    allowed, at most ``rate_total`` new connections a second."""
     table.apply(make_spec(table.table, -20, ["127.0.0.1", "::1"], [(p, p) for p in ports], 0, rate_total))
 
 
