@@ -87,6 +87,10 @@ def test_without_remediation_the_classifier_queues_nothing_and_a_hypervisor_scop
     assert state.remediating is False
     assert state.classifier.remediating is False and state.classifier.batches is not state.batches
     assert state.run_hosts is None
+    # an untrusted session is still judged, and nothing is queued or sent for it
+    out = classify_event(state, graphics(), 0.0)["virtguard"]
+    assert (out["verdict"], out["remediate"], out["queued"]) == ("cut", False, False)
+    assert "batch" not in out and "remediation" not in out  # with remediation on, the batch is sent at once
 
 
 def test_wrong_arguments_are_named_in_whole_messages(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from ansible_collections.virtguard.console.plugins.plugin_utils.console_policy i
 from ansible_collections.virtguard.console.plugins.plugin_utils.remediation_batches import RemediationBatches
 
 
-def test_the_defaults_are_the_documented_ones() -> None:
+def test_the_policy_defaults() -> None:
     policy = ConsolePolicy()
     assert (policy.trusted_networks, policy.console_proxies, policy.host_map, policy.block_seconds,
             policy.ipv6_prefix, policy.bruteforce_threshold, policy.bruteforce_window, policy.cut_untrusted,

@@ -21,6 +21,7 @@ from ansible_collections.virtguard.console.plugins.plugin_utils.rulebook_context
 )
 
 # A stand-in for ansible_rulebook/engine.py's start_source: same name, same file name, same locals.
+AS_WRITTEN = object()  # the source's arguments as a rulebook writes them: {"uri": "{{ vg_uri }}"}
 LOADER_SOURCE = """
 def start_source(source, source_dirs, variables, queue):
     for source_filter in source.source_filters:
@@ -29,10 +30,13 @@ def start_source(source, source_dirs, variables, queue):
 
 
 def loader(load: Callable[[], Any], filters: list[Any], variables: dict[str, Any],
-           filename: str = "/x/site-packages/ansible_rulebook/engine.py") -> Any:
+           filename: str = "/x/site-packages/ansible_rulebook/engine.py",
+           source_args: Any = AS_WRITTEN) -> Any:
     namespace: dict[str, Any] = {"load": load}
+    if source_args is AS_WRITTEN:
+        source_args = {"uri": "{{ vg_uri }}"}
     exec(compile(LOADER_SOURCE, filename, "exec"), namespace)
-    source = types.SimpleNamespace(source_filters=filters, source_args={"uri": "{{ vg_uri }}"})
+    source = types.SimpleNamespace(source_filters=filters, source_args=source_args)
     return namespace["start_source"](source, [], variables, None)
 
 
@@ -124,11 +128,8 @@ def test_the_messages_an_operator_reads_are_whole(monkeypatch):
 @pytest.mark.parametrize(("filter_args", "source_args"), [(None, None), ({}, {"uri": "u"})])
 def test_a_filter_or_source_without_arguments_is_loaded_with_empty_ones(monkeypatch, filter_args, source_args):
     monkeypatch.setattr(rulebook_context, "rulebook_version", lambda: (1, 2))
-    namespace: dict[str, Any] = {"load": loading_filter}
-    exec(compile(LOADER_SOURCE, "C:\\py\\ansible_rulebook\\engine.py", "exec"), namespace)  # a Windows path too
-    source = types.SimpleNamespace(source_filters=[types.SimpleNamespace(filter_name="f", filter_args=filter_args)],
-                                   source_args=source_args)
-    found = namespace["start_source"](source, [], {"v": 1}, None)
+    found = loader(loading_filter, [types.SimpleNamespace(filter_name="f", filter_args=filter_args)], {"v": 1},
+                   filename="C:\\py\\ansible_rulebook\\engine.py", source_args=source_args)  # a Windows path too
     assert found == rulebook_context.FilterLoad("f", {}, {"v": 1}, dict(source_args or {}))
 
 

@@ -27,14 +27,22 @@ class FakeConnection:
         return self.domains
 
 
+def monitor_error(code: int, text: str) -> libvirt.libvirtError:
+    """A libvirt error saying ``text``: libvirtError takes the thread's last libvirt error's
+    message when there is one (another test's), so the message is set here."""
+    error = libvirt.libvirtError(text)
+    error.args = (text,)
+    error.err = (code, 0, text, 0, "", None, None, 0, 0)
+    return error
+
+
 def busy_monitor(failing: str) -> Any:
     """qemuMonitorCommand for FakeDomains: ``failing``'s monitor times out, every other
     domain has no VNC client and no SPICE server."""
     def command(dom: FakeDomain, text: str, flags: int) -> str:
         if dom.name() == failing:
-            error = libvirt.libvirtError("Timed out during operation: cannot acquire state change lock")
-            error.err = (libvirt.VIR_ERR_OPERATION_TIMEOUT, 0, "", 0, "", None, None, 0, 0)
-            raise error
+            raise monitor_error(libvirt.VIR_ERR_OPERATION_TIMEOUT,
+                                "Timed out during operation: cannot acquire state change lock")
         if json.loads(text)["execute"] == "query-spice":
             return json.dumps({"return": {"enabled": False, "migrated": False, "channels": []}})
         return QUERY_VNC_EMPTY
@@ -65,15 +73,6 @@ async def test_a_domain_qemu_could_not_be_asked_about_keeps_its_sessions(
     else:  # the control: both asked, both clients gone
         assert unqueried == set()
         assert ended == ["db", "web"]
-
-
-def monitor_error(code: int, text: str) -> libvirt.libvirtError:
-    """A libvirt error saying ``text``: libvirtError takes the thread's last libvirt error's
-    message when there is one (another test's), so the message is set here."""
-    error = libvirt.libvirtError(text)
-    error.args = (text,)
-    error.err = (code, 0, text, 0, "", None, None, 0, 0)
-    return error
 
 
 class RecordingConnection(FakeConnection):
