@@ -33,10 +33,12 @@ def test_the_suite_is_not_in_the_machines_network_namespace_and_has_loopback() -
     assert enter_own_network() is False  # entered once: a second call moves nothing
 
 
-def run_alone(code: str, **env: str) -> subprocess.CompletedProcess[str]:
-    """``code`` in a fresh Python that imports lab, without the suite's marker."""
-    environ = {k: v for k, v in os.environ.items() if k not in (ENTERED, STAY)} | env
-    return subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(TESTS)!r}); {code}"],
+def run_alone(code: str, wrapper: tuple[str, ...] = (),
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``code`` in a fresh Python that imports lab, without the suite's marker, started through
+    ``wrapper`` (a command that runs the rest of its arguments) if given."""
+    environ = {k: v for k, v in os.environ.items() if k not in (ENTERED, STAY)} | (env or {})
+    return subprocess.run([*wrapper, sys.executable, "-c", f"import sys; sys.path.insert(0, {str(TESTS)!r}); {code}"],
                           capture_output=True, text=True, env=environ, check=False, timeout=60)
 
 
@@ -44,7 +46,7 @@ def test_a_process_moves_into_a_namespace_of_its_own_and_the_machines_stays_when
     probe = ("from lab.own_network import enter_own_network; import os; before = os.readlink('/proc/self/ns/net'); "
              "print(enter_own_network(), before != os.readlink('/proc/self/ns/net'))")
     assert run_alone(probe).stdout.split() == ["True", "True"]
-    assert run_alone(probe, **{STAY: "1"}).stdout.split() == ["False", "False"]
+    assert run_alone(probe, env={STAY: "1"}).stdout.split() == ["False", "False"]
 
 
 def test_a_process_with_threads_is_refused_loudly() -> None:
@@ -53,3 +55,13 @@ def test_a_process_with_threads_is_refused_loudly() -> None:
     result = run_alone(code)
     assert result.returncode != 0
     assert "RuntimeError: cannot enter the suite's own network namespace: 2 threads run" in result.stderr
+
+
+def test_a_process_that_may_not_make_namespaces_is_refused_loudly() -> None:
+    """Without CAP_SYS_ADMIN (root with every capability dropped, as in a locked-down container)
+    the suite stops at once with the reason, never runs in the machine's namespace unasked."""
+    result = run_alone("from lab.own_network import enter_own_network; enter_own_network()",
+                       ("setpriv", "--bounding-set=-all", "--inh-caps=-all", "--ambient-caps=-all", "--"))
+    assert result.returncode != 0
+    assert ("PermissionError: [Errno 1] cannot enter the suite's own network namespace (unshare: Operation not "
+            f"permitted); run as root, or set {STAY}=1 to run in the machine's") in result.stderr
